@@ -1,0 +1,50 @@
+"""GPT-2 style multi-head self-attention: one fused qkv projection, causal, output projection.
+
+Every query head has its own key/value head. The score computation is delegated to
+`backends.attend` (flash_attn when importable and applicable, else SDPA, else eager), which
+logs its choice once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backends import attend
+from .kv_cache import KVCache
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        bias: bool = True,
+        dropout: float = 0.0,
+        backend: str = "auto",
+        layer_idx: int = 0,
+    ):
+        super().__init__()
+        if dim % n_heads != 0:
+            raise ValueError(f"n_embd ({dim}) must be divisible by n_head ({n_heads})")
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.backend = backend
+        self.layer_idx = layer_idx
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, D)
+        q, k, v = qkv.unbind(dim=2)  # each (B, T, H, D)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, T_past + T, H, D)
+        dropout_p = self.dropout if self.training else 0.0
+        y = attend(q, k, v, backend=self.backend, causal=True, mask=mask, dropout_p=dropout_p)
+        y = y.reshape(B, T, C)  # (B, T, H * D)
+        return self.resid_dropout(self.proj(y))

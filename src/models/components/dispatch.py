@@ -1,0 +1,133 @@
+"""Kernel toggles: which implementation runs each op.
+
+The `kernels:` block of a config picks, per op, the pure-PyTorch reference (`torch`), our Triton
+kernel (`triton`, from `kernels/`) or Liger-Kernel (`liger`, an optional peer). Components ask
+`get_kernel(op, choice)` for a callable once, at construction, so the forward pass does no lookups.
+
+Every implementation of one op has the reference's signature:
+
+    rmsnorm        (x, weight, eps) -> y
+    layernorm      (x, weight, bias, eps) -> y
+    rope           (q, k, cos, sin) -> (q, k)        q: (B, T, Hq, D), k: (B, T, Hkv, D), cos/sin: (B|1, T, D)
+    swiglu         (gate, up) -> silu(gate) * up
+    cross_entropy  (logits (N, V), labels (N,), ignore_index, label_smoothing) -> summed loss (fp32 scalar)
+    fused_linear_cross_entropy (hidden (N, H), weight (V, H), labels (N,), ignore_index, label_smoothing)
+                   -> summed loss (fp32 scalar), never materialising (N, V) logits
+
+A choice that cannot run (Triton without a GPU or the interpreter, Liger not installed, a kernel
+module missing) is an error naming the op, the choice and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+# op -> choice -> "module:function". `torch` entries are the references in components/.
+_REGISTRY: dict[str, dict[str, str]] = {
+    "rmsnorm": {
+        "torch": "src.models.components.norms:rms_norm_ref",
+        "triton": "kernels.rmsnorm:rms_norm",
+        "liger": "liger_kernel.ops.rms_norm:LigerRMSNormFunction",
+    },
+    "layernorm": {
+        "torch": "src.models.components.norms:layer_norm_ref",
+        "triton": "kernels.layernorm:layer_norm",
+    },
+    "rope": {
+        "torch": "src.models.components.embeddings.rotary:apply_rotary_ref",
+        "triton": "kernels.rope:apply_rotary",
+        "liger": "liger_kernel.ops.rope:LigerRopeFunction",
+    },
+    "swiglu": {
+        "torch": "src.models.components.mlp:swiglu_ref",
+        "triton": "kernels.swiglu:swiglu",
+        "liger": "liger_kernel.ops.swiglu:LigerSiLUMulFunction",
+    },
+    "cross_entropy": {
+        "torch": "src.models.components.loss:cross_entropy_ref",
+        "triton": "kernels.cross_entropy:cross_entropy",
+        "liger": "liger_kernel.ops.cross_entropy:LigerCrossEntropyFunction",
+    },
+    "fused_linear_cross_entropy": {
+        "torch": "src.models.components.loss:fused_linear_cross_entropy_ref",
+        "triton": "kernels.fused_linear_cross_entropy:fused_linear_cross_entropy",
+        "liger": "liger_kernel.ops.fused_linear_cross_entropy:LigerFusedLinearCrossEntropyFunction",
+    },
+}
+
+# Adapters turn Liger's autograd Functions into our signatures.
+_LIGER_ADAPTERS: dict[str, Callable[[object], Callable]] = {
+    "rmsnorm": lambda fn: (lambda x, weight, eps: fn.apply(x, weight, eps, 0.0, "llama", False)),
+    "rope": lambda fn: (
+        lambda q, k, cos, sin: tuple(
+            t.transpose(1, 2) for t in fn.apply(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        )
+    ),
+    "swiglu": lambda fn: (lambda gate, up: fn.apply(gate, up)),
+    "cross_entropy": lambda fn: (
+        lambda logits, labels, ignore_index=-100, label_smoothing=0.0: fn.apply(
+            logits, labels, None, ignore_index, 0.0, label_smoothing, "sum"
+        )[0]
+    ),
+    "fused_linear_cross_entropy": lambda fn: (
+        lambda hidden, weight, labels, ignore_index=-100, label_smoothing=0.0: fn.apply(
+            hidden, weight, labels, None, None, ignore_index, 0.0, label_smoothing, "sum"
+        )[0]
+    ),
+}
+
+
+@dataclass
+class KernelConfig:
+    """The `kernels:` block. `torch` everywhere + `attention: sdpa` is the pure-PyTorch reference."""
+
+    rmsnorm: Literal["triton", "liger", "torch"] = "torch"
+    layernorm: Literal["triton", "torch"] = "torch"
+    rope: Literal["triton", "liger", "torch"] = "torch"
+    swiglu: Literal["triton", "liger", "torch"] = "torch"
+    cross_entropy: Literal["fused_linear", "triton", "liger", "torch"] = "torch"
+    attention: Literal["auto", "flash_attn", "sdpa", "flex", "eager"] = "auto"
+
+    @classmethod
+    def reference(cls) -> "KernelConfig":
+        return cls(rmsnorm="torch", layernorm="torch", rope="torch", swiglu="torch", cross_entropy="torch", attention="sdpa")
+
+    def replace(self, **changes) -> "KernelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def triton_available() -> bool:
+    """Triton kernels run on a CUDA GPU, or on the CPU through the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return torch.cuda.is_available()
+
+
+def get_kernel(op: str, choice: str) -> Callable:
+    """The callable implementing `op` with `choice`; a clear error if it cannot run here."""
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown op '{op}'; known ops: {sorted(_REGISTRY)}")
+    choices = _REGISTRY[op]
+    if choice not in choices:
+        raise ValueError(f"kernels.{op}: '{choice}' is not available for this op; choose one of {sorted(choices)}")
+    if choice == "triton" and not triton_available():
+        raise RuntimeError(
+            f"kernels.{op}: 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for the slow CPU interpreter); "
+            f"set kernels.{op}=torch to run on this machine"
+        )
+    module_name, attr = choices[choice].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        fix = "pip install liger-kernel" if choice == "liger" else f"set kernels.{op}=torch"
+        raise RuntimeError(f"kernels.{op}: '{choice}' cannot be imported ({e}); {fix}") from e
+    fn = getattr(module, attr)
+    if choice == "liger":
+        fn = _LIGER_ADAPTERS[op](fn)
+    return fn

@@ -1,0 +1,98 @@
+"""Feed-forward blocks: the GELU MLP of GPT-2 and the gated SwiGLU of Qwen2 / Llama.
+
+`swiglu_ref` is the pure-PyTorch reference of `kernels/swiglu.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dispatch import get_kernel
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU ("gelu_new"): the tanh approximation."""
+    return F.gelu(x, approximate="tanh")
+
+
+# Activation names follow Hugging Face's `activation_function` / `hidden_act` values.
+ACTIVATIONS = {
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_tanh,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def get_activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{name}'; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, elementwise."""
+    return F.silu(gate) * up
+
+
+class GeluMLP(nn.Module):
+    """x -> fc (dim -> hidden) -> activation -> proj (hidden -> dim) -> dropout."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu_new", bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden_dim, bias=bias)
+        self.proj = nn.Linear(hidden_dim, dim, bias=bias)
+        self.act = get_activation(activation)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """x -> [gate | up] = gate_up(x) -> act(gate) * up -> down.
+
+    gate and up share one (dim -> 2 * hidden) matmul; the first half of its output is the gate.
+    With `activation: silu` the product runs through the `swiglu` kernel toggle.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        activation: str = "silu",
+        bias: bool = False,
+        dropout: float = 0.0,
+        impl: str = "torch",
+    ):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.gate_up = nn.Linear(dim, 2 * hidden_dim, bias=bias)
+        self.down = nn.Linear(hidden_dim, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if activation in ("silu", "swish"):
+            self.impl = impl
+            self._glu = get_kernel("swiglu", impl)
+        else:
+            if impl != "torch":
+                raise ValueError(f"kernels.swiglu={impl} fuses silu only; the activation here is '{activation}'")
+            act = get_activation(activation)
+            self.impl = "torch"
+            self._glu = lambda gate, up: act(gate) * up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # each (..., hidden_dim), strided views
+        return self.dropout(self.down(self._glu(gate, up)))
+
+
+def ffn_hidden_dim(dim: int, multiplier: float, multiple_of: int = 1) -> int:
+    """Width of the feed-forward layer from a multiplier of the model width, rounded up."""
+    hidden = int(math.ceil(dim * multiplier))
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)

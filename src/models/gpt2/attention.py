@@ -1,0 +1,20 @@
+"""GPT-2 attention: the component multi-head attention, configured from a GPT2Config."""
+
+from __future__ import annotations
+
+from ..components import MultiHeadAttention
+from .config import GPT2Config
+
+
+class GPT2Attention(MultiHeadAttention):
+    """Causal multi-head attention with attention/residual dropout, as in GPT-2."""
+
+    def __init__(self, config: GPT2Config, layer_idx: int, backend: str = "auto"):
+        super().__init__(
+            dim=config.n_embd,
+            n_heads=config.n_head,
+            bias=config.bias,
+            dropout=config.dropout,
+            backend=backend,
+            layer_idx=layer_idx,
+        )

@@ -1,0 +1,92 @@
+"""GPT-2 configuration: the fields of a `model_family: gpt2` YAML file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class GPT2Config:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    vocab_size: int
+    block_size: int  # max_position: the length of the learned position table
+    model_family: Literal["gpt2"] = "gpt2"
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    activation: str = "gelu_new"  # Hugging Face's activation_function names
+    dropout: float = 0.0  # embedding, attention and residual dropout
+    bias: bool = True  # biases in linear layers and LayerNorms
+    layer_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    init_std: float = 0.02
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    head_dim: int = field(init=False)  # derived
+    ffn_dim: int = field(init=False)  # derived
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.head_dim = self.n_embd // self.n_head
+        self.ffn_dim = self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> "GPT2Config":
+        unsupported = {
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "scale_attn_weights": True,
+            "add_cross_attention": False,
+        }
+        for key, expected in unsupported.items():
+            if hf.get(key, expected) != expected:
+                raise ValueError(f"GPT-2 checkpoints with {key}={hf[key]} are not supported (expected {expected})")
+        dropouts = {hf.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+        return cls(
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            vocab_size=hf["vocab_size"],
+            block_size=hf["n_positions"],
+            n_inner=hf.get("n_inner"),
+            activation=hf.get("activation_function", "gelu_new"),
+            dropout=float(max(dropouts)),
+            layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            init_std=hf.get("initializer_range", 0.02),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        if not self.bias:
+            raise ValueError("Hugging Face GPT-2 has biases everywhere; a bias=false model cannot be exported")
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_embd": self.n_embd,
+            "vocab_size": self.vocab_size,
+            "n_positions": self.block_size,
+            "n_ctx": self.block_size,
+            "n_inner": self.n_inner,
+            "activation_function": self.activation,
+            "resid_pdrop": self.dropout,
+            "embd_pdrop": self.dropout,
+            "attn_pdrop": self.dropout,
+            "layer_norm_epsilon": self.layer_norm_eps,
+            "initializer_range": self.init_std,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "scale_attn_weights": True,
+            "use_cache": True,
+        }

@@ -1,0 +1,77 @@
+"""Parameter names: Hugging Face `GPT2LMHeadModel` <-> ours.
+
+Hugging Face stores GPT-2's linear layers as `Conv1D` with (in, out) weights; ours are
+`nn.Linear` with (out, in), so those weights are transposed on the way in and out.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .config import GPT2Config
+
+# (ours, theirs) with {i} for the layer index; `transpose` marks Conv1D weights.
+_LAYER_NAMES = [
+    ("layers.{i}.ln_1.weight", "transformer.h.{i}.ln_1.weight", False),
+    ("layers.{i}.ln_1.bias", "transformer.h.{i}.ln_1.bias", False),
+    ("layers.{i}.attn.qkv.weight", "transformer.h.{i}.attn.c_attn.weight", True),
+    ("layers.{i}.attn.qkv.bias", "transformer.h.{i}.attn.c_attn.bias", False),
+    ("layers.{i}.attn.proj.weight", "transformer.h.{i}.attn.c_proj.weight", True),
+    ("layers.{i}.attn.proj.bias", "transformer.h.{i}.attn.c_proj.bias", False),
+    ("layers.{i}.ln_2.weight", "transformer.h.{i}.ln_2.weight", False),
+    ("layers.{i}.ln_2.bias", "transformer.h.{i}.ln_2.bias", False),
+    ("layers.{i}.mlp.fc.weight", "transformer.h.{i}.mlp.c_fc.weight", True),
+    ("layers.{i}.mlp.fc.bias", "transformer.h.{i}.mlp.c_fc.bias", False),
+    ("layers.{i}.mlp.proj.weight", "transformer.h.{i}.mlp.c_proj.weight", True),
+    ("layers.{i}.mlp.proj.bias", "transformer.h.{i}.mlp.c_proj.bias", False),
+]
+_GLOBAL_NAMES = [
+    ("wte.weight", "transformer.wte.weight"),
+    ("wpe.weight", "transformer.wpe.weight"),
+    ("ln_f.weight", "transformer.ln_f.weight"),
+    ("ln_f.bias", "transformer.ln_f.bias"),
+]
+# Buffers some GPT-2 checkpoints carry (causal masks); not parameters, never needed.
+_IGNORED = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def _pairs(config: GPT2Config):
+    for ours, theirs in _GLOBAL_NAMES:
+        yield ours, theirs, False
+    for i in range(config.n_layer):
+        for ours, theirs, transpose in _LAYER_NAMES:
+            yield ours.format(i=i), theirs.format(i=i), transpose
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], config: GPT2Config) -> dict[str, torch.Tensor]:
+    hf = {k.removeprefix("module."): v for k, v in hf.items() if not _IGNORED.search(k)}
+    if not any(k.startswith("transformer.") for k in hf):
+        hf = {f"transformer.{k}" if not k.startswith("lm_head.") else k: v for k, v in hf.items()}  # GPT2Model dumps
+    ours, used = {}, set()
+    for our_name, hf_name, transpose in _pairs(config):
+        if hf_name not in hf:
+            raise ValueError(f"GPT-2 checkpoint lacks '{hf_name}' (n_layer={config.n_layer} in its config)")
+        tensor = hf[hf_name]
+        ours[our_name] = tensor.t().contiguous() if transpose else tensor
+        used.add(hf_name)
+    if config.tie_word_embeddings or "lm_head.weight" not in hf:
+        ours["lm_head.weight"] = ours["wte.weight"]
+    else:
+        ours["lm_head.weight"] = hf["lm_head.weight"]
+    used.add("lm_head.weight")
+    unexpected = sorted(set(hf) - used)
+    if unexpected:
+        raise ValueError(f"GPT-2 checkpoint has tensors this model does not know: {unexpected[:5]}")
+    return ours
+
+
+def to_hf_state_dict(ours: dict[str, torch.Tensor], config: GPT2Config) -> dict[str, torch.Tensor]:
+    hf = {}
+    for our_name, hf_name, transpose in _pairs(config):
+        tensor = ours[our_name]
+        hf[hf_name] = tensor.t().contiguous() if transpose else tensor
+    if not config.tie_word_embeddings:
+        hf["lm_head.weight"] = ours["lm_head.weight"]
+    return hf

@@ -1,0 +1,79 @@
+"""GPT-2: token + learned position embeddings, a stack of GPT2Blocks, final LayerNorm, LM head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..components import KernelConfig, KVCache, LearnedPositionalEmbedding, LayerNorm, LMLoss, build_attention_mask
+from ..modeling_utils import CausalLM, CausalLMOutput
+from . import hf_mapping
+from .config import GPT2Config
+from .layer import GPT2Block
+
+
+class GPT2LMHeadModel(CausalLM):
+    config_class = GPT2Config
+    hf_model_type = "gpt2"
+    uses_learned_positions = True
+    from_hf_state_dict = staticmethod(hf_mapping.from_hf_state_dict)
+    to_hf_state_dict = staticmethod(hf_mapping.to_hf_state_dict)
+
+    def __init__(self, config: GPT2Config, kernels: KernelConfig | None = None):
+        super().__init__()
+        kernels = kernels or KernelConfig()
+        self.config = config
+        self.kernels = kernels
+        self.head_dim = config.head_dim
+        self.n_kv_heads = config.n_head
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = LearnedPositionalEmbedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.layers = nn.ModuleList(GPT2Block(config, i, kernels) for i in range(config.n_layer))
+        self.ln_f = LayerNorm(config.n_embd, config.layer_norm_eps, bias=config.bias, impl=kernels.layernorm)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.loss_fn = LMLoss(kernels.cross_entropy)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        nn.init.normal_(self.wpe.weight, mean=0.0, std=std / 2)
+        for block in self.layers:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        return_logits: bool | None = None,
+    ) -> CausalLMOutput:
+        """input_ids (B, T); labels (B, T) aligned with the logits (see `shift_labels`)."""
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        x = self.wte(input_ids) + self.wpe(position_ids, seq_len=T, offset=past)  # (B, T, C)
+        x = self.drop(x)
+        mask = None
+        if attention_mask is not None:  # padding: explicit (B, 1, T, past + T) keep-mask
+            mask = build_attention_mask(T, past + T, x.device, padding_mask=attention_mask)
+        for block in self.layers:
+            x = block(x, mask=mask, kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = self.ln_f(x)
+        return self.lm_output(x, labels, return_logits)

@@ -1,0 +1,323 @@
+"""What every causal-LM family shares: the output type, generation with a KV cache, and
+Hugging Face checkpoint reading and writing.
+
+A family subclasses `CausalLM` and provides:
+    config_class        its config dataclass (with from_hf_config / to_hf_config)
+    hf_model_type       the `model_type` of its Hugging Face checkpoints
+    from_hf_state_dict  / to_hf_state_dict: the parameter-name mapping (hf_mapping.py)
+    forward(input_ids, labels=None, position_ids=None, attention_mask=None, kv_cache=None)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .components import KVCache
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TORCH_WEIGHTS_NAME = "pytorch_model.bin"
+
+
+@dataclass
+class CausalLMOutput:
+    """loss: mean cross-entropy over labels != -100 (None without labels).
+    logits: (B, T, V), or None when the fused linear+cross-entropy kernel computed the loss."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+def shift_labels(input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Labels for next-token prediction: labels[:, t] = input_ids[:, t + 1], last position ignored.
+
+    Our models take labels already aligned with the logits (no shift inside the model, so no
+    (B, T, V) copy); Hugging Face models shift internally. This turns one convention into the other.
+    """
+    labels = torch.full_like(input_ids, ignore_index)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face checkpoint files
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = os.fspath(path)
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: '{path}'")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"'{path}' has no {CONFIG_NAME}; a Hugging Face checkpoint directory needs one")
+    with open(config_file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory: model.safetensors, a sharded index, or pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    single = os.path.join(path, SAFE_WEIGHTS_NAME)
+    index = os.path.join(path, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        state_dict = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_file = os.path.join(path, shard)
+            if not os.path.isfile(shard_file):
+                raise FileNotFoundError(f"{index} names shard '{shard}', which is missing from '{path}'")
+            state_dict.update(load_file(shard_file))
+        return state_dict
+    if os.path.isfile(os.path.join(path, TORCH_WEIGHTS_NAME)):
+        return torch.load(os.path.join(path, TORCH_WEIGHTS_NAME), map_location="cpu", weights_only=True)
+    raise FileNotFoundError(
+        f"'{path}' holds no weights: expected {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or {TORCH_WEIGHTS_NAME}"
+    )
+
+
+def save_hf_checkpoint(
+    path: str | os.PathLike,
+    hf_config: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    max_shard_bytes: int = 5 * 1024**3,
+) -> None:
+    """Write config.json and safetensors (sharded with an index when larger than max_shard_bytes)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in state_dict.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += size
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, SAFE_WEIGHTS_NAME), metadata=metadata)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(path, name), metadata=metadata)
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state_dict.values())
+        with open(os.path.join(path, SAFE_WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus (at least one kept)."""
+    if top_k is not None and top_k > 0:
+        top_k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted[..., -1:] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+class CausalLM(nn.Module):
+    """Base of the model families: generation and Hugging Face interop."""
+
+    config_class: ClassVar[type]
+    hf_model_type: ClassVar[str]
+
+    # Filled by each family.
+    config: Any
+    layers: nn.ModuleList
+    lm_head: nn.Linear
+    loss_fn: Any  # components.LMLoss
+    head_dim: int
+    n_kv_heads: int
+    uses_learned_positions: ClassVar[bool] = False
+
+    # -- sizes ---------------------------------------------------------------------------------
+
+    def num_parameters(self, exclude_position_embeddings: bool = True) -> int:
+        """Distinct parameters (tied weights counted once), optionally without position tables."""
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if exclude_position_embeddings and name.startswith("wpe."):
+                continue
+            total += p.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N + 12 L H Q T (DESIGN.md, 'Measuring')."""
+        cfg = self.config
+        return 6 * self.num_parameters() + 12 * cfg.n_layer * cfg.n_head * self.head_dim * seq_len
+
+    # -- loss head ----------------------------------------------------------------------------
+
+    def lm_output(
+        self, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool | None
+    ) -> CausalLMOutput:
+        """Logits and/or loss from the final hidden states (B, T, C).
+
+        With `kernels.cross_entropy: fused_linear` and labels, the loss never materialises the
+        logits and `logits` is None unless `return_logits=True` asks for them.
+        """
+        if labels is not None and self.loss_fn.fused:
+            loss = self.loss_fn(hidden, self.lm_head.weight, labels, logits=None)
+            return CausalLMOutput(loss=loss, logits=self.lm_head(hidden) if return_logits else None)
+        logits = self.lm_head(hidden)  # (B, T, V)
+        loss = self.loss_fn(hidden, self.lm_head.weight, labels, logits) if labels is not None else None
+        return CausalLMOutput(loss=loss, logits=logits if return_logits is not False else None)
+
+    # -- cache ---------------------------------------------------------------------------------
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        param = self.lm_head.weight
+        return KVCache(
+            self.config.n_layer, batch_size, max_len, self.n_kv_heads, self.head_dim, param.dtype, param.device
+        )
+
+    # -- generation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        attention_mask: torch.Tensor | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue a batch of prompts; returns (B, T + new) token ids.
+
+        Prompts of different lengths are left-padded with `attention_mask` marking real tokens
+        (1) and padding (0). Greedy unless `do_sample`; sampling applies temperature, then
+        top-k, then top-p. A row stops at an EOS token and is filled with `pad_token_id` after it;
+        generation ends when every row has stopped or after `max_new_tokens`.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if do_sample and temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
+        B, T = input_ids.shape
+        max_len = T + max_new_tokens
+        limit = getattr(self.config, "block_size", max_len)
+        if self.uses_learned_positions and max_len > limit:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size={limit}")
+        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        if eos_ids and pad_token_id is None:
+            pad_token_id = eos_ids[0]
+        eos = torch.tensor(eos_ids, device=input_ids.device)
+
+        was_training = self.training
+        self.eval()
+        cache = self.new_kv_cache(B, max_len)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(torch.long)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding skipped
+        else:
+            position_ids = None
+        tokens = input_ids
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        next_input = input_ids
+        for _ in range(max_new_tokens):
+            out = self(
+                next_input, position_ids=position_ids, attention_mask=attention_mask, kv_cache=cache, return_logits=True
+            )
+            logits = out.logits[:, -1, :].float()  # (B, V)
+            if do_sample:
+                logits = filter_logits(logits / temperature, top_k, top_p)
+                next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+            else:
+                next_token = logits.argmax(dim=-1)
+            if eos_ids:
+                next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
+                finished = finished | torch.isin(next_token, eos)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            next_input = next_token[:, None]  # (B, 1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+                position_ids = position_ids[:, -1:] + 1
+            if eos_ids and bool(finished.all()):
+                break
+        self.train(was_training)
+        return tokens
+
+    # -- Hugging Face interop ------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, kernels=None, dtype: torch.dtype | None = None, device: str | None = None
+    ) -> "CausalLM":
+        """Load a Hugging Face checkpoint directory of this family."""
+        hf_config = read_hf_config(path)
+        model_type = hf_config.get("model_type")
+        if model_type != cls.hf_model_type:
+            raise ValueError(
+                f"'{path}' holds a '{model_type}' checkpoint, but {cls.__name__} loads '{cls.hf_model_type}'; "
+                "use AutoModelForCausalLM.from_pretrained to pick the family from the checkpoint"
+            )
+        config = cls.config_class.from_hf_config(hf_config)
+        model = cls(config, kernels=kernels)
+        state_dict = cls.from_hf_state_dict(load_hf_state_dict(path), config)
+        model.load_state_dict_strict(state_dict, source=os.fspath(path))
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=dtype)
+        return model
+
+    def load_state_dict_strict(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        """load_state_dict that reports missing/unexpected/mis-shaped tensors by name."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        wrong_shape = [
+            f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in own
+            if k in state_dict and state_dict[k].shape != own[k].shape
+        ]
+        if missing or unexpected or wrong_shape:
+            raise ValueError(
+                f"checkpoint '{source}' does not match the model config: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+                f"wrong shape {wrong_shape[:5]}"
+            )
+        self.load_state_dict(state_dict, strict=True)
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> None:
+        """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+        state_dict = self.to_hf_state_dict(self.state_dict(), self.config)
+        hf_config = self.config.to_hf_config()
+        hf_config["torch_dtype"] = str(self.lm_head.weight.dtype).replace("torch.", "")
+        save_hf_checkpoint(path, hf_config, state_dict, max_shard_bytes)

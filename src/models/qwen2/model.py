@@ -1,0 +1,77 @@
+"""Qwen2: token embeddings, a stack of Qwen2Blocks sharing one RoPE table, RMSNorm, LM head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..components import KernelConfig, KVCache, LMLoss, RMSNorm, RotaryEmbedding, build_attention_mask
+from ..modeling_utils import CausalLM, CausalLMOutput
+from . import hf_mapping
+from .config import Qwen2Config
+from .layer import Qwen2Block
+
+
+class Qwen2ForCausalLM(CausalLM):
+    config_class = Qwen2Config
+    hf_model_type = "qwen2"
+    from_hf_state_dict = staticmethod(hf_mapping.from_hf_state_dict)
+    to_hf_state_dict = staticmethod(hf_mapping.to_hf_state_dict)
+
+    def __init__(self, config: Qwen2Config, kernels: KernelConfig | None = None):
+        super().__init__()
+        kernels = kernels or KernelConfig()
+        self.config = config
+        self.kernels = kernels
+        self.head_dim = config.head_dim
+        self.n_kv_heads = config.num_kv_heads
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_base, config.block_size, config.rope_scaling)
+        self.layers = nn.ModuleList(Qwen2Block(config, i, kernels) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.rms_norm_eps, impl=kernels.rmsnorm)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.loss_fn = LMLoss(kernels.cross_entropy)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        return_logits: bool | None = None,
+    ) -> CausalLMOutput:
+        """input_ids (B, T); labels (B, T) aligned with the logits (see `shift_labels`);
+        position_ids (B, T) for packed documents or left padding (default: 0..T-1 after the cache)."""
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.rotary(position_ids, seq_len=T, offset=past)  # (B|1, T, head_dim), fp32
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for window in set(self.config.layer_windows):
+            masks[window] = (
+                build_attention_mask(T, past + T, x.device, window, attention_mask)
+                if attention_mask is not None
+                else None
+            )
+        for block, window in zip(self.layers, self.config.layer_windows):
+            x = block(x, cos, sin, mask=masks[window], kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = self.norm(x)
+        return self.lm_output(x, labels, return_logits)
