@@ -36,6 +36,7 @@ class Qwen2ForCausalLM(CausalLM):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """N(0, init_std) weights, zero biases, unit norms; also rebuilds the RoPE tables."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -46,6 +47,7 @@ class Qwen2ForCausalLM(CausalLM):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+        self.rotary.reset_cache()
 
     def forward(
         self,

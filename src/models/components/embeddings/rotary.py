@@ -168,11 +168,17 @@ class RotaryEmbedding(nn.Module):
         self.max_position = max_position
         self.scaling = normalize_rope_scaling(scaling)
         self.rope_type = self.scaling["rope_type"] if self.scaling else "default"
-        inv_freq, self.attention_scaling = compute_inv_freq(head_dim, base, self.scaling, max_position)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
-        self.max_seq_len_cached = max_position
-        self._build_cache(max_position)
+        self.reset_cache()
+
+    def reset_cache(self) -> None:
+        """(Re)compute frequencies and tables on the current device, e.g. after `to_empty()`
+        materialised a model built on the meta device (non-persistent buffers hold garbage then)."""
+        device = self.inv_freq.device if hasattr(self, "inv_freq") else None
+        inv_freq, self.attention_scaling = compute_inv_freq(self.head_dim, self.base, self.scaling, self.max_position)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone().to(device), persistent=False)
+        self.max_seq_len_cached = self.max_position
+        self._build_cache(self.max_position)
 
     def _build_cache(self, length: int) -> None:
         positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
