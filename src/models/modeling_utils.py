@@ -5,7 +5,8 @@ A family subclasses `CausalLM` and provides:
     config_class        its config dataclass (with from_hf_config / to_hf_config)
     hf_model_type       the `model_type` of its Hugging Face checkpoints
     from_hf_state_dict  / to_hf_state_dict: the parameter-name mapping (hf_mapping.py)
-    forward(input_ids, labels=None, position_ids=None, attention_mask=None, kv_cache=None)
+    hidden_states(input_ids, position_ids=None, attention_mask=None, kv_cache=None) -> (B, T, C)
+and inherits `forward`, which adds the LM head and the loss.
 """
 
 from __future__ import annotations
@@ -177,6 +178,34 @@ class CausalLM(nn.Module):
         """Training FLOPs per token: 6N + 12 L H Q T (DESIGN.md, 'Measuring')."""
         cfg = self.config
         return 6 * self.num_parameters() + 12 * cfg.n_layer * cfg.n_head * self.head_dim * seq_len
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        return_logits: bool | None = None,
+    ) -> CausalLMOutput:
+        """input_ids (B, T); labels (B, T) aligned with the logits (see `shift_labels`), -100 ignored.
+
+        position_ids (B, T): positions for RoPE / learned tables (packed documents, left padding).
+        attention_mask (B, T_past + T): 1 for real tokens, 0 for padding (generation).
+        """
+        hidden = self.hidden_states(input_ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache)
+        return self.lm_output(hidden, labels, return_logits)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define hidden_states()")
 
     # -- loss head ----------------------------------------------------------------------------
 

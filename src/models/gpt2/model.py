@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..components import KernelConfig, KVCache, LearnedPositionalEmbedding, LayerNorm, LMLoss, build_attention_mask
-from ..modeling_utils import CausalLM, CausalLMOutput
+from ..modeling_utils import CausalLM
 from . import hf_mapping
 from .config import GPT2Config
 from .layer import GPT2Block
@@ -54,16 +54,14 @@ class GPT2LMHeadModel(CausalLM):
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
-    def forward(
+    def hidden_states(
         self,
         input_ids: torch.Tensor,
-        labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        return_logits: bool | None = None,
-    ) -> CausalLMOutput:
-        """input_ids (B, T); labels (B, T) aligned with the logits (see `shift_labels`)."""
+    ) -> torch.Tensor:
+        """Final (normalised) hidden states (B, T, C) of input_ids (B, T)."""
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         x = self.wte(input_ids) + self.wpe(position_ids, seq_len=T, offset=past)  # (B, T, C)
@@ -75,5 +73,4 @@ class GPT2LMHeadModel(CausalLM):
             x = block(x, mask=mask, kv_cache=kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = self.ln_f(x)
-        return self.lm_output(x, labels, return_logits)
+        return self.ln_f(x)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..components import KernelConfig, KVCache, LMLoss, RMSNorm, RotaryEmbedding, build_attention_mask
-from ..modeling_utils import CausalLM, CausalLMOutput
+from ..modeling_utils import CausalLM
 from . import hf_mapping
 from .config import Qwen2Config
 from .layer import Qwen2Block
@@ -49,16 +49,15 @@ class Qwen2ForCausalLM(CausalLM):
                 nn.init.ones_(module.weight)
         self.rotary.reset_cache()
 
-    def forward(
+    def hidden_states(
         self,
         input_ids: torch.Tensor,
-        labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        return_logits: bool | None = None,
-    ) -> CausalLMOutput:
-        """input_ids (B, T); labels (B, T) aligned with the logits (see `shift_labels`);
+    ) -> torch.Tensor:
+        """Final (normalised) hidden states (B, T, C) of input_ids (B, T).
+
         position_ids (B, T) for packed documents or left padding (default: 0..T-1 after the cache)."""
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -75,5 +74,4 @@ class Qwen2ForCausalLM(CausalLM):
             x = block(x, cos, sin, mask=masks[window], kv_cache=kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = self.norm(x)
-        return self.lm_output(x, labels, return_logits)
+        return self.norm(x)
