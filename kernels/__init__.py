@@ -1,0 +1,22 @@
+"""Triton kernels, one op per file, each registered with `torch.library` (see README.md).
+
+    rmsnorm.py                     rms_norm, add_rms_norm
+    layernorm.py                   layer_norm
+    rope.py                        apply_rotary
+    swiglu.py                      swiglu
+    cross_entropy.py               cross_entropy (+ the row kernels the two ops below reuse)
+    fused_linear_cross_entropy.py  fused_linear_cross_entropy
+    token_logprobs.py              token_logprobs (per-token log-probabilities for DPO)
+
+This package imports torch and triton only. Importing a module registers its ops under the
+`kernels::` namespace; nothing runs on a device until an op is called.
+"""
+
+import torch
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`; a small fixed count for the CPU interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

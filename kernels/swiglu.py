@@ -1,0 +1,155 @@
+"""SwiGLU: silu(gate) * up, forward and backward, elementwise.
+
+Math (in fp32, sigma = sigmoid):
+    y     = gate * sigma(gate) * up
+    dgate = dy * up * sigma(gate) * (1 + gate * (1 - sigma(gate)))
+    dup   = dy * gate * sigma(gate)
+gate and up usually arrive as the two halves of one projection (`.chunk(2, -1)` views with a row
+stride of 2H): the kernels read them through their row strides, so no copy is made. Nothing is
+saved but the inputs; the backward recomputes sigma. Reference: `swiglu_ref` in
+src/models/components/mlp.py.
+
+Limits: gate and up of one shape (..., H) and dtype with a unit stride on H; fp32, fp16, bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+
+# -- kernels --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    G_ptr,  # (M, H) gate
+    U_ptr,  # (M, H) up
+    Y_ptr,  # (M, H) output
+    stride_gm,
+    stride_um,
+    stride_ym,
+    H,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < H
+    g = tl.load(G_ptr + row * stride_gm + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U_ptr + row * stride_um + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(Y_ptr + row * stride_ym + cols, y.to(Y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    DY_ptr,  # (M, H) gradient of y
+    G_ptr,  # (M, H) gate
+    U_ptr,  # (M, H) up
+    DG_ptr,  # (M, H) output gradient of gate
+    DU_ptr,  # (M, H) output gradient of up
+    stride_dym,
+    stride_gm,
+    stride_um,
+    stride_dgm,
+    stride_dum,
+    H,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < H
+    dy = tl.load(DY_ptr + row * stride_dym + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G_ptr + row * stride_gm + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U_ptr + row * stride_um + cols, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    dg = dy * u * sig * (1.0 + g * (1.0 - sig))
+    du = dy * silu
+    tl.store(DG_ptr + row * stride_dgm + cols, dg.to(DG_ptr.dtype.element_ty), mask=mask)
+    tl.store(DU_ptr + row * stride_dum + cols, du.to(DU_ptr.dtype.element_ty), mask=mask)
+
+
+# -- launchers ------------------------------------------------------------------------------------
+
+
+def _launch_params(hidden: int) -> dict:
+    """A 2-D grid (rows, column blocks) of 1K-element blocks: enough programs to fill the GPU at any
+    width, and rows of 4864 (Qwen2-0.5B) split into five blocks with little masked tail."""
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    return {"BLOCK_H": block_h, "num_warps": 4 if block_h >= 512 else 2}
+
+
+def _as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
+    """(..., H) -> (M, H) with a unit stride on H; a view for `.chunk(2, -1)` halves."""
+    t = t.reshape(-1, hidden)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(
+            f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match in shape, dtype and device"
+        )
+
+
+def _swiglu_fwd_launch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    _check(gate, up)
+    hidden = gate.shape[-1]
+    g2, u2 = _as_rows(gate, hidden), _as_rows(up, hidden)  # (M, H)
+    M = g2.shape[0]
+    y = torch.empty((M, hidden), dtype=gate.dtype, device=gate.device)
+    p = _launch_params(hidden)
+    wrap_triton(_swiglu_fwd_kernel)[(M, triton.cdiv(hidden, p["BLOCK_H"]))](
+        g2, u2, y,
+        g2.stride(0), u2.stride(0), y.stride(0),
+        hidden,
+        **p,
+    )  # fmt: skip
+    return y.view(gate.shape)
+
+
+def _swiglu_bwd_launch(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden = gate.shape[-1]
+    dy2 = _as_rows(dy, hidden)  # an expanded (stride-0) gradient is read through its strides
+    g2, u2 = _as_rows(gate, hidden), _as_rows(up, hidden)
+    M = g2.shape[0]
+    dg = torch.empty((M, hidden), dtype=gate.dtype, device=gate.device)
+    du = torch.empty((M, hidden), dtype=gate.dtype, device=gate.device)
+    p = _launch_params(hidden)
+    wrap_triton(_swiglu_bwd_kernel)[(M, triton.cdiv(hidden, p["BLOCK_H"]))](
+        dy2, g2, u2, dg, du,
+        dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0),
+        hidden,
+        **p,
+    )  # fmt: skip
+    return dg.view(gate.shape), du.view(gate.shape)
+
+
+# -- registration ---------------------------------------------------------------------------------
+
+_swiglu_fwd = triton_op("kernels::swiglu_fwd", _swiglu_fwd_launch, mutates_args=())
+_swiglu_bwd = triton_op("kernels::swiglu_bwd", _swiglu_bwd_launch, mutates_args=())
+
+
+def _swiglu_setup(ctx, inputs, output):
+    gate, up = inputs
+    ctx.save_for_backward(gate, up)
+
+
+def _swiglu_grad(ctx, dy):
+    gate, up = ctx.saved_tensors
+    return _swiglu_bwd(dy, gate, up)  # grads for (gate, up)
+
+
+_swiglu_fwd.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
+
+
+# -- functional -----------------------------------------------------------------------------------
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; same signature and result as `swiglu_ref`."""
+    return _swiglu_fwd(gate, up)
