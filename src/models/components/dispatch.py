@@ -13,6 +13,8 @@ Every implementation of one op has the reference's signature:
     cross_entropy  (logits (N, V), labels (N,), ignore_index, label_smoothing) -> summed loss (fp32 scalar)
     fused_linear_cross_entropy (hidden (N, H), weight (V, H), labels (N,), ignore_index, label_smoothing)
                    -> summed loss (fp32 scalar), never materialising (N, V) logits
+    token_logprobs (hidden (N, H), weight (V, H), labels (N,), ignore_index) -> (N,) fp32 log p(label),
+                   0 at ignored labels (DPO), never materialising (N, V) logits
 
 A choice that cannot run (Triton without a GPU or the interpreter, Liger not installed, a kernel
 module missing) is an error naming the op, the choice and the fix.
@@ -58,6 +60,10 @@ _REGISTRY: dict[str, dict[str, str]] = {
         "torch": "src.models.components.loss:fused_linear_cross_entropy_ref",
         "triton": "kernels.fused_linear_cross_entropy:fused_linear_cross_entropy",
         "liger": "liger_kernel.ops.fused_linear_cross_entropy:LigerFusedLinearCrossEntropyFunction",
+    },
+    "token_logprobs": {
+        "torch": "src.models.components.loss:token_logprobs_ref",
+        "triton": "kernels.token_logprobs:token_logprobs",
     },
 }
 

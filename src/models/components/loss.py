@@ -1,7 +1,8 @@
-"""Language-modelling losses: the references of `kernels/cross_entropy.py` and
-`kernels/fused_linear_cross_entropy.py`, and the loss head the model families share.
+"""Language-modelling losses: the references of `kernels/cross_entropy.py`,
+`kernels/fused_linear_cross_entropy.py` and `kernels/token_logprobs.py`, and the loss head the
+model families share.
 
-Both return the *sum* of per-token losses in fp32; the caller divides by the number of tokens
+The two losses return the *sum* of per-token losses in fp32; the caller divides by the number of tokens
 whose label is not `ignore_index` (so gradient accumulation can normalise over a whole step).
 """
 
@@ -16,12 +17,22 @@ IGNORE_INDEX = -100
 
 
 def cross_entropy_ref(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """Summed cross-entropy of (N, V) logits against (N,) labels, computed in fp32."""
-    return F.cross_entropy(
-        logits.float(), labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum"
-    )
+    """Summed cross-entropy of (N, V) logits against (N,) labels, computed in fp32.
+
+    `z_loss` > 0 adds z_loss * logsumexp(logits)^2 per supervised token (PaLM's auxiliary loss
+    that keeps the softmax normaliser near 1)."""
+    logits = logits.float()
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum")
+    if z_loss:
+        supervised = labels != ignore_index
+        loss = loss + z_loss * (torch.logsumexp(logits, dim=-1).square() * supervised).sum()
+    return loss
 
 
 def fused_linear_cross_entropy_ref(
@@ -30,9 +41,22 @@ def fused_linear_cross_entropy_ref(
     labels: torch.Tensor,
     ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """Reference of the fused kernel: logits = hidden @ weight.T, then summed cross-entropy."""
-    return cross_entropy_ref(hidden @ weight.t(), labels, ignore_index, label_smoothing)
+    return cross_entropy_ref(hidden @ weight.t(), labels, ignore_index, label_smoothing, z_loss)
+
+
+def token_logprobs_ref(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Per-token log p(label) under logits = hidden (N, H) @ weight (V, H).T, in fp32, shape (N,);
+    0 where labels == ignore_index. The reference of `kernels/token_logprobs.py` (used by DPO)."""
+    logits = (hidden @ weight.t()).float()  # (N, V)
+    ignored = labels == ignore_index
+    safe_labels = torch.where(ignored, torch.zeros_like(labels), labels)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, safe_labels[:, None]).squeeze(-1)  # (N,)
+    return logprobs.masked_fill(ignored, 0.0)
 
 
 class LMLoss:
