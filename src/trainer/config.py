@@ -1,0 +1,216 @@
+"""The train config: one YAML file describes one complete job (configs/train/*.yaml).
+
+    cfg = load_config("configs/train/pretrain.yaml", ["trainer.max_steps=50", "compile=false"])
+
+`load_config` reads the YAML, applies `--set key.sub=value` overrides, builds the dataclasses
+strictly (an unknown key names the closest valid one), loads the model YAML named by
+`model_config_path`, and checks the combinations that cannot work. All of that happens before
+any GPU work, so a typo costs seconds, not a queue slot. Defaults live here and only here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from src.dataset.base import DataConfig
+from src.models import KernelConfig, load_model_config
+from src.utils.config import ConfigError, apply_overrides, from_dict, read_yaml
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: batch shape, budgets, precision, cadence of evaluation and logging."""
+
+    micro_batch_size: int = 8  # sequences per rank per micro-step
+    grad_accum_steps: int = 1  # micro-steps per optimizer step
+    seq_len: int = 256
+    # Budgets: training stops at the first one reached; at least one of max_steps / max_tokens.
+    max_steps: int | None = None
+    max_tokens: int | None = None  # tokens seen, summed over ranks
+    max_time_minutes: float | None = None
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on the CPU
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    eval_every: int = 0  # optimizer steps between evaluations (0: never)
+    eval_batches: int = 20  # validation batches per evaluation (the val split may be shorter)
+    seed: int = 1337
+    # A step whose loss or gradient norm is NaN/Inf is skipped (no update) and counted; this many
+    # in a row stops training with a checkpoint.
+    max_nonfinite_steps: int = 5
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "grad_accum_steps", "seq_len", "eval_batches", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"trainer.{name} must be >= 1 (or left out), got {value}")
+        if self.max_time_minutes is not None and self.max_time_minutes <= 0:
+            raise ConfigError(f"trainer.max_time_minutes must be > 0 (or left out), got {self.max_time_minutes}")
+        if self.max_steps is None and self.max_tokens is None:
+            raise ConfigError("set trainer.max_steps or trainer.max_tokens: the LR schedule needs a length "
+                              "(trainer.max_time_minutes may stop earlier)")
+        if self.eval_every < 0:
+            raise ConfigError(f"trainer.eval_every must be >= 0 (0 disables evaluation), got {self.eval_every}")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW; weight decay applies to matrices only (not norms, biases, embeddings)."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
+    fused: bool | None = None  # None: fused on CUDA, foreach on the CPU
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            raise ConfigError("optimizer.weight_decay and optimizer.grad_clip must be >= 0 and optimizer.eps > 0")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optimizer.betas must be in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate over steps: linear warmup, then cosine to min_lr, or warmup-stable-decay."""
+
+    type: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr: float = 3e-5
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps decays linearly to min_lr
+
+    def __post_init__(self):
+        if self.warmup_steps < 0 or self.min_lr < 0:
+            raise ConfigError("schedule.warmup_steps and schedule.min_lr must be >= 0")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"schedule.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # optimizer steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
+    keep_last: int = 3
+    resume: str | None = None  # auto (the newest in the run's checkpoints/, if any) or a checkpoint path
+    save_final: bool = True
+    export_hf: bool = True  # write <run_dir>/hf (safetensors + config.json) at the end
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ConfigError(f"checkpoint.every must be >= 0 (0: only at the end), got {self.every}")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    wandb: Literal["disabled", "offline", "online"] = "disabled"
+    wandb_project: str = "trainer"
+    peak_flops: float | None = None  # per device, for MFU; default from a table by device name
+
+    def __post_init__(self):
+        if self.log_every < 1:
+            raise ConfigError(f"logging.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: Literal["none", "ddp", "fsdp2"] = "none"
+    reshard_after_forward: bool = True  # fsdp2: free gathered block parameters after forward (ZeRO-3)
+
+
+@dataclass
+class TrainConfig:
+    model_config_path: str | None = None  # a model YAML (configs/model/*.yaml)
+    init_from: str | None = None  # a Hugging Face checkpoint directory or one of our checkpoints
+    data: DataConfig | None = None
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    compile: bool = False
+    run_name: str = "run"
+    output_dir: str = "runs"  # the run directory is output_dir/run_name
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=1000))
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Filled by load_config from model_config_path (or init_from); not a YAML key.
+    model_config: Any = field(init=False, default=None)
+
+    def __post_init__(self):
+        if self.schedule.min_lr > self.optimizer.lr:
+            raise ConfigError(f"schedule.min_lr ({self.schedule.min_lr}) is above optimizer.lr ({self.optimizer.lr}); "
+                              "lower schedule.min_lr")
+        if self.checkpoint.resume is not None and self.checkpoint.resume != "auto" and self.init_from is not None:
+            raise ConfigError("checkpoint.resume continues a run and init_from starts a new one; set only one of them")
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.output_dir, self.run_name)
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read and check a train YAML (plus `key.sub=value` overrides) and the model config it names."""
+    where = os.fspath(path)
+    data = apply_overrides(read_yaml(where), list(overrides))
+    cfg = from_dict(TrainConfig, data, where=where)
+    if cfg.data is None:
+        raise ConfigError(f"{where}: missing the 'data:' block (type, path, tokenizer); see configs/train/pretrain.yaml")
+    cfg.model_config = resolve_model_config(cfg, where)
+    check_combinations(cfg, where)
+    return cfg
+
+
+def resolve_model_config(cfg: TrainConfig, where: str):
+    """The model's shape: the model YAML, or the config.json of a Hugging Face `init_from`."""
+    from src.models import MODEL_FAMILIES
+    from src.models.modeling_utils import read_hf_config
+
+    if cfg.init_from is not None and not os.path.exists(cfg.init_from):
+        raise ConfigError(f"{where}: init_from '{cfg.init_from}' does not exist (a Hugging Face directory with "
+                          "config.json, or a checkpoint directory of ours)")
+    if cfg.init_from is not None and is_hf_dir(cfg.init_from):
+        hf = read_hf_config(cfg.init_from)
+        family = hf.get("model_type")
+        if family not in MODEL_FAMILIES:
+            raise ConfigError(f"{where}: init_from '{cfg.init_from}' holds a '{family}' model; "
+                              f"supported: {sorted(MODEL_FAMILIES)}")
+        hf_config = MODEL_FAMILIES[family][0].from_hf_config(hf)
+        if cfg.model_config_path is not None:
+            own = load_model_config(cfg.model_config_path)
+            if own != hf_config:
+                raise ConfigError(f"{where}: model_config_path '{cfg.model_config_path}' describes another model than "
+                                  f"init_from '{cfg.init_from}'; remove model_config_path (the checkpoint's "
+                                  "config.json gives the shape)")
+        return hf_config
+    if cfg.model_config_path is None:
+        raise ConfigError(f"{where}: set model_config_path (a model YAML such as configs/model/gpt_125m.yaml)"
+                          + (" ; init_from names one of our checkpoints, which needs it" if cfg.init_from else ""))
+    return load_model_config(cfg.model_config_path)
+
+
+def check_combinations(cfg: TrainConfig, where: str) -> None:
+    t = cfg.trainer
+    block_size = getattr(cfg.model_config, "block_size", None)
+    if block_size is not None and t.seq_len > block_size and cfg.model_config.model_family == "gpt2":
+        raise ConfigError(f"{where}: trainer.seq_len ({t.seq_len}) exceeds the model's block_size ({block_size}), "
+                          "the length of GPT-2's learned position table; lower trainer.seq_len")
+    if cfg.schedule.type != "constant" and t.max_steps is not None and cfg.schedule.warmup_steps >= t.max_steps:
+        raise ConfigError(f"{where}: schedule.warmup_steps ({cfg.schedule.warmup_steps}) must be below "
+                          f"trainer.max_steps ({t.max_steps})")
+    if t.eval_every and cfg.data is not None and not cfg.data.val_fraction and not cfg.data.val_documents \
+            and cfg.data.type != "shards":
+        raise ConfigError(f"{where}: trainer.eval_every={t.eval_every} needs a validation split: set "
+                          "data.val_fraction (local) or data.val_documents (streaming), or trainer.eval_every=0")
+

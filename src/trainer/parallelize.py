@@ -1,0 +1,126 @@
+"""Preparing a built model for the hardware: functions applied to the model, in this order.
+
+    1. activation checkpointing per transformer block (none | full | selective)
+    2. torch.compile per transformer block, and of the loss head (lm_head + cross-entropy)
+    3. FSDP2 `fully_shard` per block and at the root, or DDP, or nothing
+
+Model code stays single-device code: every step here changes how a block runs, never the
+parameter names, so state dicts, checkpoints and the Hugging Face export see the same keys
+whatever was applied. `prepare_model` returns the module to call in training (DDP's wrapper, or
+the model itself) and the bare model (for its config, layers and export).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from src.utils.distributed import DistInfo, build_device_mesh
+
+from .config import TrainConfig
+
+# Selective checkpointing keeps the outputs of the expensive ops (matmuls and attention) and
+# recomputes the cheap elementwise ones (norms, activations, residual adds) in backward: most
+# of full checkpointing's memory saving for a few percent of extra compute.
+_SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed(forward, selective: bool):
+    context_fn = (
+        functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+        if selective
+        else None
+    )
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if context_fn is None:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+    return run
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Recompute each block's activations in backward instead of keeping them.
+
+    The block's `forward` is replaced on the instance (not wrapped in another module), so the
+    parameter names do not change.
+    """
+    if mode == "none":
+        return
+    if mode not in ("full", "selective"):
+        raise ValueError(f"activation_checkpointing must be none, full or selective, got {mode!r}")
+    for block in model.layers:
+        block.forward = _checkpointed(block.forward, selective=mode == "selective")
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each transformer block (in place: `Module.compile` keeps parameter names)
+    and the loss head. Blocks share one compiled graph; per-block compilation keeps compile time
+    flat in depth and lets FSDP2 hook each block."""
+    for block in model.layers:
+        block.compile()
+    model.lm_output = torch.compile(model.lm_output)
+
+
+def apply_fsdp2(model: nn.Module, info: DistInfo, bf16: bool, reshard_after_forward: bool) -> None:
+    """Shard parameters, gradients and optimizer state over all ranks: each block is one
+    all-gather unit; the root holds the embeddings, final norm and head (tied weights stay in one
+    unit). bf16 compute with fp32 gradient reduction when `bf16`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = build_device_mesh(info)
+    mp_policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy()
+    )
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+
+
+def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool) -> tuple[nn.Module, nn.Module]:
+    """Move to the device and apply checkpointing, compilation and the parallel strategy.
+
+    Returns (train_module, bare_model). Call `train_module(**batch)` in training; use
+    `bare_model` for config, layers and parameters (under FSDP2 the two are the same object).
+    """
+    strategy = cfg.parallel.strategy
+    if info.world_size > 1 and strategy == "none":
+        raise ValueError(
+            f"{info.world_size} processes were started but parallel.strategy is none; "
+            "set parallel.strategy=ddp or fsdp2 (or start a single process)"
+        )
+    model.to(info.device)
+    apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
+    if cfg.compile:
+        apply_compile(model)
+    if strategy == "fsdp2":
+        apply_fsdp2(model, info, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward)
+        return model, model
+    if strategy == "ddp":
+        return apply_ddp(model, info), model
+    return model, model

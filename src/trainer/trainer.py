@@ -1,0 +1,380 @@
+"""The generic training engine: the same loop for pretraining, SFT and DPO.
+
+The trainer never knows the task: a batch is a dict of CPU tensors, and `model(**batch).loss`
+is the loss. What it owns is everything around that call:
+
+- gradient accumulation over `grad_accum_steps` micro-batches, with the gradient all-reduce
+  (DDP `no_sync`) or reduce-scatter (FSDP2 `set_requires_gradient_sync`) only on the last one;
+  the loss is normalised over the whole step and all ranks (each micro-batch weighted by its
+  supervised tokens), so accumulation and data parallelism give the loss of one large batch;
+- bf16: autocast (single device, DDP) or FSDP2's MixedPrecisionPolicy (bf16 parameters in
+  compute, fp32 gradient reduction); fp32 on the CPU;
+- clipping, the optimizer and the LR schedule; a step with a NaN/Inf gradient norm is skipped
+  (no update) and counted, and too many in a row stop the run with a checkpoint;
+- evaluation, logging and checkpoints every N steps; step / token / time budgets; SIGTERM and
+  SIGINT save a checkpoint and stop cleanly; the final model is exported in HF format.
+
+Host syncs (`.item()`) happen only at logging, evaluation and checkpoint steps, so the CPU runs
+ahead of the GPU through every other step. Stop decisions that must agree across ranks (time
+budget, signals) travel over a CPU gloo group, which never waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from src.utils.config import to_dict
+from src.utils.distributed import DistInfo, all_reduce_sum, any_rank, broadcast_object, min_over_ranks
+from src.utils.logger import MetricsLogger
+from src.utils.misc import format_count, new_run_id, peak_flops, rng_state, seed_everything, set_rng_state
+
+from .checkpoint import CheckpointManager, export_hf
+from .config import TrainConfig
+from .optimizer import LRSchedule, build_optimizer, set_lr
+from .parallelize import prepare_model
+
+IGNORE_INDEX = -100
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def supervised_count(batch: dict[str, torch.Tensor]) -> int:
+    """The weight of a micro-batch in the step's loss: its supervised tokens (labels != -100), or,
+    for batches without `labels` (e.g. preference pairs), its number of rows. Computed on the
+    CPU tensors the loader yields, so it costs no device sync."""
+    labels = batch.get("labels")
+    if labels is not None:
+        return int((labels != IGNORE_INDEX).sum())
+    return int(next(iter(batch.values())).shape[0])
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the model reads in this batch (every `*input_ids` tensor, padding included)."""
+    return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        train_loader: Iterable[dict[str, torch.Tensor]],
+        val_loader: Iterable[dict[str, torch.Tensor]] | None,
+        info: DistInfo,
+    ):
+        self.cfg = cfg
+        self.info = info
+        self.device = info.device
+        t = cfg.trainer
+        self.bf16 = resolve_precision(t.precision, info.device) == "bf16"
+        self.sharded = cfg.parallel.strategy == "fsdp2"
+        self.model, self.bare = prepare_model(model, cfg, info, bf16=self.bf16)
+        self.optimizer = build_optimizer(self.bare, cfg.optimizer, self.device)
+        self.fused_optimizer = bool(self.optimizer.defaults.get("fused"))
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+
+        self.nominal_tokens_per_step = t.micro_batch_size * t.seq_len * t.grad_accum_steps * info.world_size
+        steps = [t.max_steps] if t.max_steps is not None else []
+        if t.max_tokens is not None:
+            steps.append(math.ceil(t.max_tokens / self.nominal_tokens_per_step))
+        self.total_steps = min(steps)
+        self.schedule = LRSchedule(cfg.schedule, cfg.optimizer.lr, self.total_steps)
+        self.flops_per_token = self.bare.flops_per_token(t.seq_len)
+        self.peak_flops = peak_flops(self.device, cfg.logging.peak_flops)
+
+        # Progress. Counters the step updates live on the device (read only when logging).
+        self.step = 0
+        self.tokens = 0
+        self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
+        self.nonfinite_in_row = torch.zeros((), dtype=torch.long, device=self.device)
+        self.history: list[dict[str, Any]] = []  # every logged row (train and val), on every rank
+        self._last_saved_step = -1
+        self._signal: int | None = None
+
+        self.ckpt = CheckpointManager(os.path.join(cfg.run_dir, "checkpoints"), info, cfg.checkpoint.keep_last)
+        seed_everything(t.seed + info.rank)  # dropout differs across ranks; model init happened before
+        run_id, resumed_from = self._resume(cfg.checkpoint.resume)
+        self.run_id = broadcast_object(info, run_id or new_run_id())
+        self.logger = MetricsLogger(
+            cfg.run_dir,
+            info.is_rank0,
+            self.run_id,
+            wandb_mode=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project,
+            run_name=cfg.run_name,
+            config=to_dict(cfg),
+        )
+        n_params = self.bare.num_parameters()
+        self.logger.info(
+            f"model {type(self.bare).__name__} {format_count(n_params)} parameters | {info.world_size} x {self.device.type} | "
+            f"strategy {cfg.parallel.strategy} | {'bf16' if self.bf16 else 'fp32'} | compile {cfg.compile} | "
+            f"{self.total_steps} steps x {self.nominal_tokens_per_step} tokens | run {cfg.run_dir} (id {self.run_id})"
+        )
+        if resumed_from:
+            self.logger.info(f"resumed from {resumed_from} at step {self.step} ({self.tokens} tokens)")
+
+    # -- resume --------------------------------------------------------------------------------
+
+    def _resume(self, resume: str | None) -> tuple[str | None, str | None]:
+        path = self.ckpt.resolve(resume)
+        if path is None:
+            return None, None
+        meta, rank_state = self.ckpt.load(path, self.model, self.optimizer, self.bare.config)
+        self.step = int(meta["step"])
+        self.tokens = int(meta["tokens"])
+        self.skipped.fill_(int(meta.get("skipped_steps", 0)))
+        saved_total = meta.get("schedule", {}).get("total_steps")
+        if saved_total is not None and saved_total != self.total_steps and self.info.is_rank0:
+            print(f"warning: the checkpoint's LR schedule spans {saved_total} steps, this config {self.total_steps}; "
+                  "the learning rate continues on the new schedule", flush=True)
+        if rank_state is not None:
+            if rank_state.get("data") is not None and hasattr(self.train_loader, "load_state_dict"):
+                self.train_loader.load_state_dict(rank_state["data"])
+            set_rng_state(rank_state["rng"])
+        elif self.info.is_rank0:
+            print(f"warning: {path} was written by {meta.get('world_size')} rank(s), this run has "
+                  f"{self.info.world_size}: model and optimizer resume exactly, the data order restarts", flush=True)
+        self._last_saved_step = self.step
+        return meta.get("run_id"), path
+
+    # -- one optimizer step --------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.bf16 and not self.sharded:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _grad_sync(self, sync: bool):
+        """Reduce gradients across ranks only on the last micro-step of a step."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        if not sync and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward/backward over the micro-batches, clip, update. Returns device tensors
+        (this rank's share of the step loss, the gradient norm, whether the step was applied)."""
+        counts = [supervised_count(b) for b in batches]
+        total = torch.tensor(float(sum(counts)), device=self.device)
+        all_reduce_sum(self.info, total)  # supervised tokens of the whole step, over all ranks
+        # Gradient reduction averages over ranks, hence world_size: sum of weights over ranks = world_size.
+        scale = self.info.world_size / total.clamp(min=1.0)
+        step_loss = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with self._grad_sync(last):
+                with self._autocast():
+                    loss = self.model(**self._to_device(batch)).loss
+                weighted = loss.float() * (counts[i] * scale)
+                weighted.backward()
+            step_loss += weighted.detach()
+
+        max_norm = self.cfg.optimizer.grad_clip if self.cfg.optimizer.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.bare.parameters(), max_norm, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        finite = torch.isfinite(grad_norm)  # the same on every rank: gradients are reduced
+        if self.fused_optimizer:
+            # The fused kernel skips the whole update (and the step count) when found_inf != 0,
+            # on the device: no sync.
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+        elif bool(finite):  # the multi-tensor path has no found_inf; on the CPU this read is free
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += (~finite).long()
+        self.nonfinite_in_row = torch.where(finite, torch.zeros_like(self.nonfinite_in_row), self.nonfinite_in_row + 1)
+        return torch.where(finite, step_loss, torch.zeros_like(step_loss)), grad_norm, finite
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        try:
+            return next(self._data_iter)
+        except StopIteration:  # a finite train loader: start its next pass
+            self._data_iter = iter(self.train_loader)
+            return next(self._data_iter)
+
+    def _on_signal(self, signum, frame):
+        if self._signal is not None:  # a second signal: stop now, without a checkpoint
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self._signal = signum
+
+    def _stop_reason(self, until_step: int | None, started: float) -> str | None:
+        t = self.cfg.trainer
+        if self.step >= self.total_steps:
+            return "max_tokens" if t.max_steps is None or self.step < t.max_steps else "max_steps"
+        if until_step is not None and self.step >= until_step:
+            return "until_step"
+        out_of_time = t.max_time_minutes is not None and time.time() - started >= 60 * t.max_time_minutes
+        if any_rank(self.info, out_of_time or self._signal is not None):
+            signalled = any_rank(self.info, self._signal is not None)
+            return "signal" if signalled else "max_time"
+        return None
+
+    def fit(self, until_step: int | None = None) -> str:
+        """Train until a budget is reached (or `until_step`, which stops early with a checkpoint,
+        keeping the schedule of the full run). Returns why training stopped."""
+        handlers = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
+        try:
+            reason = self._loop(until_step)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        try:
+            self._finish(reason)
+        finally:
+            self.logger.close()
+        return reason
+
+    def _loop(self, until_step: int | None) -> str:
+        t, log_every = self.cfg.trainer, self.cfg.logging.log_every
+        self.model.train()
+        self._data_iter = iter(self.train_loader)
+        started = time.time()
+        window = {"loss": torch.zeros((), device=self.device), "applied": torch.zeros((), device=self.device),
+                  "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+        grad_norm = torch.zeros((), device=self.device)
+        while True:
+            reason = self._stop_reason(until_step, started)
+            if reason is not None:
+                if window["steps"]:
+                    self._log(window, grad_norm)
+                return reason
+            batches = [self._next_batch() for _ in range(t.grad_accum_steps)]
+            set_lr(self.optimizer, self.schedule.lr_at(self.step))
+            step_loss, grad_norm, applied = self.train_step(batches)
+            step_tokens = sum(batch_tokens(b) for b in batches) * self.info.world_size
+            self.step += 1
+            self.tokens += step_tokens
+            window["loss"] += step_loss
+            window["applied"] += applied.float()
+            window["steps"] += 1
+            window["tokens"] += step_tokens
+
+            if self.step % log_every == 0:
+                if self._log(window, grad_norm):
+                    return "nonfinite"
+            if t.eval_every and self.step % t.eval_every == 0:
+                self.evaluate()
+            if self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0:
+                self.save_checkpoint()
+
+    def _log(self, window: dict[str, Any], grad_norm: torch.Tensor) -> bool:
+        """Write the progress line for the window since the last log; True when the run of
+        non-finite steps reached the limit."""
+        loss_sum = all_reduce_sum(self.info, window["loss"].clone())
+        # The host syncs of this logging step (`applied` is the same on every rank).
+        loss_sum, applied = loss_sum.item(), window["applied"].item()
+        now = time.perf_counter()
+        dt = max(now - window["t0"], 1e-9)
+        tokens_per_s = window["tokens"] / dt
+        metrics = {
+            "loss": loss_sum / self.info.world_size / applied if applied else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens_per_s,
+            "tokens": float(self.tokens),
+            "max_steps": float(self.total_steps),
+            "skipped_steps": float(self.skipped),
+            "eta_s": (self.total_steps - self.step) * dt / window["steps"],
+        }
+        if self.peak_flops:
+            metrics["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.info.world_size)
+        if self.device.type == "cuda":
+            metrics["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.logger.log_metrics(self.step, metrics, prefix="train")
+        self.history.append({"step": self.step, "split": "train", **metrics})
+        window.update(loss=torch.zeros_like(window["loss"]), applied=torch.zeros_like(window["applied"]),
+                      steps=0, tokens=0, t0=time.perf_counter())
+        return int(self.nonfinite_in_row) >= self.cfg.trainer.max_nonfinite_steps
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over up to `eval_batches` validation batches (the same batches every time)."""
+        if self.val_loader is None:
+            return None
+        n = self.cfg.trainer.eval_batches
+        if hasattr(self.val_loader, "__len__"):
+            n = min(n, len(self.val_loader))
+        n = min_over_ranks(self.info, n)  # every rank runs the same number of forwards (FSDP2 collectives)
+        self.model.eval()
+        sums = torch.zeros(2, device=self.device)  # (weighted loss, weight)
+        for _, batch in zip(range(n), iter(self.val_loader)):
+            count = supervised_count(batch)
+            with self._autocast():
+                loss = self.model(**self._to_device(batch)).loss
+            sums[0] += loss.float() * count
+            sums[1] += count
+        self.model.train()
+        all_reduce_sum(self.info, sums)
+        loss_sum, weight = sums.tolist()
+        val_loss = loss_sum / weight if weight else float("nan")
+        metrics = {"loss": val_loss, "ppl": math.exp(min(val_loss, 50.0)), "batches": float(n)}
+        self.logger.log_metrics(self.step, metrics, prefix="val")
+        self.history.append({"step": self.step, "split": "val", **metrics})
+        return val_loss
+
+    # -- checkpoints and the end of the run -----------------------------------------------------
+
+    def save_checkpoint(self) -> str:
+        meta = {
+            "tokens": self.tokens,
+            "skipped_steps": int(self.skipped),
+            "schedule": self.schedule.state_dict(),
+            "run_id": self.run_id,
+            "config": to_dict(self.cfg),
+            "model_config": to_dict(self.bare.config),
+        }
+        data_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
+        rank_state = {"data": data_state, "rng": rng_state()}
+        path = self.ckpt.save(self.step, self.model, self.optimizer, meta, rank_state)
+        self._last_saved_step = self.step
+        self.logger.info(f"saved checkpoint {path}")
+        return path
+
+    def _finish(self, reason: str) -> None:
+        completed = reason in ("max_steps", "max_tokens", "max_time")
+        if self.step != self._last_saved_step and (not completed or self.cfg.checkpoint.save_final):
+            self.save_checkpoint()
+        if reason == "nonfinite":
+            raise FloatingPointError(
+                f"stopped at step {self.step}: {int(self.nonfinite_in_row)} steps in a row had a NaN/Inf loss or "
+                f"gradient norm (trainer.max_nonfinite_steps={self.cfg.trainer.max_nonfinite_steps}). A checkpoint "
+                "of the last good weights was saved; lower optimizer.lr, raise schedule.warmup_steps or check the data"
+            )
+        if reason == "signal":
+            self.logger.info(f"stopped by signal {self._signal} at step {self.step}; continue with --resume auto")
+            return
+        if reason == "until_step":
+            return
+        self.logger.info(f"done: {reason} at step {self.step} ({self.tokens} tokens)")
+        if self.cfg.checkpoint.export_hf:
+            path = os.path.join(self.cfg.run_dir, "hf")
+            export_hf(self.model, self.bare, path, self.info, sharded=self.sharded)
+            self.logger.info(f"exported the model in Hugging Face format to {path}")
