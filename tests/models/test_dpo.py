@@ -1,0 +1,363 @@
+"""DPO: the loss against an independent implementation of the paper's formulas, sequence
+log-probabilities against a brute-force computation, precomputed == live reference, bad input,
+and a tiny model that learns a synthetic preference."""
+
+import math
+
+import pytest
+import torch
+
+from src.models import AutoModelForCausalLM, KernelConfig
+from src.models.dpo import (
+    METRIC_NAMES,
+    DPOConfig,
+    DPOModel,
+    ReferenceLogpsLoader,
+    build_reference_model,
+    chunked_token_logps,
+    dpo_loss,
+    load_reference_logps,
+    precompute_reference_logps,
+    sequence_logps,
+)
+from src.utils.config import ConfigError, from_dict
+
+VOCAB = 48
+TINY_QWEN2 = dict(
+    model_family="qwen2",
+    n_layer=2,
+    n_head=4,
+    num_kv_heads=2,
+    n_embd=48,
+    intermediate_size=96,
+    vocab_size=VOCAB,
+    block_size=32,
+)
+TINY_GPT2 = dict(model_family="gpt2", n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, block_size=32)
+
+
+def tiny_model(family=TINY_QWEN2):
+    return AutoModelForCausalLM.from_config(family, kernels=KernelConfig.reference())
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss on random log-probabilities, against the paper's formulas written out per pair
+
+
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def paper_loss_and_grads(pc, pr, rc, rr, beta, loss_type, eps):
+    """Per-pair loss and dL/dpi_c written from scratch with `math`; returns (mean loss, d mean / d pc, d mean / d pr)."""
+    n = len(pc)
+    total, grad_c, grad_r = 0.0, [], []
+    for i in range(n):
+        z = (pc[i] - pr[i]) - (rc[i] - rr[i])
+        if loss_type == "sigmoid":
+            # L = -(1 - eps) log s(beta z) - eps log s(-beta z); dL/dz = -beta (1 - eps) s(-beta z) + beta eps s(beta z)
+            loss = -(1 - eps) * math.log(_sigmoid(beta * z)) - eps * math.log(_sigmoid(-beta * z))
+            dz = -beta * (1 - eps) * _sigmoid(-beta * z) + beta * eps * _sigmoid(beta * z)
+        elif loss_type == "ipo":
+            loss = (z - 1 / (2 * beta)) ** 2
+            dz = 2 * (z - 1 / (2 * beta))
+        else:  # hinge
+            loss = max(0.0, 1 - beta * z)
+            dz = -beta if 1 - beta * z > 0 else 0.0
+        total += loss
+        grad_c.append(dz / n)  # dz/dpc = 1
+        grad_r.append(-dz / n)  # dz/dpr = -1
+    return total / n, grad_c, grad_r
+
+
+@pytest.mark.parametrize(
+    "loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("sigmoid", 0.3), ("ipo", 0.0), ("hinge", 0.0)]
+)
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_loss_grads_metrics_match_paper(loss_type, eps, beta):
+    g = torch.Generator().manual_seed(3)
+    n = 16
+    pc, pr, rc, rr = (-20 * torch.rand(n, generator=g, dtype=torch.float64) for _ in range(4))
+    pc.requires_grad_(True)
+    pr.requires_grad_(True)
+    loss, metrics = dpo_loss(pc, pr, rc, rr, beta, loss_type, eps)
+    loss.backward()
+
+    want, want_gc, want_gr = paper_loss_and_grads(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), beta, loss_type, eps)
+    assert loss.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(pc.grad.float(), torch.tensor(want_gc), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(pr.grad.float(), torch.tensor(want_gr), rtol=1e-4, atol=1e-6)
+    if loss_type == "hinge":  # the random draw must exercise both sides of the hinge
+        assert 0 < sum(g != 0 for g in want_gc) < n
+
+    chosen_rewards = [beta * (pc[i].item() - rc[i].item()) for i in range(n)]
+    rejected_rewards = [beta * (pr[i].item() - rr[i].item()) for i in range(n)]
+    want_metrics = {
+        "rewards/chosen": sum(chosen_rewards) / n,
+        "rewards/rejected": sum(rejected_rewards) / n,
+        "rewards/margins": sum(c - r for c, r in zip(chosen_rewards, rejected_rewards)) / n,
+        "rewards/accuracies": sum(c > r for c, r in zip(chosen_rewards, rejected_rewards)) / n,
+        "logps/chosen": sum(pc.tolist()) / n,
+        "logps/rejected": sum(pr.tolist()) / n,
+    }
+    assert set(metrics) == set(METRIC_NAMES)
+    for name, value in want_metrics.items():
+        assert metrics[name].dim() == 0 and not metrics[name].requires_grad
+        assert metrics[name].item() == pytest.approx(value, rel=1e-5, abs=1e-5), name
+    assert 0 < want_metrics["rewards/accuracies"] < 1  # the draw has both signs
+
+
+def test_label_smoothing_changes_sigmoid_loss():
+    z = torch.tensor([2.0, -1.0])
+    zeros = torch.zeros(2)
+    plain, _ = dpo_loss(z, zeros, zeros, zeros, beta=1.0)
+    smoothed, _ = dpo_loss(z, zeros, zeros, zeros, beta=1.0, label_smoothing=0.2)
+    assert smoothed.item() != pytest.approx(plain.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence log-probabilities
+
+
+def brute_force_logps(model, input_ids, labels):
+    logits = model(input_ids, return_logits=True).logits.float()  # (B, T, V)
+    logp = logits.log_softmax(-1)
+    mask = labels != -100
+    picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
+    return (picked * mask).sum(1)
+
+
+@pytest.mark.parametrize("family", [TINY_QWEN2, TINY_GPT2], ids=["qwen2", "gpt2"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096])
+def test_sequence_logps_match_brute_force(family, chunk_size):
+    model = tiny_model(family)
+    input_ids = torch.randint(0, VOCAB, (3, 11))
+    labels = torch.randint(0, VOCAB, (3, 11))
+    labels[:, :4] = -100  # prompt
+    labels[1, 8:] = -100  # a shorter row (padding)
+    ours = sequence_logps(model, input_ids, labels, chunk_size=chunk_size)
+    ours.sum().backward()
+    ours_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = brute_force_logps(model, input_ids, labels)
+    want.sum().backward()
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+    for got, ref in zip(ours_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_chunked_token_logps_keep_no_full_logits_for_backward():
+    """With recomputation per chunk, what autograd saves is O(tokens * hidden), not O(tokens * vocab)."""
+    n, hidden_dim, vocab = 256, 8, 512
+    hidden = torch.randn(n, hidden_dim, requires_grad=True)
+    weight = torch.randn(vocab, hidden_dim, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,))
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = chunked_token_logps(hidden, weight, labels, chunk_size=32)
+    assert max(saved) < n * vocab / 4
+    torch.testing.assert_close(out, torch.log_softmax(hidden @ weight.t(), -1).gather(1, labels[:, None]).squeeze(1))
+
+
+def test_padding_between_chosen_and_rejected_changes_nothing():
+    """One concatenated forward (right-padded to a common length) == each side on its own."""
+    policy = tiny_model()
+    model = DPOModel(policy, config=DPOConfig(reference="precomputed"))
+    chosen_ids, rejected_ids = torch.randint(0, VOCAB, (2, 7)), torch.randint(0, VOCAB, (2, 12))
+    chosen_labels, rejected_labels = chosen_ids.clone(), rejected_ids.clone()
+    chosen_labels[:, :3] = -100
+    rejected_labels[:, :3] = -100
+    zeros = torch.zeros(2)
+    out = model(chosen_ids, chosen_labels, rejected_ids, rejected_labels, ref_chosen_logps=zeros, ref_rejected_logps=zeros)
+    with torch.no_grad():
+        alone_chosen = sequence_logps(policy, chosen_ids, chosen_labels).mean()
+        alone_rejected = sequence_logps(policy, rejected_ids, rejected_labels).mean()
+    torch.testing.assert_close(out.metrics["logps/chosen"], alone_chosen, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.metrics["logps/rejected"], alone_rejected, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The wrapper: live and precomputed reference
+
+
+def make_pairs(n, generator, prompt_len=4):
+    """Prompt, SEP (2), completion, EOS (1). Chosen copies the prompt, rejected reverses it.
+
+    Labels are aligned with positions: the targets of positions prompt_len.. are the completion and EOS."""
+    prompt = torch.randint(4, VOCAB, (n, prompt_len), generator=generator)
+    palindromes = (prompt == prompt.flip(1)).all(1)
+    prompt[palindromes, 0] = (prompt[palindromes, -1] + 1 - 4) % (VOCAB - 4) + 4
+
+    def sequences(completion):
+        ids = torch.cat([prompt, torch.full((n, 1), 2), completion, torch.ones(n, 1, dtype=torch.long)], dim=1)
+        labels = torch.full_like(ids, -100)
+        labels[:, prompt_len:-1] = ids[:, prompt_len + 1 :]
+        return ids, labels
+
+    chosen_ids, chosen_labels = sequences(prompt.clone())
+    rejected_ids, rejected_labels = sequences(prompt.flip(1))
+    return dict(
+        chosen_input_ids=chosen_ids,
+        chosen_labels=chosen_labels,
+        rejected_input_ids=rejected_ids,
+        rejected_labels=rejected_labels,
+    )
+
+
+def perturb_(model, scale=0.05):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0), ("hinge", 0.0)])
+def test_precomputed_reference_equals_live(tmp_path, loss_type, eps):
+    policy = tiny_model()
+    live = DPOModel(policy, config=DPOConfig(beta=0.2, loss_type=loss_type, label_smoothing=eps))
+    perturb_(policy)  # the policy moved away from the reference, so the reference terms matter
+    g = torch.Generator().manual_seed(5)
+    batches = []
+    for start in (0, 3):
+        batch = make_pairs(3, g)
+        batch["example_ids"] = torch.arange(start, start + 3)
+        batches.append(batch)
+
+    table = precompute_reference_logps(live.reference, batches, path=tmp_path / "ref_logps.safetensors")
+    table = load_reference_logps(tmp_path / "ref_logps.safetensors")
+    assert table["chosen"].shape == (6,) and table["example_ids"].tolist() == list(range(6))
+
+    precomputed = DPOModel(policy, config=DPOConfig(beta=0.2, loss_type=loss_type, label_smoothing=eps, reference="precomputed"))
+    assert precomputed.reference is None
+    shuffled = [batches[1], batches[0]]  # ids, not order, match rows to the table
+    for batch in ReferenceLogpsLoader(shuffled, table):
+        policy.zero_grad()
+        out_pre = precomputed(**batch)
+        out_pre.loss.backward()
+        grads_pre = [p.grad.clone() for p in policy.parameters()]
+        policy.zero_grad()
+        plain = {k: v for k, v in batch.items() if not k.startswith("ref_")}
+        out_live = live(**plain)
+        out_live.loss.backward()
+        torch.testing.assert_close(out_pre.loss, out_live.loss, atol=1e-6, rtol=1e-6)
+        assert out_live.loss.item() != pytest.approx(math.log(2) if loss_type == "sigmoid" else 0.0, abs=1e-4)
+        for name in METRIC_NAMES:
+            torch.testing.assert_close(out_pre.metrics[name], out_live.metrics[name], atol=1e-6, rtol=1e-6)
+        for got, want in zip(grads_pre, (p.grad for p in policy.parameters())):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_reference_is_frozen_copy():
+    policy = tiny_model()
+    model = DPOModel(policy)
+    assert model.reference is not policy
+    assert all(not p.requires_grad for p in model.reference.parameters())
+    assert all(p.requires_grad for p in model.policy.parameters())
+    model.train()
+    assert model.policy.training and not model.reference.training
+    before = {k: v.clone() for k, v in model.reference.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        out = model(**make_pairs(4, torch.Generator().manual_seed(0)))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    for k, v in model.reference.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+    assert not torch.equal(model.policy.lm_head.weight, model.reference.lm_head.weight)
+    # Initially policy == reference: the loss is log 2 and every reward is exactly 0.
+    fresh = DPOModel(tiny_model())
+    out = fresh(**make_pairs(4, torch.Generator().manual_seed(0)))
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert out.metrics["rewards/margins"].item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_reference_of_another_shape_is_an_error():
+    policy = tiny_model()
+    wider = tiny_model({**TINY_QWEN2, "intermediate_size": 128})
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp.*shape"):
+        DPOModel(policy, reference=wider)
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        DPOModel(policy, reference=tiny_model(TINY_GPT2))
+
+
+def test_empty_completion_names_the_row():
+    model = DPOModel(tiny_model())
+    batch = make_pairs(3, torch.Generator().manual_seed(0))
+    batch["rejected_labels"][2] = -100
+    batch["example_ids"] = torch.tensor([10, 11, 12])
+    with pytest.raises(ValueError, match=r"row 2 \(example 12\), rejected completion: no supervised token"):
+        model(**batch)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="label_smoothing.*only for loss_type 'sigmoid'"):
+        DPOConfig(loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        DPOConfig(beta=0.0)
+    with pytest.raises(ConfigError, match="Did you mean 'loss_type'"):
+        from_dict(DPOConfig, {"loss_typ": "ipo"}, where="dpo.yaml")
+    with pytest.raises(ConfigError, match="not one of"):
+        from_dict(DPOConfig, {"loss_type": "kto"}, where="dpo.yaml")
+    assert from_dict(DPOConfig, {"beta": 0.05, "loss_type": "hinge"}).loss_type == "hinge"
+
+
+def test_reference_mode_mismatches_are_errors():
+    batch = make_pairs(2, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="reference is 'precomputed' but a reference model was given"):
+        DPOModel(tiny_model(), reference=tiny_model(), config=DPOConfig(reference="precomputed"))
+    precomputed = DPOModel(tiny_model(), config=DPOConfig(reference="precomputed"))
+    with pytest.raises(ValueError, match="lacks ref_chosen_logps"):
+        precomputed(**batch)
+    live = DPOModel(tiny_model())
+    with pytest.raises(ValueError, match="set reference: precomputed"):
+        live(**batch, ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2))
+    table = {"chosen": torch.zeros(2), "rejected": torch.zeros(2), "example_ids": torch.tensor([0, 1])}
+    with pytest.raises(KeyError, match="no 'example_ids'"):
+        next(iter(ReferenceLogpsLoader([batch], table)))
+    with pytest.raises(KeyError, match=r"examples \[7\] have no precomputed"):
+        next(iter(ReferenceLogpsLoader([{**batch, "example_ids": torch.tensor([1, 7])}], table)))
+
+
+def test_reference_built_after_parallel_wrapping_is_an_error():
+    class FakeDDP(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self):  # skip process-group setup; only the type matters
+            torch.nn.Module.__init__(self)
+
+    with pytest.raises(ValueError, match="before|from the plain policy"):
+        build_reference_model(FakeDDP())
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def test_dpo_training_learns_held_out_preferences():
+    """Chosen copies the prompt, rejected reverses it; DPO must rank held-out pairs correctly."""
+    torch.manual_seed(0)
+    model = DPOModel(tiny_model(), config=DPOConfig(beta=0.1))
+    held_out = make_pairs(256, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(**held_out).metrics
+    assert before["rewards/accuracies"].item() == 0.0  # policy == reference: every reward is exactly 0
+
+    train = torch.Generator().manual_seed(1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(200):
+        out = model(**make_pairs(32, train))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = model(**held_out).metrics
+    assert after["rewards/accuracies"].item() > 0.9
+    assert after["rewards/margins"].item() > 0.5
