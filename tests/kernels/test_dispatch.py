@@ -1,0 +1,111 @@
+"""The kernel registry: every `triton` entry resolves to a kernel with the reference's signature,
+the Liger-Kernel adapters agree with the references (when liger-kernel is installed), and a
+choice that cannot run fails with a message naming the fix."""
+
+import pytest
+import torch
+
+from src.models.components.dispatch import _REGISTRY, get_kernel
+from src.models.components.embeddings.rotary import RotaryEmbedding, apply_rotary_ref
+from src.models.components.loss import cross_entropy_ref, fused_linear_cross_entropy_ref
+from src.models.components.mlp import swiglu_ref
+from src.models.components.norms import rms_norm_ref
+
+from .helpers import DEVICE, assert_close, leaf, needs_triton
+
+
+@needs_triton
+@pytest.mark.parametrize("op", sorted(_REGISTRY))
+def test_every_triton_entry_resolves(op):
+    assert callable(get_kernel(op, "triton"))
+    assert callable(get_kernel(op, "torch"))
+
+
+def test_unknown_op_and_choice():
+    with pytest.raises(KeyError, match="unknown op"):
+        get_kernel("softmax", "triton")
+    with pytest.raises(ValueError, match="choose one of"):
+        get_kernel("layernorm", "liger")
+
+
+def test_triton_without_gpu_or_interpreter_names_the_fix(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="kernels.rmsnorm=torch"):
+        get_kernel("rmsnorm", "triton")
+
+
+# -- Liger adapters -----------------------------------------------------------------------------
+# Liger's cross-entropy, fused linear cross-entropy and RoPE kernels run in Triton's interpreter;
+# its RMSNorm and SwiGLU kernels do not (they call .to() on Python floats), so those two are
+# checked on the GPU only.
+
+
+def _liger():
+    pytest.importorskip("liger_kernel")
+
+
+@needs_triton
+def test_liger_cross_entropy_adapter():
+    logits, labels = torch.randn(6, 100, device=DEVICE), torch.randint(0, 100, (6,), device=DEVICE)
+    labels[1] = -100
+    _liger()
+    fn = get_kernel("cross_entropy", "liger")
+    a, b = leaf(logits), leaf(logits)
+    loss, loss_ref = fn(a, labels, -100, 0.1), cross_entropy_ref(b, labels, -100, 0.1)
+    (loss * 0.5).backward()
+    (loss_ref * 0.5).backward()
+    assert_close(loss, loss_ref, torch.float32)
+    assert_close(a.grad, b.grad, torch.float32)
+
+
+@needs_triton
+def test_liger_fused_linear_cross_entropy_adapter():
+    _liger()
+    h, weight = torch.randn(6, 32, device=DEVICE), torch.randn(100, 32, device=DEVICE)
+    labels = torch.randint(0, 100, (6,), device=DEVICE)
+    labels[2] = -100
+    fn = get_kernel("fused_linear_cross_entropy", "liger")
+    results = []
+    for f in (fn, fused_linear_cross_entropy_ref):
+        hs, ws = leaf(h), leaf(weight)
+        loss = f(hs, ws, labels, -100, 0.1)
+        (loss * 0.5).backward()
+        results.append((loss, hs.grad, ws.grad))
+    for got, want in zip(*results):
+        assert_close(got, want, torch.float32)
+
+
+@needs_triton
+def test_liger_rope_adapter():
+    _liger()
+    fn = get_kernel("rope", "liger")
+    cos, sin = RotaryEmbedding(16, 10000.0, 32).to(DEVICE)(seq_len=5)
+    q, k = torch.randn(2, 5, 4, 16, device=DEVICE), torch.randn(2, 5, 2, 16, device=DEVICE)
+    results = []
+    for f in (fn, apply_rotary_ref):
+        qs, ks = leaf(q), leaf(k)
+        # Liger rotates contiguous inputs in place: give it copies, as the model's views are.
+        q_out, k_out = f(qs * 1.0, ks * 1.0, cos, sin)
+        (q_out.square().sum() + k_out.sum()).backward()
+        results.append((q_out, k_out, qs.grad, ks.grad))
+    for got, want in zip(*results):
+        assert_close(got, want, torch.float32)
+
+
+@pytest.mark.gpu
+def test_liger_rmsnorm_and_swiglu_adapters_gpu():
+    _liger()
+    x, weight = torch.randn(8, 96, device="cuda"), torch.rand(96, device="cuda")
+    for f_name, ref, inputs in (
+        ("rmsnorm", rms_norm_ref, lambda a, b: (a, b, 1e-6)),
+        ("swiglu", swiglu_ref, lambda a, b: (a, b)),
+    ):
+        fn = get_kernel(f_name, "liger")
+        results = []
+        for f in (fn, ref):
+            xs, ws = leaf(x), leaf(weight if f_name == "rmsnorm" else x.flip(0))
+            f(*inputs(xs, ws)).square().sum().backward()
+            results.append((xs.grad, ws.grad))
+        for got, want in zip(*results):
+            assert_close(got, want, torch.float32, f_name)

@@ -1,0 +1,78 @@
+"""A tiny GPT-2 and a tiny Qwen2 with every Triton kernel on give the loss and gradients of the
+same model with every kernel off; on the GPU also under torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+
+from src.models import AutoModelForCausalLM, KernelConfig
+
+from .helpers import DEVICE, assert_close, needs_triton
+
+pytestmark = needs_triton
+
+TINY_GPT2 = dict(model_family="gpt2", n_layer=2, n_head=2, n_embd=32, vocab_size=101, block_size=16)
+TINY_QWEN2 = dict(
+    model_family="qwen2", n_layer=2, n_head=4, num_kv_heads=2, n_embd=32, intermediate_size=48,
+    vocab_size=101, block_size=16, tie_word_embeddings=True,
+)  # fmt: skip
+ALL_ON = dict(rmsnorm="triton", layernorm="triton", rope="triton", swiglu="triton")
+
+
+def _loss_and_grads(family, kernels, input_ids, labels, position_ids=None, dtype=torch.float32, compile=False):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family, kernels=kernels).to(device=input_ids.device, dtype=dtype)
+    forward = torch.compile(model, fullgraph=True) if compile else model
+    loss = forward(input_ids, labels=labels, position_ids=position_ids, return_logits=False).loss
+    loss.backward()
+    return loss, {name: p.grad for name, p in model.named_parameters()}
+
+
+def _batch(vocab, B=2, T=8, device=DEVICE):
+    input_ids = torch.randint(0, vocab, (B, T), device=device)
+    labels = torch.randint(0, vocab, (B, T), device=device)
+    labels[0, :3] = -100
+    return input_ids, labels
+
+
+def _compare(family, cross_entropy, dtype=torch.float32, device=DEVICE, compile=False, tol_dtype=None, **batch_kw):
+    input_ids, labels = _batch(family["vocab_size"], device=device, **batch_kw)
+    position_ids = None
+    if family["model_family"] == "qwen2":  # two packed documents in row 1
+        T = input_ids.shape[1]
+        position_ids = torch.arange(T, device=device).repeat(input_ids.shape[0], 1)
+        position_ids[1, T // 2 :] -= T // 2
+    off = KernelConfig(attention="sdpa")
+    on = KernelConfig(attention="sdpa", cross_entropy=cross_entropy, **ALL_ON)
+    loss_ref, grads_ref = _loss_and_grads(family, off, input_ids, labels, position_ids, dtype)
+    loss, grads = _loss_and_grads(family, on, input_ids, labels, position_ids, dtype, compile=compile)
+    tol_dtype = tol_dtype or dtype
+    assert_close(loss, loss_ref, tol_dtype, "loss")
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert_close(grads[name], grads_ref[name], tol_dtype, name)
+
+
+@pytest.mark.parametrize("cross_entropy", ["fused_linear", "triton"])
+@pytest.mark.parametrize("family", [TINY_GPT2, TINY_QWEN2], ids=["gpt2", "qwen2"])
+def test_tiny_model_all_kernels_match_reference(family, cross_entropy):
+    _compare(family, cross_entropy)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cross_entropy", ["fused_linear", "triton"])
+@pytest.mark.parametrize("family", [TINY_GPT2, TINY_QWEN2], ids=["gpt2", "qwen2"])
+def test_small_model_bf16_all_kernels_match_reference_gpu(family, cross_entropy):
+    family = dict(family, n_embd=256, vocab_size=50304, block_size=512)
+    if family["model_family"] == "qwen2":
+        family.update(intermediate_size=704, n_head=8, num_kv_heads=2)
+    _compare(family, cross_entropy, dtype=torch.bfloat16, device="cuda", B=4, T=512)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cross_entropy", ["fused_linear", "triton"])
+@pytest.mark.parametrize("family", [TINY_GPT2, TINY_QWEN2], ids=["gpt2", "qwen2"])
+def test_compiled_model_all_kernels_fullgraph_gpu(family, cross_entropy):
+    """torch.compile(fullgraph=True) traces every kernel (a graph break would raise here)."""
+    torch._dynamo.reset()
+    # Inductor fuses the surrounding fp32 ops in another order: compare at fp16's tolerance.
+    _compare(family, cross_entropy, device="cuda", compile=True, tol_dtype=torch.float16)

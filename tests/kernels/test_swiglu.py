@@ -1,0 +1,50 @@
+"""SwiGLU against `swiglu_ref`, on the `.chunk(2, -1)` views the model passes."""
+
+import pytest
+import torch
+
+from kernels.swiglu import swiglu
+from src.models.components.mlp import swiglu_ref
+
+from .helpers import DEVICE, DTYPES, assert_close, leaf, needs_triton
+
+pytestmark = needs_triton
+
+
+def _run(fn, gate_up, dy):
+    gate_up = leaf(gate_up)
+    y = fn(*gate_up.chunk(2, dim=-1))
+    y.backward(dy)
+    return y, gate_up.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 123), (3, 5, 123), (2, 1000), (4, 2048)])
+def test_swiglu_matches_reference(shape, dtype):
+    gate_up = torch.randn(*shape[:-1], 2 * shape[-1], device=DEVICE, dtype=dtype) * 3
+    dy = torch.randn(shape, device=DEVICE, dtype=dtype)
+    for name, g, w in zip(("y", "dgate_up"), _run(swiglu, gate_up, dy), _run(swiglu_ref, gate_up, dy)):
+        assert g.dtype == w.dtype, name
+        assert_close(g, w, dtype, name)
+
+
+def test_swiglu_separate_contiguous_inputs_and_expanded_gradient():
+    gate, up = leaf(torch.randn(4, 33, device=DEVICE)), leaf(torch.randn(4, 33, device=DEVICE))
+    swiglu(gate, up).sum().backward()  # .sum() sends an expanded, stride-0 gradient
+    gate_ref, up_ref = leaf(gate), leaf(up)
+    swiglu_ref(gate_ref, up_ref).sum().backward()
+    assert_close(gate.grad, gate_ref.grad, torch.float32)
+    assert_close(up.grad, up_ref.grad, torch.float32)
+
+
+def test_swiglu_shape_mismatch():
+    with pytest.raises(ValueError, match="must match"):
+        swiglu(torch.randn(2, 4, device=DEVICE), torch.randn(2, 5, device=DEVICE))
+
+
+@pytest.mark.gpu
+def test_swiglu_real_sizes_gpu():
+    gate_up = torch.randn(16384, 2 * 4864, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(16384, 4864, device="cuda", dtype=torch.bfloat16)
+    for name, g, w in zip(("y", "dgate_up"), _run(swiglu, gate_up, dy), _run(swiglu_ref, gate_up, dy)):
+        assert_close(g, w, torch.bfloat16, name)
