@@ -1,0 +1,99 @@
+"""DPO: shared prompt, masks on the completions only, strings and message lists, bad rows."""
+
+import logging
+
+import pytest
+
+from src.dataset import IGNORE_INDEX, DataError, TokenizerConfig, build_dataloader, build_tokenizer
+
+from .helpers import collect, data_cfg, write_jsonl
+
+TOK = build_tokenizer(TokenizerConfig())
+KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+
+
+def loader(path, seq_len=64, batch_size=1, **kw):
+    cfg = data_cfg(type="local", path=str(path), prefetch=0, **kw)
+    return build_dataloader("dpo", cfg, TOK, batch_size=batch_size, seq_len=seq_len, split="train", rank=0,
+                            world_size=1, seed=0, pin_memory=False)
+
+
+def learned(labels):
+    return TOK.decode([t for t in labels.tolist() if t != IGNORE_INDEX])
+
+
+def test_string_pairs_token_by_token(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q: 2+2?\nA:", "chosen": " 4", "rejected": " 5"}])
+    (b,) = collect(loader(path), 1)
+    assert set(b) == set(KEYS) and all(b[k].shape == (1, 64) for k in KEYS)
+    prompt = TOK.encode("Q: 2+2?\nA:")
+    for side, completion in (("chosen", " 4"), ("rejected", " 5")):
+        ids = prompt + TOK.encode(completion) + [TOK.eos_id]
+        n = len(ids) - 1
+        assert b[f"{side}_input_ids"][0, :n].tolist() == ids[:-1]
+        want = [IGNORE_INDEX] * (len(prompt) - 1) + ids[len(prompt) :]
+        assert b[f"{side}_labels"][0, :n].tolist() == want
+        assert (b[f"{side}_labels"][0, n:] == IGNORE_INDEX).all()
+        assert (b[f"{side}_input_ids"][0, n:] == TOK.pad_id).all()
+    assert b["chosen_input_ids"][0, : len(prompt)].tolist() == b["rejected_input_ids"][0, : len(prompt)].tolist()
+
+
+def test_message_lists_and_full_conversation_form(tmp_path):
+    user = {"role": "user", "content": "Name a color."}
+    rows = [
+        {"prompt": [user], "chosen": [{"role": "assistant", "content": "Blue."}],
+         "rejected": [{"role": "assistant", "content": "No."}]},
+        {"prompt": "Name a color.", "chosen": "Blue.", "rejected": [{"role": "assistant", "content": "No."}]},
+        {"chosen": [user, {"role": "assistant", "content": "Blue."}],  # no prompt: the shared prefix
+         "rejected": [user, {"role": "assistant", "content": "No."}]},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    batches = collect(loader(path, seq_len=96), 3)
+    first = batches[0]
+    for b in batches:  # the three forms give the same tokens
+        for k in KEYS:
+            assert b[k].tolist() == first[k].tolist()
+    assert learned(first["chosen_labels"][0]) == "Blue.<|im_end|>"
+    assert learned(first["rejected_labels"][0]) == "No.<|im_end|>"
+    assert TOK.decode(first["chosen_input_ids"][0].tolist()).startswith("<|im_start|>user\nName a color.<|im_end|>")
+
+
+def test_multi_turn_prompt_is_never_learned(tmp_path):
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+              {"role": "user", "content": "Joke?"}]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": prompt, "chosen": "Knock knock.", "rejected": "No."}])
+    (b,) = collect(loader(path, seq_len=128), 1)
+    assert learned(b["chosen_labels"][0]) == "Knock knock.<|im_end|>"
+
+
+def test_bad_rows_are_counted_skips(tmp_path, caplog):
+    long_prompt = "p" * 100
+    rows = [
+        {"prompt": "fine", "chosen": "yes", "rejected": "no"},
+        {"prompt": "x", "chosen": "", "rejected": "no"},
+        {"prompt": "x", "chosen": "same", "rejected": "same"},
+        {"prompt": long_prompt, "chosen": "yes", "rejected": "no"},
+        {"prompt": "x", "rejected": "no"},
+        {"prompt": "x", "chosen": [{"role": "assistant"}], "rejected": "no"},
+        {"chosen": "a", "rejected": "b"},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        ld = loader(path, seq_len=32)
+    assert ld.source.num_items == 1
+    for reason in ("empty 'chosen'", "chosen equals rejected", "prompt fills all seq_len=32", "no 'chosen' field",
+                   "needs string 'role' and 'content'", "no 'prompt' field", "used 1 of 7 rows"):
+        assert reason in caplog.text, reason
+    nothing = write_jsonl(tmp_path / "n.jsonl", rows[1:])
+    with pytest.raises(DataError, match="none of the 6 rows is usable"):
+        loader(nothing, seq_len=32)
+
+
+def test_long_completions_follow_the_policy(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "c" * 100, "rejected": "r"},
+                                              {"prompt": "q", "chosen": "c", "rejected": "r"}])
+    (b,) = collect(loader(path, seq_len=16, batch_size=2), 1)
+    assert b["chosen_input_ids"].shape == (2, 16)
+    with caplog.at_level(logging.WARNING):
+        assert loader(path, seq_len=16, overlong="skip").source.num_items == 1
+    assert "longer than seq_len=16" in caplog.text
