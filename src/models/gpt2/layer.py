@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..components import GeluMLP, KernelConfig, KVCache, LayerNorm
+from ..components.attention.documents import PackedDocuments
 from .attention import GPT2Attention
 from .config import GPT2Config
 
@@ -19,8 +20,12 @@ class GPT2Block(nn.Module):
         self.mlp = GeluMLP(config.n_embd, config.ffn_dim, config.activation, bias=config.bias, dropout=config.dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        documents: PackedDocuments | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask=mask, kv_cache=kv_cache)
+        x = x + self.attn(self.ln_1(x), mask=mask, kv_cache=kv_cache, documents=documents)
         x = x + self.mlp(self.ln_2(x))
         return x

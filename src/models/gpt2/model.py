@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..components import KernelConfig, KVCache, LearnedPositionalEmbedding, LayerNorm, LMLoss, build_attention_mask
+from ..components.attention.backends import prepare_documents
 from ..modeling_utils import CausalLM
 from . import hf_mapping
 from .config import GPT2Config
@@ -60,8 +61,12 @@ class GPT2LMHeadModel(CausalLM):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final (normalised) hidden states (B, T, C) of input_ids (B, T)."""
+        """Final (normalised) hidden states (B, T, C) of input_ids (B, T).
+
+        document_ids (B, T) numbers the packed documents of each row; tokens attend only within
+        their own document (pass position_ids restarting at 0 at each document with it)."""
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         x = self.wte(input_ids) + self.wpe(position_ids, seq_len=T, offset=past)  # (B, T, C)
@@ -69,8 +74,12 @@ class GPT2LMHeadModel(CausalLM):
         mask = None
         if attention_mask is not None:  # padding: explicit (B, 1, T, past + T) keep-mask
             mask = build_attention_mask(T, past + T, x.device, padding_mask=attention_mask)
+        documents = None
+        if document_ids is not None:  # built once here, read by every layer
+            dropout_p = self.config.dropout if self.training else 0.0
+            documents = prepare_documents(document_ids, self.kernels.attention, x, self.head_dim, False, {None}, dropout_p)
         for block in self.layers:
-            x = block(x, mask=mask, kv_cache=kv_cache)
+            x = block(x, mask=mask, kv_cache=kv_cache, documents=documents)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.ln_f(x)

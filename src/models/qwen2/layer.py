@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..components import KernelConfig, KVCache, RMSNorm, SwiGLU
+from ..components.attention.documents import PackedDocuments
 from .attention import Qwen2Attention
 from .config import Qwen2Config
 
@@ -28,7 +29,8 @@ class Qwen2Block(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        documents: PackedDocuments | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, kv_cache=kv_cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, kv_cache=kv_cache, documents=documents)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..components import KernelConfig, KVCache, LMLoss, RMSNorm, RotaryEmbedding, build_attention_mask
+from ..components.attention.backends import prepare_documents
 from ..modeling_utils import CausalLM
 from . import hf_mapping
 from .config import Qwen2Config
@@ -55,10 +56,13 @@ class Qwen2ForCausalLM(CausalLM):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final (normalised) hidden states (B, T, C) of input_ids (B, T).
 
-        position_ids (B, T) for packed documents or left padding (default: 0..T-1 after the cache)."""
+        position_ids (B, T) for packed documents or left padding (default: 0..T-1 after the cache).
+        document_ids (B, T) numbers the packed documents of each row; tokens attend only within
+        their own document."""
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         x = self.embed_tokens(input_ids)  # (B, T, C)
@@ -70,8 +74,14 @@ class Qwen2ForCausalLM(CausalLM):
                 if attention_mask is not None
                 else None
             )
+        documents = None
+        if document_ids is not None:  # built once here, read by every layer
+            gqa = self.config.n_head != self.n_kv_heads
+            dropout_p = self.config.attention_dropout if self.training else 0.0
+            windows = set(self.config.layer_windows)
+            documents = prepare_documents(document_ids, self.kernels.attention, x, self.head_dim, gqa, windows, dropout_p)
         for block, window in zip(self.layers, self.config.layer_windows):
-            x = block(x, cos, sin, mask=masks[window], kv_cache=kv_cache)
+            x = block(x, cos, sin, mask=masks[window], kv_cache=kv_cache, documents=documents)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)

@@ -2,8 +2,8 @@
 
 Used by Qwen2 / Llama-style models. q, k and v come from one fused projection; RoPE is applied to
 q and k (through the `rope` kernel toggle) at the positions given by the caller, so packed
-documents and left-padded batches work; new keys/values are written into the cache after
-rotation. An optional sliding window limits how far back a query looks.
+documents (kept apart by `documents`) and left-padded batches work; new keys/values are written
+into the cache after rotation. An optional sliding window limits how far back a query looks.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from torch import nn
 
 from ..dispatch import get_kernel
 from .backends import attend
+from .documents import PackedDocuments
 from .kv_cache import KVCache
 
 
@@ -54,6 +55,7 @@ class GroupedQueryAttention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        documents: PackedDocuments | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -65,6 +67,14 @@ class GroupedQueryAttention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, T_past + T, Hkv, D)
         dropout_p = self.dropout if self.training else 0.0
         y = attend(
-            q, k, v, backend=self.backend, causal=True, sliding_window=self.sliding_window, mask=mask, dropout_p=dropout_p
+            q,
+            k,
+            v,
+            backend=self.backend,
+            causal=True,
+            sliding_window=self.sliding_window,
+            mask=mask,
+            dropout_p=dropout_p,
+            documents=documents,
         )
         return self.o_proj(y.reshape(B, T, self.q_size))  # (B, T, Hq * D) -> (B, T, dim)

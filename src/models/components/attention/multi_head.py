@@ -1,8 +1,8 @@
 """GPT-2 style multi-head self-attention: one fused qkv projection, causal, output projection.
 
 Every query head has its own key/value head. The score computation is delegated to
-`backends.attend` (flash_attn when importable and applicable, else SDPA, else eager), which
-logs its choice once.
+`backends.attend` (the configured backend, or the fastest that serves the call under `auto`,
+which logs its choice once). `documents` keeps packed documents from attending to each other.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .backends import attend
+from .documents import PackedDocuments
 from .kv_cache import KVCache
 
 
@@ -37,7 +38,11 @@ class MultiHeadAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        documents: PackedDocuments | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, D)
@@ -45,6 +50,6 @@ class MultiHeadAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, T_past + T, H, D)
         dropout_p = self.dropout if self.training else 0.0
-        y = attend(q, k, v, backend=self.backend, causal=True, mask=mask, dropout_p=dropout_p)
+        y = attend(q, k, v, backend=self.backend, causal=True, mask=mask, dropout_p=dropout_p, documents=documents)
         y = y.reshape(B, T, C)  # (B, T, H * D)
         return self.resid_dropout(self.proj(y))
