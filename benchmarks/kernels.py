@@ -1,0 +1,301 @@
+"""Benchmark the Triton kernels against PyTorch eager, torch.compile of the same reference, and
+Liger-Kernel (when installed), side by side in one run on one GPU.
+
+For each op and shape: a correctness check against the eager reference, then forward and
+forward+backward time (median of `triton.testing.do_bench`), achieved bandwidth (GB/s, from the
+bytes the op must move at least) or TFLOP/s (the linear + cross-entropy ops), and the extra peak
+memory of one forward+backward beyond the inputs. Forward is timed as in training (inputs require
+grad), so it includes what each implementation saves or precomputes for backward.
+
+    python benchmarks/kernels.py                       # every op, bf16, writes benchmarks/results/
+    python benchmarks/kernels.py --ops rmsnorm swiglu --no-compile
+    python benchmarks/kernels.py --help
+
+Writes benchmarks/results/kernels_<device>.json and a PNG beside it; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# Run from anywhere: the repo root goes first on the path, ahead of this script's directory, so
+# that `kernels` names the repository's kernel package and not this file.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src.models.components.dispatch import get_kernel  # noqa: E402
+from src.models.components.embeddings.rotary import RotaryEmbedding  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+GiB = 2**30
+
+
+@dataclass
+class Case:
+    """One op at one shape: how to build inputs and run it, and how much work it is."""
+
+    op: str  # registry name in src/models/components/dispatch.py
+    shape: str  # for the table
+    make: Callable[[torch.dtype], tuple[list, list]]  # dtype -> (args, upstream grads or [] for a scalar loss)
+    fwd_bytes: float = 0.0  # least bytes moved (GB/s); 0 when flops are given instead
+    fwd_bwd_bytes: float = 0.0
+    fwd_flops: float = 0.0
+    fwd_bwd_flops: float = 0.0
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.requires_grad_(True)
+
+
+def build_cases(device: str) -> list[Case]:
+    """The shapes of the issue's targets: Qwen2-0.5B (hidden 896, FFN 4864, 14/2 heads of 64,
+    vocab 151936), GPT-2 (768, vocab 50304), a 7B-class hidden 4096; 8 x 2048 tokens or 8192."""
+    e = 2  # bytes per bf16 element; the cases are sized for bf16
+
+    def norm_case(op, M, H):
+        def make(dtype):
+            x = _leaf(torch.randn(M, H, device=device, dtype=dtype))
+            w = _leaf(torch.rand(H, device=device, dtype=dtype) + 0.5)
+            if op == "layernorm":
+                b = _leaf(torch.randn(H, device=device, dtype=dtype))
+                return [x, w, b, 1e-5], [torch.randn_like(x)]
+            return [x, w, 1e-6], [torch.randn_like(x)]
+
+        return Case(op, f"{M}x{H}", make, fwd_bytes=2 * M * H * e, fwd_bwd_bytes=5 * M * H * e)
+
+    def swiglu_case(M, H):
+        def make(dtype):
+            gate_up = torch.randn(M, 2 * H, device=device, dtype=dtype)
+            gate, up = (_leaf(t.contiguous()) for t in gate_up.chunk(2, dim=-1))
+            return [gate, up], [torch.randn(M, H, device=device, dtype=dtype)]
+
+        return Case("swiglu", f"{M}x{H}", make, fwd_bytes=3 * M * H * e, fwd_bwd_bytes=8 * M * H * e)
+
+    def rope_case(B, T, Hq, Hkv, D):
+        def make(dtype):
+            q = _leaf(torch.randn(B, T, Hq, D, device=device, dtype=dtype))
+            k = _leaf(torch.randn(B, T, Hkv, D, device=device, dtype=dtype))
+            cos, sin = RotaryEmbedding(D, 1e6, T).to(device)(seq_len=T)
+            return [q, k, cos, sin], [torch.randn_like(q), torch.randn_like(k)]
+
+        n = B * T * (Hq + Hkv) * D
+        return Case("rope", f"q {B}x{Hq}x{T}x{D} + k {Hkv} heads", make, fwd_bytes=2 * n * e, fwd_bwd_bytes=4 * n * e)
+
+    def ce_case(N, V):
+        def make(dtype):
+            logits = _leaf(torch.randn(N, V, device=device, dtype=dtype))
+            labels = torch.randint(0, V, (N,), device=device)
+            return [logits, labels, -100, 0.0], []
+
+        return Case("cross_entropy", f"{N}x{V}", make, fwd_bytes=N * V * e, fwd_bwd_bytes=3 * N * V * e)
+
+    def linear_case(op, N, H, V):
+        def make(dtype):
+            hidden = _leaf(torch.randn(N, H, device=device, dtype=dtype))
+            weight = _leaf(torch.randn(V, H, device=device, dtype=dtype) * H**-0.5)
+            labels = torch.randint(0, V, (N,), device=device)
+            if op == "token_logprobs":
+                return [hidden, weight, labels, -100], [torch.randn(N, device=device)]
+            return [hidden, weight, labels, -100, 0.0], []
+
+        flops = 2 * N * H * V  # one (N, H) x (H, V) matmul
+        return Case(op, f"{N}x{H}x{V}", make, fwd_flops=flops, fwd_bwd_flops=3 * flops)
+
+    return [
+        norm_case("rmsnorm", 16384, 4096),
+        norm_case("rmsnorm", 16384, 896),
+        norm_case("layernorm", 16384, 768),
+        swiglu_case(16384, 4864),
+        rope_case(8, 2048, 14, 2, 64),
+        ce_case(8192, 151936),
+        ce_case(8192, 50304),
+        linear_case("fused_linear_cross_entropy", 8192, 896, 151936),
+        linear_case("fused_linear_cross_entropy", 8192, 768, 50304),
+        linear_case("token_logprobs", 8192, 896, 151936),
+    ]
+
+
+def providers(op: str, use_compile: bool) -> dict[str, Callable]:
+    """name -> callable with the reference's signature. Liger only where it is installed and has the op."""
+    reference = get_kernel(op, "torch")
+    found = {"triton": get_kernel(op, "triton"), "torch": reference}
+    if use_compile:
+        found["compile"] = torch.compile(reference, fullgraph=True)
+    try:
+        found["liger"] = get_kernel(op, "liger")
+    except (ValueError, RuntimeError):
+        pass  # not installed, or no Liger version of this op
+    return found
+
+
+def run_once(fn: Callable, args: list, upstream: list, backward: bool):
+    out = fn(*args)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    if backward:
+        torch.autograd.backward(outs, upstream or None)
+    return outs
+
+
+def clone_args(args: list) -> list:
+    return [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def check(fn: Callable, reference: Callable, args: list, upstream: list) -> str:
+    """'' when fn agrees with the eager reference (bf16 tolerance), else what differs."""
+    results = []
+    for f in (fn, reference):
+        local = clone_args(args)  # some implementations write gradients into their inputs
+        outs = run_once(f, local, upstream, backward=True)
+        grads = [a.grad for a in local if isinstance(a, torch.Tensor) and a.requires_grad]
+        results.append([o.detach().float() for o in outs] + [g.float() for g in grads])
+    for i, (got, want) in enumerate(zip(*results)):
+        scale = max(1.0, want.abs().max().item())
+        if not torch.allclose(got, want, atol=3e-2 * scale, rtol=3e-2):
+            return f"output {i}: max abs diff {(got - want).abs().max().item():.3g} (scale {scale:.3g})"
+    return ""
+
+
+def measure(case: Case, name: str, fn: Callable, reference: Callable, dtype: torch.dtype) -> dict:
+    import triton.testing
+
+    args, upstream = case.make(dtype)
+    row = {"op": case.op, "shape": case.shape, "provider": name, "dtype": str(dtype).replace("torch.", "")}
+    try:
+        row["error"] = check(fn, reference, args, upstream)
+    except Exception as exc:  # a peer that cannot run this shape is reported, not fatal
+        row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    if row["error"]:
+        return row
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    ms_fwd = triton.testing.do_bench(lambda: run_once(fn, args, upstream, False), grad_to_none=leaves, return_mode="median")
+    ms_all = triton.testing.do_bench(lambda: run_once(fn, args, upstream, True), grad_to_none=leaves, return_mode="median")
+    for leaf in leaves:
+        leaf.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run_once(fn, args, upstream, True)
+    torch.cuda.synchronize()
+    row.update(fwd_ms=ms_fwd, fwd_bwd_ms=ms_all, extra_peak_gib=(torch.cuda.max_memory_allocated() - base) / GiB)
+    if case.fwd_flops:
+        row.update(fwd_tflops=case.fwd_flops / ms_fwd / 1e9, fwd_bwd_tflops=case.fwd_bwd_flops / ms_all / 1e9)
+    else:
+        row.update(fwd_gbps=case.fwd_bytes / ms_fwd / 1e6, fwd_bwd_gbps=case.fwd_bwd_bytes / ms_all / 1e6)
+    del args, upstream, leaves
+    torch.cuda.empty_cache()
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'op':<27} {'shape':<26} {'provider':<8} {'fwd ms':>8} {'fwd+bwd ms':>10} {'fwd+bwd rate':>15} {'extra GiB':>9}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"{r['op']:<27} {r['shape']:<26} {r['provider']:<8} failed: {r['error']}")
+            continue
+        rate = f"{r['fwd_bwd_tflops']:.0f} TFLOP/s" if "fwd_bwd_tflops" in r else f"{r['fwd_bwd_gbps']:.0f} GB/s"
+        lines.append(
+            f"{r['op']:<27} {r['shape']:<26} {r['provider']:<8} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>10.3f} {rate:>15} {r['extra_peak_gib']:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys((r["op"], r["shape"]) for r in rows))
+    names = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 0.55 * len(cases) + 2), sharey=True)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        by_case = {(r["op"], r["shape"]): r for r in rows if r["provider"] == name and not r.get("error")}
+        ys = [j + i * width for j in range(len(cases))]
+        speed = [_eager_ms(rows, c) / by_case[c]["fwd_bwd_ms"] if c in by_case else 0 for c in cases]
+        memory = [by_case[c]["extra_peak_gib"] if c in by_case else 0 for c in cases]
+        axes[0].barh(ys, speed, height=width, label=name)
+        axes[1].barh(ys, memory, height=width, label=name)
+    axes[0].set_yticks([j + 0.4 - width / 2 for j in range(len(cases))], [f"{op}\n{shape}" for op, shape in cases], fontsize=7)
+    axes[0].invert_yaxis()
+    axes[0].axvline(1.0, color="grey", lw=0.8)
+    axes[0].set_xlabel("fwd+bwd speed-up over torch eager (higher is better)")
+    axes[1].set_xlabel("extra peak memory, GiB (lower is better)")
+    axes[0].legend(loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _eager_ms(rows: list[dict], case: tuple[str, str]) -> float:
+    for r in rows:
+        if (r["op"], r["shape"]) == case and r["provider"] == "torch" and not r.get("error"):
+            return r["fwd_bwd_ms"]
+    return math.nan
+
+
+def main(argv: list[str] | None = None) -> None:
+    all_ops = ["rmsnorm", "layernorm", "swiglu", "rope", "cross_entropy", "fused_linear_cross_entropy", "token_logprobs"]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="+", choices=all_ops, default=all_ops, help="ops to benchmark (default: all)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (saves compile time)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/kernels_<device>.json)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("benchmarks/kernels.py needs a CUDA GPU; the CPU interpreter is for tests only")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the benchmark times compiled kernels")
+    import triton
+
+    dtype = getattr(torch, args.dtype)
+    device_name = torch.cuda.get_device_name()
+    rows = []
+    for case in build_cases("cuda"):
+        if case.op not in args.ops:
+            continue
+        found = providers(case.op, use_compile=not args.no_compile)
+        for name, fn in found.items():
+            row = measure(case, name, fn, found["torch"], dtype)
+            print(f"  {case.op} {case.shape} {name}: " + (row["error"] or f"{row['fwd_bwd_ms']:.3f} ms"), flush=True)
+            rows.append(row)
+    try:
+        from importlib.metadata import version
+
+        liger_version = version("liger-kernel")
+    except Exception:
+        liger_version = None
+    meta = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "liger_kernel": liger_version,
+        "dtype": args.dtype,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
+    out = args.out or RESULTS_DIR / f"kernels_{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    title = f"{device_name}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype}, {meta['date']}"
+    plot(rows, out.with_suffix(".png"), title)
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    print(title)
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
