@@ -50,26 +50,27 @@ def _cross_entropy_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(LABELS_ptr + row).to(tl.int64)
     row_ptr = LOGITS_ptr + row * stride_lm
-    loss = 0.0
-    lse = 0.0
-    target = 0.0
-    if label != ignore_index:
-        m = float("-inf")
-        s = 0.0
-        x_sum = 0.0
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
-            if HAS_SMOOTHING:
-                x_sum += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
-        lse = m + tl.log(s)
-        target = tl.load(row_ptr + label).to(tl.float32)
-        loss = lse - (1.0 - label_smoothing) * target + z_loss * lse * lse
+    if label == ignore_index:  # early return, not a value merged across branches (Triton types those strictly)
+        tl.store(LOSS_ptr + row, 0.0)
+        tl.store(LSE_ptr + row, 0.0)
+        tl.store(TARGET_ptr + row, 0.0)
+        return
+    m = float("-inf")
+    s = 0.0
+    x_sum = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
         if HAS_SMOOTHING:
-            loss -= label_smoothing * x_sum / V
+            x_sum += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
+    lse = m + tl.log(s)
+    target = tl.load(row_ptr + label).to(tl.float32)
+    loss = lse - (1.0 - label_smoothing) * target + z_loss * lse * lse
+    if HAS_SMOOTHING:
+        loss -= label_smoothing * x_sum / V
     tl.store(LOSS_ptr + row, loss)
     tl.store(LSE_ptr + row, lse)
     tl.store(TARGET_ptr + row, target)
@@ -101,18 +102,18 @@ def _cross_entropy_bwd_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             tl.store(out_row + cols, tl.zeros((BLOCK_V,), dtype=tl.float32).to(DLOGITS_ptr.dtype.element_ty), mask=cols < V)
-    else:
-        g = tl.load(GRAD_ptr + row * stride_g).to(tl.float32)
-        lse = tl.load(LSE_ptr + row)
-        p_scale = g * (1.0 + 2.0 * z_loss * lse)
-        uniform = g * label_smoothing / V
-        hit = g * (1.0 - label_smoothing)
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            mask = cols < V
-            x = tl.load(in_row + cols, mask=mask, other=0.0).to(tl.float32)
-            d = tl.exp(x - lse) * p_scale - uniform - tl.where(cols == label, hit, 0.0)
-            tl.store(out_row + cols, d.to(DLOGITS_ptr.dtype.element_ty), mask=mask)
+        return
+    g = tl.load(GRAD_ptr + row * stride_g).to(tl.float32)
+    lse = tl.load(LSE_ptr + row)
+    p_scale = g * (1.0 + 2.0 * z_loss * lse)
+    uniform = g * label_smoothing / V
+    hit = g * (1.0 - label_smoothing)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(in_row + cols, mask=mask, other=0.0).to(tl.float32)
+        d = tl.exp(x - lse) * p_scale - uniform - tl.where(cols == label, hit, 0.0)
+        tl.store(out_row + cols, d.to(DLOGITS_ptr.dtype.element_ty), mask=mask)
 
 
 # -- launchers ------------------------------------------------------------------------------------
