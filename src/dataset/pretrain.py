@@ -120,8 +120,10 @@ def _texts(rows: Iterator, skips: SkipLog, chunk: int) -> Iterator[tuple[np.ndar
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(spec: TokenizerConfig):
+def _init_worker(spec: TokenizerConfig, in_pool: bool = False):
     global _worker_tokenizer
+    if in_pool:  # the processes are the parallelism; Rust tokenizers' own threads would oversubscribe the cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = build_tokenizer(spec)
 
 
@@ -319,7 +321,8 @@ def prepare(cfg: DataConfig, out_dir: str, *, workers: int | None = None, overwr
     pool = None
     if workers > 1:
         # spawn, not fork: the Rust tokenizers and torch threads do not survive a fork safely.
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(cfg.tokenizer,))
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                                         initargs=(cfg.tokenizer, True))
         results = _ordered_results(pool, chunks, in_flight=4 * workers)
     else:
         _init_worker(cfg.tokenizer)
