@@ -228,7 +228,8 @@ def export_hf(model: nn.Module, bare_model: nn.Module, path: str, info: DistInfo
     """Write `path` in Hugging Face format (config.json + safetensors), on rank 0.
 
     Under FSDP2 the full state dict is gathered to rank 0's CPU first (a collective) and put into
-    an unsharded copy of the model, whose `save_pretrained` writes the files.
+    an unsharded copy of the model, whose `save_pretrained` writes the files. A wrapper with a
+    `policy` (DPO) exports the policy.
     """
     if not sharded:
         if info.is_rank0:
@@ -239,8 +240,10 @@ def export_hf(model: nn.Module, bare_model: nn.Module, path: str, info: DistInfo
     if info.is_rank0:
         from src.models import KernelConfig
 
-        copy = type(bare_model)(bare_model.config, kernels=KernelConfig.reference())
-        copy.load_state_dict_strict(full, source="the gathered training state")
+        target, prefix = (bare_model.policy, "policy.") if hasattr(bare_model, "policy") else (bare_model, "")
+        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        copy = type(target)(target.config, kernels=KernelConfig.reference())
+        copy.load_state_dict_strict(state, source="the gathered training state")
         copy.save_pretrained(path)
     barrier(info)
 

@@ -55,6 +55,18 @@ def _checkpointed(forward, selective: bool):
     return run
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks to checkpoint, compile and shard one by one: `model.sharded_blocks()` when the
+    model lists them (DPO: policy layers, then the frozen reference's), else `model.layers`."""
+    if hasattr(model, "sharded_blocks"):
+        return list(model.sharded_blocks())
+    return list(model.layers)
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """Recompute each block's activations in backward instead of keeping them.
 
@@ -65,17 +77,19 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         return
     if mode not in ("full", "selective"):
         raise ValueError(f"activation_checkpointing must be none, full or selective, got {mode!r}")
-    for block in model.layers:
-        block.forward = _checkpointed(block.forward, selective=mode == "selective")
+    for block in transformer_blocks(model):
+        if _trainable(block):  # a frozen block (DPO reference) keeps no activations anyway
+            block.forward = _checkpointed(block.forward, selective=mode == "selective")
 
 
 def apply_compile(model: nn.Module) -> None:
     """torch.compile each transformer block (in place: `Module.compile` keeps parameter names)
-    and the loss head. Blocks share one compiled graph; per-block compilation keeps compile time
+    and the loss head (`lm_output`, when the model has one). Blocks share one compiled graph; per-block compilation keeps compile time
     flat in depth and lets FSDP2 hook each block."""
-    for block in model.layers:
+    for block in transformer_blocks(model):
         block.compile()
-    model.lm_output = torch.compile(model.lm_output)
+    if hasattr(model, "lm_output"):
+        model.lm_output = torch.compile(model.lm_output)
 
 
 def apply_fsdp2(model: nn.Module, info: DistInfo, bf16: bool, reshard_after_forward: bool) -> None:
@@ -90,7 +104,7 @@ def apply_fsdp2(model: nn.Module, info: DistInfo, bf16: bool, reshard_after_forw
         if bf16
         else MixedPrecisionPolicy()
     )
-    for block in model.layers:
+    for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
 

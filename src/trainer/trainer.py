@@ -171,21 +171,27 @@ class Trainer:
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward/backward over the micro-batches, clip, update. Returns device tensors
-        (this rank's share of the step loss, the gradient norm, whether the step was applied)."""
+        (this rank's share of the step loss, the gradient norm, whether the step was applied).
+        Metrics a model returns beside its loss (`output.metrics`, e.g. DPO rewards) are averaged
+        the same way into `self.step_metrics`."""
         counts = [supervised_count(b) for b in batches]
         total = torch.tensor(float(sum(counts)), device=self.device)
         all_reduce_sum(self.info, total)  # supervised tokens of the whole step, over all ranks
         # Gradient reduction averages over ranks, hence world_size: sum of weights over ranks = world_size.
         scale = self.info.world_size / total.clamp(min=1.0)
         step_loss = torch.zeros((), device=self.device)
+        self.step_metrics: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
+            weight = counts[i] * scale
             with self._grad_sync(last):
                 with self._autocast():
-                    loss = self.model(**self._to_device(batch)).loss
-                weighted = loss.float() * (counts[i] * scale)
+                    output = self.model(**self._to_device(batch))
+                weighted = output.loss.float() * weight
                 weighted.backward()
             step_loss += weighted.detach()
+            for name, value in (getattr(output, "metrics", None) or {}).items():
+                self.step_metrics[name] = self.step_metrics.get(name, 0.0) + value.detach().float() * weight
 
         max_norm = self.cfg.optimizer.grad_clip if self.cfg.optimizer.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.bare.parameters(), max_norm, foreach=True)
@@ -258,7 +264,7 @@ class Trainer:
         self._data_iter = iter(self.train_loader)
         started = time.time()
         window = {"loss": torch.zeros((), device=self.device), "applied": torch.zeros((), device=self.device),
-                  "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+                  "metrics": {}, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
         grad_norm = torch.zeros((), device=self.device)
         while True:
             reason = self._stop_reason(until_step, started)
@@ -273,6 +279,8 @@ class Trainer:
             self.step += 1
             self.tokens += step_tokens
             window["loss"] += step_loss
+            for name, value in self.step_metrics.items():
+                window["metrics"][name] = window["metrics"].get(name, 0.0) + torch.where(applied, value, 0.0)
             window["applied"] += applied.float()
             window["steps"] += 1
             window["tokens"] += step_tokens
@@ -288,9 +296,11 @@ class Trainer:
     def _log(self, window: dict[str, Any], grad_norm: torch.Tensor) -> bool:
         """Write the progress line for the window since the last log; True when the run of
         non-finite steps reached the limit."""
-        loss_sum = all_reduce_sum(self.info, window["loss"].clone())
+        names = sorted(window["metrics"])
+        sums = all_reduce_sum(self.info, torch.stack([window["loss"]] + [window["metrics"][n] for n in names]))
         # The host syncs of this logging step (`applied` is the same on every rank).
-        loss_sum, applied = loss_sum.item(), window["applied"].item()
+        sums, applied = sums.tolist(), window["applied"].item()
+        loss_sum = sums[0]
         now = time.perf_counter()
         dt = max(now - window["t0"], 1e-9)
         tokens_per_s = window["tokens"] / dt
@@ -304,6 +314,8 @@ class Trainer:
             "skipped_steps": float(self.skipped),
             "eta_s": (self.total_steps - self.step) * dt / window["steps"],
         }
+        for name, value in zip(names, sums[1:]):
+            metrics[name] = value / self.info.world_size / applied if applied else float("nan")
         if self.peak_flops:
             metrics["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.info.world_size)
         if self.device.type == "cuda":
@@ -311,7 +323,7 @@ class Trainer:
         self.logger.log_metrics(self.step, metrics, prefix="train")
         self.history.append({"step": self.step, "split": "train", **metrics})
         window.update(loss=torch.zeros_like(window["loss"]), applied=torch.zeros_like(window["applied"]),
-                      steps=0, tokens=0, t0=time.perf_counter())
+                      metrics={}, steps=0, tokens=0, t0=time.perf_counter())
         return int(self.nonfinite_in_row) >= self.cfg.trainer.max_nonfinite_steps
 
     @torch.no_grad()

@@ -1,0 +1,213 @@
+"""The Trainer in one process on the CPU: accumulation, exact resume, non-finite steps, evaluation,
+checkpoint rotation and the Hugging Face export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from src.trainer import CheckpointConfig, Trainer, list_checkpoints
+from src.trainer.checkpoint import CheckpointError
+from src.utils.distributed import DistInfo
+
+from .helpers import SyntheticLoader, make_config, replace, tiny_model
+
+CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
+
+
+def train_losses(trainer: Trainer) -> list[float]:
+    return [row["loss"] for row in trainer.history if row["split"] == "train"]
+
+
+def params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.bare.state_dict().items()}
+
+
+def capture_grads(trainer: Trainer) -> list[dict[str, torch.Tensor]]:
+    """The clipped gradients of every optimizer step. (Parameters are a poor witness: the key bias
+    has a zero gradient in exact arithmetic, and Adam blows its rounding noise up to lr-sized steps.)"""
+    names = {id(p): n for n, p in trainer.bare.named_parameters()}
+    steps = []
+
+    def hook(optimizer, args, kwargs):
+        steps.append({names[id(p)]: p.grad.clone() for g in optimizer.param_groups for p in g["params"]})
+
+    trainer.optimizer.register_step_pre_hook(hook)
+    return steps
+
+
+def assert_same_grads(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) > 0
+    for step_a, step_b in zip(a, b):
+        for name, grad in step_b.items():
+            torch.testing.assert_close(step_a[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    """4 micro-batches of 2 (with different numbers of supervised tokens) == one batch of 8."""
+    big = Trainer(make_config(tmp_path / "big", max_steps=3, micro_batch_size=8), tiny_model(),
+                  SyntheticLoader(8), None, CPU)
+    big_grads = capture_grads(big)
+    big.fit()
+    accum = Trainer(make_config(tmp_path / "accum", max_steps=3, micro_batch_size=2, grad_accum_steps=4),
+                    tiny_model(), SyntheticLoader(2), None, CPU)
+    accum_grads = capture_grads(accum)
+    accum.fit()
+    assert train_losses(accum) == pytest.approx(train_losses(big), rel=1e-5)
+    assert_same_grads(accum_grads, big_grads)
+    # the supervised-token counts really differ between micro-batches, or the test proves nothing
+    loader = SyntheticLoader(2)
+    counts = {int((loader.batch(b)["labels"] != -100).sum()) for b in range(4)}
+    assert len(counts) > 1
+
+
+def test_exact_resume_is_bitwise(tmp_path):
+    straight = Trainer(make_config(tmp_path / "straight", max_steps=6, grad_accum_steps=2), tiny_model(),
+                       SyntheticLoader(4), None, CPU)
+    assert straight.fit() == "max_steps"
+
+    cfg = make_config(tmp_path / "split", max_steps=6, grad_accum_steps=2)
+    first = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
+    assert first.fit(until_step=4) == "until_step"
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "split" / "checkpoints"))] == ["step_00000004"]
+    resumed_cfg = replace(cfg, checkpoint=CheckpointConfig(resume="auto", save_final=False, export_hf=False))
+    # A different init seed: everything must come from the checkpoint.
+    second = Trainer(resumed_cfg, tiny_model(seed=123), SyntheticLoader(4), None, CPU)
+    assert second.step == 4 and second.run_id == first.run_id
+    second.fit()
+    assert train_losses(first) + train_losses(second) == train_losses(straight)
+    for name, p in params(straight).items():
+        assert torch.equal(params(second)[name], p), name
+    exp_avg = lambda t: [s["exp_avg"] for s in t.optimizer.state.values()]  # noqa: E731
+    for a, b in zip(exp_avg(second), exp_avg(straight)):
+        assert torch.equal(a, b)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tmp_path):
+    model = tiny_model()
+    forward = model.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # the loss becomes NaN from the 3rd step on
+        calls["n"] += 1
+        out = forward(*args, **kwargs)
+        if calls["n"] > 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = poisoned
+    cfg = make_config(tmp_path / "nan", max_steps=20, max_nonfinite_steps=3)
+    trainer = Trainer(cfg, model, SyntheticLoader(4), None, CPU)
+    with pytest.raises(FloatingPointError, match="3 steps in a row had a NaN/Inf"):
+        trainer.fit()
+    assert trainer.step == 5 and int(trainer.skipped) == 3
+    rows = [r for r in trainer.history if r["split"] == "train"]
+    assert math.isnan(rows[-1]["loss"]) and rows[-1]["skipped_steps"] == 3
+    saved = list_checkpoints(str(tmp_path / "nan" / "checkpoints"))
+    assert [os.path.basename(p) for p in saved] == ["step_00000005"]
+    for p in trainer.bare.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_nonfinite_step_leaves_weights_unchanged(tmp_path):
+    model = tiny_model()
+    forward = model.forward
+    state = {"poison": False}
+
+    def maybe_poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if state["poison"]:
+            out.loss = out.loss * float("inf")
+        return out
+
+    model.forward = maybe_poisoned
+    trainer = Trainer(make_config(tmp_path / "inf", max_steps=4), model, SyntheticLoader(4), None, CPU)
+    loader = SyntheticLoader(4)
+    trainer.train_step([loader.batch(0)])
+    before = params(trainer)
+    adam_step = [s["step"].clone() for s in trainer.optimizer.state.values()]
+    state["poison"] = True
+    _, grad_norm, applied = trainer.train_step([loader.batch(1)])
+    assert not bool(applied) and not torch.isfinite(grad_norm)
+    for name, p in before.items():
+        assert torch.equal(params(trainer)[name], p), name
+    assert [s["step"] for s in trainer.optimizer.state.values()] == adam_step
+
+
+def test_evaluation_logs_and_files(tmp_path):
+    cfg = make_config(tmp_path / "run", max_steps=4, eval_every=2, eval_batches=2,
+                      checkpoint=CheckpointConfig(every=1, keep_last=2, export_hf=True))
+    trainer = Trainer(cfg, tiny_model(), SyntheticLoader(4), SyntheticLoader(4, seed=7, num_batches=5), CPU)
+    assert trainer.fit() == "max_steps"
+    val = [r for r in trainer.history if r["split"] == "val"]
+    assert [r["step"] for r in val] == [2, 4] and all(r["batches"] == 2 for r in val)
+    assert val[1]["loss"] < val[0]["loss"]
+    # keep_last=2 rotation, no temporary directories left
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    assert sorted(os.listdir(ckpt_dir)) == ["step_00000003", "step_00000004"]
+    meta = json.loads((ckpt_dir / "step_00000004" / "meta.json").read_text())
+    assert meta["step"] == 4 and meta["tokens"] == 4 * 4 * 16 and meta["run_id"] == trainer.run_id
+    assert meta["model_config"]["n_embd"] == 32 and meta["config"]["trainer"]["max_steps"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(rows[0])
+    assert any("val/loss" in r for r in rows)
+    # the export loads in transformers and gives our logits
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "hf"))
+    ids = SyntheticLoader(2).batch(0)["input_ids"]
+    trainer.bare.eval()
+    with torch.no_grad():
+        ours = trainer.bare(ids, return_logits=True).logits
+        theirs = hf(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_from_another_model_shape_is_a_clear_error(tmp_path):
+    cfg = make_config(tmp_path / "shape", max_steps=2)
+    Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU).fit(until_step=1)
+    resumed = replace(cfg, checkpoint=CheckpointConfig(resume="auto"))
+    with pytest.raises(CheckpointError, match=r"another model.*n_embd: checkpoint 32 vs config 48"):
+        Trainer(resumed, tiny_model(n_embd=48), SyntheticLoader(4), None, CPU)
+
+
+def test_resume_from_a_missing_or_incomplete_path_is_a_clear_error(tmp_path):
+    cfg = make_config(tmp_path / "x", max_steps=2)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Trainer(replace(cfg, checkpoint=CheckpointConfig(resume=str(tmp_path / "nope"))), tiny_model(),
+                SyntheticLoader(4), None, CPU)
+    (tmp_path / "half").mkdir()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        Trainer(replace(cfg, checkpoint=CheckpointConfig(resume=str(tmp_path / "half"))), tiny_model(),
+                SyntheticLoader(4), None, CPU)
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
+    cfg = make_config(tmp_path / "fresh", max_steps=2)
+    trainer = Trainer(replace(cfg, checkpoint=CheckpointConfig(resume="auto", export_hf=False)), tiny_model(),
+                      SyntheticLoader(4), None, CPU)
+    assert trainer.step == 0
+    assert trainer.fit() == "max_steps" and trainer.step == 2
+
+
+def test_token_budget_sets_the_schedule_length(tmp_path):
+    cfg = make_config(tmp_path / "tok", max_steps=None, max_tokens=3 * 4 * 16 + 1)
+    trainer = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
+    assert trainer.total_steps == 4
+    assert trainer.fit() == "max_tokens" and trainer.tokens == 4 * 4 * 16
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_gradients(mode, tmp_path):
+    plain = Trainer(make_config(tmp_path / "plain", max_steps=2), tiny_model(), SyntheticLoader(4), None, CPU)
+    ac = Trainer(make_config(tmp_path / mode, max_steps=2, activation_checkpointing=mode), tiny_model(),
+                 SyntheticLoader(4), None, CPU)
+    assert set(ac.bare.state_dict()) == set(plain.bare.state_dict())  # parameter names unchanged
+    grads = [capture_grads(t) for t in (plain, ac)]
+    for trainer in (plain, ac):
+        trainer.fit()
+    assert train_losses(ac) == pytest.approx(train_losses(plain), rel=1e-6)
+    assert_same_grads(grads[1], grads[0])
