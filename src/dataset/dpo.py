@@ -121,6 +121,32 @@ class DPOBatches(EpochBatches):
                 "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]}
 
 
+def load_prompts(cfg: DataConfig, tokenizer: Tokenizer, split: str = "train",
+                 opener: StreamOpener | None = None) -> list[list[int]]:
+    """Token ids of every row's `prompt`, ready for generation: the prompt source of online RL (PPO).
+
+    A string prompt is encoded as is; a message list is rendered with the chat template and the
+    assistant generation prompt. Rows without a usable prompt are counted skips."""
+    what = f"prompts {split} ({cfg.path})"
+    rows, _ = read_split_rows(cfg, split, opener)
+    skips, prompts = SkipLog(what), []
+    for row in rows:
+        prompt = row.record.get("prompt")
+        try:
+            if isinstance(prompt, str) and prompt.strip():
+                prompts.append(tokenizer.encode(prompt))
+            elif isinstance(prompt, list):
+                prompts.append(tokenize_chat(tokenizer, _as_messages(prompt, "prompt", "user"),
+                                             add_generation_prompt=True)[0])
+            else:
+                raise SkipRow("no non-empty 'prompt' (a string or a message list)")
+        except SkipRow as e:
+            skips.skip(str(e), row.where)
+    require_some(len(prompts), len(rows), skips, what)
+    skips.log_summary(len(rows))
+    return prompts
+
+
 def dpo_batches(cfg: DataConfig, tokenizer: Tokenizer, *, batch_size: int, seq_len: int, split: str, rank: int,
                 world_size: int, seed: int, opener: StreamOpener | None = None):
     """The DPO batch source for `build_dataloader`."""

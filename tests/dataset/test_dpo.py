@@ -97,3 +97,14 @@ def test_long_completions_follow_the_policy(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert loader(path, seq_len=16, overlong="skip").source.num_items == 1
     assert "longer than seq_len=16" in caplog.text
+
+
+def test_prompt_source_for_online_rl(tmp_path):
+    from src.dataset.dpo import load_prompts
+
+    rows = [{"prompt": "Tell me a joke."}, {"prompt": [{"role": "user", "content": "Hi"}]}, {"prompt": ""}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    prompts = load_prompts(data_cfg(type="local", path=str(path)), TOK)
+    assert prompts[0] == TOK.encode("Tell me a joke.")
+    assert TOK.decode(prompts[1]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert len(prompts) == 2
