@@ -180,17 +180,6 @@ def main():
     for p in prep:
         p.pop("dir")
 
-    print(f"\nprepare (text -> shards), {cores} cores")
-    print(f"{'tokenizer':<12}{'workers':>8}{'tokens':>14}{'seconds':>10}{'tokens/s':>14}")
-    for p in prep:
-        print(f"{p['tokenizer']:<12}{p['workers']:>8}{p['tokens']:>14,}{p['seconds']:>10.2f}{p['tokens_per_s']:>14,.0f}")
-    print(f"\nreading, batches of {args.batch_size} x {args.seq_len} for rank 0 of {args.world_size} "
-          f"(need >= {REQUIRED_READ_TOKENS_PER_S:,} tokens/s per rank)")
-    print(f"{'path':<30}{'doc-aware':>10}{'batches/s':>12}{'tokens/s':>16}{'ok':>5}")
-    for r in reads:
-        ok = "yes" if r["tokens_per_s"] >= REQUIRED_READ_TOKENS_PER_S else "NO"
-        print(f"{r['path']:<30}{str(r['document_aware']):>10}{r['batches_per_s']:>12,.1f}{r['tokens_per_s']:>16,.0f}{ok:>5}")
-
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     record = {"machine": {"cpu_cores": cores, "platform": platform.platform(), "python": platform.python_version()},
               "corpus": {"documents": docs, "bytes": size}, "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -218,9 +207,20 @@ def main():
         b.legend()
         fig.tight_layout()
         fig.savefig(png, dpi=120)
-        print(f"\nwrote {args.out} and {png}")
+        print(f"wrote {args.out} and {png}")
     except ImportError:
-        print(f"\nwrote {args.out} (matplotlib not installed: no PNG)")
+        print(f"wrote {args.out} (matplotlib not installed: no PNG)")
+
+    print(f"\nprepare (text -> shards), {cores} cores")
+    print(f"{'tokenizer':<12}{'workers':>8}{'tokens':>14}{'seconds':>10}{'tokens/s':>14}")
+    for p in prep:
+        print(f"{p['tokenizer']:<12}{p['workers']:>8}{p['tokens']:>14,}{p['seconds']:>10.2f}{p['tokens_per_s']:>14,.0f}")
+    print(f"\nreading, batches of {args.batch_size} x {args.seq_len} for rank 0 of {args.world_size} "
+          f"(need >= {REQUIRED_READ_TOKENS_PER_S:,} tokens/s per rank)")
+    print(f"{'path':<30}{'doc-aware':>10}{'batches/s':>12}{'tokens/s':>16}{'ok':>5}")
+    for r in reads:
+        ok = "yes" if r["tokens_per_s"] >= REQUIRED_READ_TOKENS_PER_S else "NO"
+        print(f"{r['path']:<30}{str(r['document_aware']):>10}{r['batches_per_s']:>12,.1f}{r['tokens_per_s']:>16,.0f}{ok:>5}")
 
 
 if __name__ == "__main__":

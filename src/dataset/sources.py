@@ -190,6 +190,22 @@ def open_hf_stream(source: SourceConfig, *, seed: int = 0, epoch: int = 0, shuff
 StreamOpener = Callable[[int], Iterable[dict]]
 
 
+def _guarded_stream(stream: Iterable[dict], name: str, first: int) -> Iterator[tuple[str, dict]]:
+    """Rows of a stream; a failure inside the reader (a corrupt file, a dropped connection) becomes a
+    DataError naming the stream and the row instead of a trace deep inside `datasets`."""
+    it = iter(stream)
+    i = first
+    while True:
+        try:
+            record = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise DataError(f"{name}: reading row {i} failed: {type(e).__name__}: {e}") from e
+        yield f"{name} row {i}", _object_or_error(record, f"{name} row {i}")
+        i += 1
+
+
 def iter_rows(
     source: SourceConfig,
     *,
@@ -212,8 +228,7 @@ def iter_rows(
             stream = open_hf_stream(source, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, skip=skip)
         else:
             stream = islice(opener(epoch), skip, None)
-        name = f"{source.path}[{source.source_split}]"
-        items = ((f"{name} row {i + skip}", r) for i, r in enumerate(stream))
+        items = _guarded_stream(stream, f"{source.path}[{source.source_split}]", skip)
     if source.max_documents is not None:
         items = islice(items, source.max_documents)
     rename = source.columns

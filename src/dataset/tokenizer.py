@@ -333,8 +333,12 @@ class TiktokenTokenizer(Tokenizer):
         return self.enc.decode([int(i) for i in ids])
 
 
-def build_tokenizer(spec: TokenizerConfig) -> Tokenizer:
-    """The tokenizer named by the `data.tokenizer` block."""
+def build_tokenizer(spec: TokenizerConfig | dict) -> Tokenizer:
+    """The tokenizer named by the `data.tokenizer` block (a TokenizerConfig or its plain mapping)."""
+    if isinstance(spec, dict):
+        from src.utils.config import from_dict
+
+        spec = from_dict(TokenizerConfig, spec, where="data.tokenizer", prefix="data.tokenizer.")
     if not isinstance(spec, TokenizerConfig):
         raise TypeError(f"build_tokenizer expects a TokenizerConfig (data.tokenizer), got {type(spec).__name__}")
     if spec.type == "byte":

@@ -120,3 +120,25 @@ def test_streaming_shuffle_buffer_keeps_validation_out(tmp_path):
     seen = {d for d in docs if d.strip().split()[0] in text}
     assert source.epoch == 0  # all within the first pass
     assert not any(d in seen for d in docs[:10]) and len(seen) > 10
+
+
+def test_a_failing_stream_names_the_row():
+    def broken(epoch):
+        yield {"text": "ab"}  # shorter than one batch: the reader must go on to row 1
+        raise OSError("connection reset")
+
+    cfg = data_cfg(type="streaming", path="remote/set")
+    source = pretrain_batches(cfg, TOK, batch_size=B, seq_len=T, split="train", rank=0, world_size=1, seed=0,
+                              opener=broken)
+    with pytest.raises(DataError, match=r"remote/set\[train\]: reading row 1 failed: OSError: connection reset"):
+        source.next_batch()
+
+
+def test_malformed_local_file_through_datasets(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    cfg = data_cfg(type="streaming", path=str(tmp_path), prefetch=0)
+    loader = build_dataloader("pretrain", cfg, TOK, batch_size=1, seq_len=4, split="train", rank=0, world_size=1,
+                              seed=0, pin_memory=False)
+    with pytest.raises(DataError, match="reading row"):
+        next(iter(loader))

@@ -68,7 +68,7 @@ def test_hf_missing_file_is_clear(tmp_path):
 
 
 def test_tiktoken_wrapper_offline():
-    import tiktoken
+    tiktoken = pytest.importorskip("tiktoken")
 
     enc = tiktoken.Encoding("bytes_test", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
                             special_tokens={"<|endoftext|>": 256})
@@ -87,6 +87,9 @@ def test_tokenizer_config_is_strict():
         from_dict(TokenizerConfig, {"type": "tiktoken"})
     with pytest.raises(ConfigError, match="needs no file"):
         from_dict(TokenizerConfig, {"type": "byte", "path": "x.json"})
+    assert build_tokenizer({"type": "byte"}).name == "byte"  # a plain mapping is loaded strictly too
+    with pytest.raises(ConfigError, match="data.tokenizer.tpye"):
+        build_tokenizer({"tpye": "byte"})
 
 
 def test_chatml_mask_token_by_token():
@@ -114,7 +117,8 @@ def test_chatml_mask_token_by_token():
 
 
 def test_hf_directory_with_its_own_chat_template(tmp_path):
-    from transformers import PreTrainedTokenizerFast
+    transformers = pytest.importorskip("transformers")
+    PreTrainedTokenizerFast = transformers.PreTrainedTokenizerFast
 
     path = word_level_tokenizer_json(tmp_path / "t.json", 64)
     hf = PreTrainedTokenizerFast(tokenizer_file=path, eos_token="<|endoftext|>", unk_token="[UNK]")
