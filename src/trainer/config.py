@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from src.dataset.base import DataConfig
 from src.models import KernelConfig, load_model_config
+from src.models.dpo import DPOConfig
 from src.utils.config import ConfigError, apply_overrides, from_dict, read_yaml
 
 
@@ -141,6 +142,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    dpo: DPOConfig | None = None  # train_dpo only: beta, loss_type, label_smoothing, reference
     # Filled by load_config from model_config_path (or init_from); not a YAML key.
     model_config: Any = field(init=False, default=None)
 
@@ -160,13 +162,20 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read and check a train YAML (plus `key.sub=value` overrides) and the model config it names."""
+def load_config(
+    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), task: str | None = None
+) -> TrainConfig:
+    """Read and check a train YAML (plus `key.sub=value` overrides) and the model config it names.
+    `task` (pretrain | sft | dpo) checks the blocks that belong to one task."""
     where = os.fspath(path)
     data = apply_overrides(read_yaml(where), list(overrides))
     cfg = from_dict(TrainConfig, data, where=where)
     if cfg.data is None:
         raise ConfigError(f"{where}: missing the 'data:' block (type, path, tokenizer); see configs/train/pretrain.yaml")
+    if task is not None and task != "dpo" and cfg.dpo is not None:
+        raise ConfigError(f"{where}: the 'dpo:' block applies to src.train_dpo only; remove it for {task}")
+    if task == "dpo" and cfg.dpo is None:
+        cfg.dpo = DPOConfig()
     cfg.model_config = resolve_model_config(cfg, where)
     check_combinations(cfg, where)
     return cfg

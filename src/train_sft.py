@@ -1,0 +1,28 @@
+"""Supervised fine-tuning: the loss on response tokens only (the data sets prompt labels to -100).
+
+    python -m src.train_sft --config configs/train/sft.yaml [--set init_from=path/to/hf_dir] [--resume auto|PATH]
+"""
+
+from __future__ import annotations
+
+from src.dataset.base import build_tokenizer
+from src.trainer import Trainer
+from src.trainer.launch import build_loaders, build_model, check_paths, config_from_args, parse_args
+from src.utils.distributed import init_distributed, shutdown_distributed
+
+
+def main(argv: list[str] | None = None) -> str:
+    cfg = config_from_args("sft", parse_args("sft", argv))
+    check_paths(cfg)
+    info = init_distributed(cfg.trainer.device)
+    try:
+        tokenizer = build_tokenizer(cfg.data.tokenizer)
+        train_loader, val_loader = build_loaders("sft", cfg, tokenizer, info)
+        model = build_model(cfg, tokenizer)
+        return Trainer(cfg, model, train_loader, val_loader, info).fit()
+    finally:
+        shutdown_distributed(info)
+
+
+if __name__ == "__main__":
+    main()
