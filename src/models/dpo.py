@@ -34,10 +34,11 @@ The loss is the mean over the pairs of the batch; rewards are beta * (pi - ref),
 
 Per-token log-probabilities are computed from the final hidden states and the LM head weight on the
 supervised positions only (prompt tokens are never projected onto the vocabulary). With
-`kernels.cross_entropy: fused_linear` they go through the fused per-token kernel; otherwise through
-a chunked pure-PyTorch path that builds fp32 logits for `chunk_size` tokens at a time and recomputes
-them in backward (activation checkpointing per chunk), so no (tokens, vocab) fp32 tensor ever exists
-whole, forward or backward.
+`kernels.cross_entropy: fused_linear` they go through the fused Triton kernel
+(`kernels/token_logprobs.py`, op `token_logprobs` in dispatch); otherwise through its pure-PyTorch
+reference `token_logprobs_ref`, applied `chunk_size` tokens at a time and recomputed in backward
+(activation checkpointing per chunk), so no (tokens, vocab) fp32 tensor ever exists whole, forward
+or backward.
 
 The reference model is either live (a frozen deep copy of the policy, run under no_grad in eval mode)
 or precomputed: `precompute_reference_logps` runs it once over the data, the result is stored beside
@@ -56,19 +57,22 @@ Export with `model.policy.save_pretrained(...)` (`DPOModel.save_pretrained` does
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .components import IGNORE_INDEX
+from .components import IGNORE_INDEX, get_kernel
+from .components.loss import token_logprobs_ref
 from .modeling_utils import CausalLM
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+TRIM_MULTIPLE = 64  # trailing padding is cut to a multiple of this many positions
 METRIC_NAMES = (
     "rewards/chosen",
     "rewards/rejected",
@@ -87,7 +91,7 @@ class DPOConfig:
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = 0.0  # conservative DPO: assumed probability that a preference label is flipped
     reference: Literal["live", "precomputed"] = "live"
-    chunk_size: int = 1024  # tokens per chunk of the pure-PyTorch per-token log-probability path
+    chunk_size: int = 1024  # tokens per chunk of the pure-PyTorch log-prob path (the fused kernel picks its own)
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -159,19 +163,14 @@ def dpo_loss(
 # Per-token and per-sequence log-probabilities
 
 
-def _chunk_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(hidden @ weight.T)[label] for (n, C) hidden, (n,) labels; fp32 (n,)."""
-    logits = (hidden @ weight.t()).float()  # (n, V)
-    return logits.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-
 def chunked_token_logps(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024
 ) -> torch.Tensor:
     """Per-token log-probabilities (N,) fp32 of labels (N,) under logits = hidden (N, C) @ weight (V, C).T.
 
-    Pure PyTorch, `chunk_size` tokens at a time; with gradients enabled each chunk is recomputed in
-    backward, so at most one chunk's (chunk_size, V) fp32 logits exist at any time.
+    The pure-PyTorch reference `token_logprobs_ref`, applied `chunk_size` tokens at a time; with
+    gradients enabled each chunk is recomputed in backward (activation checkpointing), so at most
+    one chunk's (chunk_size, V) fp32 logits exist at any time, forward or backward.
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
@@ -180,22 +179,19 @@ def chunked_token_logps(
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
         if recompute:
-            pieces.append(checkpoint(_chunk_token_logps, h, weight, y, use_reentrant=False))
+            pieces.append(checkpoint(token_logprobs_ref, h, weight, y, use_reentrant=False))
         else:
-            pieces.append(_chunk_token_logps(h, weight, y))
+            pieces.append(token_logprobs_ref(h, weight, y))
     return torch.cat(pieces)
 
 
-def _token_logps_fn(model: CausalLM):
-    """The fused per-token kernel when the model runs `cross_entropy: fused_linear` and it exists, else None."""
+def token_logps_fn(model: CausalLM, chunk_size: int = 1024) -> Callable:
+    """(hidden (N, C), weight (V, C), labels (N,)) -> (N,) fp32 log-probs, for this model's kernels:
+    the fused Triton kernel under `kernels.cross_entropy: fused_linear`, else the chunked reference."""
     kernels = getattr(model, "kernels", None)
-    if kernels is None or kernels.cross_entropy != "fused_linear":
-        return None
-    from .components import dispatch
-
-    if "token_logprobs" not in dispatch._REGISTRY:
-        return None
-    return dispatch.get_kernel("token_logprobs", "triton")
+    if kernels is not None and kernels.cross_entropy == "fused_linear":
+        return get_kernel("token_logprobs", "triton")
+    return functools.partial(chunked_token_logps, chunk_size=chunk_size)
 
 
 def sequence_logps(
@@ -222,17 +218,17 @@ def sequence_logps(
             f"{', '.join(names)}: no supervised token (every label is -100), so the sequence log-probability "
             "is undefined; the dataset must skip such rows (empty completion, or a prompt that fills the context)"
         )
+    # Right padding after the last supervised position of every row changes nothing (causal
+    # attention), so it is not run; the kept length is rounded up to limit distinct shapes.
+    last = int(supervised.any(dim=0).nonzero().max()) + 1
+    T = min(T, -(-last // TRIM_MULTIPLE) * TRIM_MULTIPLE)
+    input_ids, supervised, labels = input_ids[:, :T], supervised[:, :T], labels[:, :T]
     hidden = model.hidden_states(input_ids)  # (B, T, C)
     flat = supervised.reshape(-1).nonzero().squeeze(1)  # (M,) positions with a target
     rows = flat // T  # (M,) the row each position belongs to
     hidden_sel = hidden.reshape(B * T, -1).index_select(0, flat)  # (M, C)
     labels_sel = labels.reshape(-1).index_select(0, flat)  # (M,)
-    fused = _token_logps_fn(model)
-    weight = model.lm_head.weight
-    if fused is not None:
-        token_logps = fused(hidden_sel, weight, labels_sel).float()
-    else:
-        token_logps = chunked_token_logps(hidden_sel, weight, labels_sel, chunk_size)
+    token_logps = token_logps_fn(model, chunk_size)(hidden_sel, model.lm_head.weight, labels_sel).float()  # (M,)
     return torch.zeros(B, dtype=torch.float32, device=token_logps.device).index_add(0, rows, token_logps)
 
 

@@ -2,12 +2,14 @@
 log-probabilities against a brute-force computation, precomputed == live reference, bad input,
 and a tiny model that learns a synthetic preference."""
 
+import json
 import math
 
 import pytest
 import torch
 
 from src.models import AutoModelForCausalLM, KernelConfig
+from src.models.components.dispatch import triton_available
 from src.models.dpo import (
     METRIC_NAMES,
     DPOConfig,
@@ -20,8 +22,12 @@ from src.models.dpo import (
     precompute_reference_logps,
     sequence_logps,
 )
+from src.trainer.config import CheckpointConfig, LoggingConfig, OptimizerConfig, ScheduleConfig, TrainConfig, TrainerConfig
+from src.trainer.trainer import Trainer
 from src.utils.config import ConfigError, from_dict
+from src.utils.distributed import DistInfo
 
+CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
 VOCAB = 48
 TINY_QWEN2 = dict(
     model_family="qwen2",
@@ -340,24 +346,85 @@ def test_reference_built_after_parallel_wrapping_is_an_error():
 # Training
 
 
-def test_dpo_training_learns_held_out_preferences():
-    """Chosen copies the prompt, rejected reverses it; DPO must rank held-out pairs correctly."""
+class PreferenceStream:
+    """An endless DPO train loader (the data loader protocol: dict batches of CPU LongTensors)."""
+
+    def __init__(self, batch_size: int, seed: int):
+        self.batch_size, self.generator = batch_size, torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        while True:
+            yield make_pairs(self.batch_size, self.generator)
+
+
+def test_dpo_training_learns_held_out_preferences(tmp_path):
+    """Chosen copies the prompt, rejected reverses it; DPO through the Trainer must rank held-out
+    pairs correctly, log the DPO metrics, and export the policy."""
     torch.manual_seed(0)
-    model = DPOModel(tiny_model(), config=DPOConfig(beta=0.1))
+    model = DPOModel(tiny_model(), config=DPOConfig(beta=0.5))
     held_out = make_pairs(256, torch.Generator().manual_seed(2))
     with torch.no_grad():
         before = model(**held_out).metrics
     assert before["rewards/accuracies"].item() == 0.0  # policy == reference: every reward is exactly 0
 
-    train = torch.Generator().manual_seed(1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
-    model.train()
-    for _ in range(200):
-        out = model(**make_pairs(32, train))
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
+    cfg = TrainConfig(
+        run_name="dpo",
+        output_dir=str(tmp_path),
+        trainer=TrainerConfig(micro_batch_size=32, seq_len=10, max_steps=150, device="cpu"),
+        optimizer=OptimizerConfig(lr=3e-3, weight_decay=0.0, grad_clip=1.0),
+        schedule=ScheduleConfig(type="constant", warmup_steps=5),
+        checkpoint=CheckpointConfig(every=0, save_final=False, export_hf=True),
+        logging=LoggingConfig(log_every=50),
+    )
+    Trainer(cfg, model, PreferenceStream(32, seed=1), None, CPU).fit()
     with torch.no_grad():
         after = model(**held_out).metrics
     assert after["rewards/accuracies"].item() > 0.9
     assert after["rewards/margins"].item() > 0.5
+
+    logged = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [row for row in logged if any(k.endswith("rewards/accuracies") for k in row)]
+    assert len(train_rows) == 3, logged[:2]
+    assert all(any(name in k for k in train_rows[-1]) for name in METRIC_NAMES)
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo" / "hf", kernels=KernelConfig.reference())
+    for name, p in model.policy.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[name], p, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs a GPU or TRITON_INTERPRET=1")
+def test_fused_kernel_path_matches_reference_path():
+    """`cross_entropy: fused_linear` routes DPO log-probs through kernels/token_logprobs.py; same values and grads."""
+    reference_path = tiny_model()
+    fused_path = AutoModelForCausalLM.from_config(TINY_QWEN2, kernels=KernelConfig.reference().replace(cross_entropy="fused_linear"))
+    fused_path.load_state_dict(reference_path.state_dict())
+    batch = make_pairs(2, torch.Generator().manual_seed(0))
+    results = []
+    for policy in (reference_path, fused_path):
+        model = DPOModel(policy)
+        torch.manual_seed(123)  # the same perturbation for both
+        perturb_(policy)
+        out = model(**batch)
+        out.loss.backward()
+        results.append((out, [p.grad for p in policy.parameters()]))
+    (ref_out, ref_grads), (fused_out, fused_grads) = results
+    torch.testing.assert_close(fused_out.loss, ref_out.loss, atol=1e-5, rtol=1e-5)
+    for name in METRIC_NAMES:
+        torch.testing.assert_close(fused_out.metrics[name], ref_out.metrics[name], atol=1e-4, rtol=1e-5)
+    for got, want in zip(fused_grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_trailing_padding_is_trimmed_without_changing_logps():
+    """Loader batches are padded to seq_len; the padding after the last completion token is not run."""
+    model = tiny_model({**TINY_QWEN2, "block_size": 256})
+    input_ids = torch.randint(0, VOCAB, (2, 200))
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 5:20] = input_ids[0, 6:21]
+    labels[1, 5:70] = input_ids[1, 6:71]
+    seen = []
+    hook = model.layers[0].register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    got = sequence_logps(model, input_ids, labels)
+    hook.remove()
+    assert seen == [128]  # 70 supervised positions, rounded up to a multiple of 64
+    torch.testing.assert_close(got, brute_force_logps(model, input_ids, labels), atol=1e-5, rtol=1e-5)
