@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Shared by run_pretrain.sh, run_sft.sh and run_dpo.sh: set up the environment, then start
+# `python -m src.train_<task>` directly (one process) or through torchrun (several).
+#   usage (from those scripts): launch TASK DEFAULT_GPU_CONFIG DEFAULT_CPU_CONFIG "$@"
+set -euo pipefail
+
+launch() {
+  local task=$1 gpu_config=$2 cpu_config=$3
+  shift 3
+  cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+  # The environment: reuse .venv, or create it and install requirements.txt (as scripts/test.sh does).
+  VENV=${VENV:-.venv}
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "[run_$task] creating $VENV and installing requirements.txt (once)"
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -r requirements.txt
+  fi
+  local python="$VENV/bin/python"
+
+  # NVLink SHARP / multicast stay off: they hang or fail on machines where the fabric is partitioned.
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+
+  local gpus
+  gpus=$("$python" -c "import torch; print(torch.cuda.device_count())")
+  local config=${CONFIG:-}
+  if [ -z "$config" ]; then
+    if [ "$gpus" -gt 0 ]; then config=$gpu_config; else config=$cpu_config; fi
+  fi
+  NUM_GPUS=${NUM_GPUS:-$([ "$gpus" -gt 0 ] && echo 1 || echo 0)}
+  NNODES=${NNODES:-1}
+  NODE_RANK=${NODE_RANK:-0}
+  MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+  MASTER_PORT=${MASTER_PORT:-29500}
+  if [ "$NUM_GPUS" -gt "$gpus" ]; then
+    echo "[run_$task] NUM_GPUS=$NUM_GPUS but this machine has $gpus GPU(s)" >&2
+    exit 2
+  fi
+
+  echo "[run_$task] config $config | GPUs per node $NUM_GPUS | nodes $NNODES"
+  if [ "$NUM_GPUS" -le 1 ] && [ "$NNODES" -eq 1 ]; then
+    # One process: the GPU if there is one, else the CPU (trainer.device: auto).
+    exec "$python" -m "src.train_$task" --config "$config" "$@"
+  fi
+  exec "$python" -m torch.distributed.run \
+    --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NUM_GPUS" \
+    --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+    -m "src.train_$task" --config "$config" "$@"
+}
