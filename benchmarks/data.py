@@ -196,7 +196,8 @@ def main():
 
         fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
         a.bar([f"{p['tokenizer']}\n{p['workers']} workers" for p in prep], [p["tokens_per_s"] / 1e6 for p in prep])
-        a.set_ylabel("M tokens/s")
+        a.set_yscale("log")
+        a.set_ylabel("M tokens/s (log)")
         a.set_title("prepare (text -> shards)")
         labels = [f"{r['path']}\n{'doc-aware' if r['document_aware'] else 'plain'}" for r in reads]
         b.barh(labels, [r["tokens_per_s"] / 1e6 for r in reads])
