@@ -5,7 +5,7 @@ A family subclasses `CausalLM` and provides:
     config_class        its config dataclass (with from_hf_config / to_hf_config)
     hf_model_type       the `model_type` of its Hugging Face checkpoints
     from_hf_state_dict  / to_hf_state_dict: the parameter-name mapping (hf_mapping.py)
-    hidden_states(input_ids, position_ids=None, attention_mask=None, kv_cache=None) -> (B, T, C)
+    hidden_states(input_ids, position_ids=None, attention_mask=None, kv_cache=None, document_ids=None) -> (B, T, C)
 and inherits `forward`, which adds the LM head and the loss.
 """
 
@@ -189,13 +189,21 @@ class CausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_logits: bool | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids (B, T); labels (B, T) aligned with the logits (see `shift_labels`), -100 ignored.
 
         position_ids (B, T): positions for RoPE / learned tables (packed documents, left padding).
         attention_mask (B, T_past + T): 1 for real tokens, 0 for padding (generation).
+        document_ids (B, T): packed documents (runs of equal ids); no token attends across them.
         """
-        hidden = self.hidden_states(input_ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache)
+        hidden = self.hidden_states(
+            input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            kv_cache=kv_cache,
+            document_ids=document_ids,
+        )
         return self.lm_output(hidden, labels, return_logits)
 
     def hidden_states(
@@ -204,6 +212,7 @@ class CausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define hidden_states()")
 
