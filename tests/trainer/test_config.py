@@ -1,0 +1,83 @@
+"""Train configs load strictly: errors name the key and the fix, before anything is built."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from src.trainer.config import TrainConfig, load_config
+from src.utils.config import ConfigError
+
+BASE = {
+    "model_config_path": "configs/model/gpt2_tiny.yaml",
+    "data": {"type": "local", "path": "data/openwebtext_subset.jsonl", "tokenizer": {"type": "byte"}},
+    "trainer": {"max_steps": 10, "seq_len": 64},
+    "schedule": {"warmup_steps": 2},
+}
+
+
+def write(tmp_path, data, name="train.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("name", ["pretrain", "pretrain_cpu", "sft", "dpo"])
+def test_shipped_configs_load(name):
+    cfg = load_config(f"configs/train/{name}.yaml", task="pretrain" if name.startswith("pretrain") else name)
+    assert isinstance(cfg, TrainConfig) and cfg.model_config is not None
+
+
+def test_overrides_apply_and_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["trainer.max_steps=7", "optimizer.lr=1e-3", "compile=true"])
+    assert cfg.trainer.max_steps == 7 and cfg.optimizer.lr == 1e-3 and cfg.compile is True
+    assert cfg.model_config.n_layer == 2 and cfg.run_dir.endswith("run")
+
+
+def test_unknown_key_names_the_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'trainer.max_step'. Did you mean 'max_steps'"):
+        load_config(write(tmp_path, BASE), ["trainer.max_step=5"])
+    with pytest.raises(ConfigError, match=r"unknown key 'optimiser'. Did you mean 'optimizer'"):
+        load_config(write(tmp_path, {**BASE, "optimiser": {"lr": 1.0}}))
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"key 'trainer.micro_batch_size': expected an integer, got 'eight'"):
+        load_config(write(tmp_path, BASE), ["trainer.micro_batch_size=eight"])
+    with pytest.raises(ConfigError, match=r"'parallel.strategy': 'fsdp' is not one of .* Did you mean 'fsdp2'"):
+        load_config(write(tmp_path, BASE), ["parallel.strategy=fsdp"])
+
+
+def test_missing_model_yaml_lists_what_exists(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model config not found: 'configs/model/gpt_9b.yaml'.*gpt_125m.yaml"):
+        load_config(write(tmp_path, {**BASE, "model_config_path": "configs/model/gpt_9b.yaml"}))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.max_steps=null"], "set trainer.max_steps or trainer.max_tokens"),
+        (["trainer.seq_len=4096"], r"seq_len \(4096\) exceeds the model's block_size \(128\)"),
+        (["schedule.warmup_steps=10"], r"warmup_steps \(10\) must be below trainer.max_steps \(10\)"),
+        (["schedule.min_lr=1.0"], r"min_lr \(1.0\) is above optimizer.lr"),
+        (["trainer.eval_every=5"], "needs a validation split: set data.val_fraction"),
+        (["init_from=nowhere/at/all"], "init_from 'nowhere/at/all' does not exist"),
+        (["trainer.grad_accum_steps=0"], "trainer.grad_accum_steps must be >= 1"),
+    ],
+)
+def test_impossible_combinations(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, BASE), overrides)
+
+
+def test_dpo_block_belongs_to_dpo(tmp_path):
+    data = {**BASE, "dpo": {"beta": 0.2}}
+    with pytest.raises(ConfigError, match="applies to src.train_dpo only"):
+        load_config(write(tmp_path, data), task="pretrain")
+    assert load_config(write(tmp_path, data), task="dpo").dpo.beta == 0.2
+    assert load_config(write(tmp_path, BASE), task="dpo").dpo.loss_type == "sigmoid"
+
+
+def test_missing_data_block(tmp_path):
+    with pytest.raises(ConfigError, match="missing the 'data:' block"):
+        load_config(write(tmp_path, {k: v for k, v in BASE.items() if k != "data"}))

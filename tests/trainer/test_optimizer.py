@@ -1,0 +1,83 @@
+"""AdamW parameter groups and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from src.models import AutoModelForCausalLM, KernelConfig, Qwen2Config
+from src.trainer.config import OptimizerConfig, ScheduleConfig
+from src.trainer.optimizer import LRSchedule, build_optimizer, param_groups
+
+from .helpers import tiny_model
+
+
+def group_names(model):
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    return {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+
+
+def test_no_weight_decay_on_norms_biases_embeddings_gpt2():
+    model = tiny_model()
+    decay, no_decay = group_names(model)
+    assert not decay & no_decay
+    assert {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "layers.0.ln_1.weight",
+            "layers.0.attn.qkv.bias"} <= no_decay
+    assert all(n.endswith(".weight") and "ln" not in n and "wte" not in n and "wpe" not in n for n in decay)
+    assert "layers.1.mlp.fc.weight" in decay
+    # the tied lm_head is the embedding table: counted once, not decayed
+    all_params = {id(p) for p in model.parameters()}
+    assert len(decay) + len(no_decay) == len(all_params)
+
+
+def test_no_weight_decay_qwen2_untied_head_is_decayed():
+    cfg = Qwen2Config(n_layer=1, n_head=2, num_kv_heads=1, n_embd=32, vocab_size=50, block_size=32,
+                      intermediate_size=64, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(cfg, kernels=KernelConfig.reference())
+    decay, no_decay = group_names(model)
+    assert "embed_tokens.weight" in no_decay and "norm.weight" in no_decay
+    assert "lm_head.weight" in decay
+    assert all(p.dim() < 2 for n, p in model.named_parameters() if n in no_decay and "embed" not in n)
+
+
+def test_weight_decay_really_skips_the_group():
+    model = tiny_model()
+    opt = build_optimizer(model, OptimizerConfig(lr=0.1, weight_decay=0.5), torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's update is 0 with zero gradients: only decay moves weights
+    opt.step()
+    after = dict(model.named_parameters())
+    assert torch.equal(after["ln_f.weight"], before["ln_f.weight"])
+    assert torch.equal(after["wte.weight"], before["wte.weight"])
+    torch.testing.assert_close(after["layers.0.mlp.fc.weight"], before["layers.0.mlp.fc.weight"] * (1 - 0.1 * 0.5))
+
+
+def lrs(cfg, lr=1.0, total=100):
+    schedule = LRSchedule(cfg, lr, total)
+    return [schedule.lr_at(s) for s in range(total)]
+
+
+def test_cosine_schedule():
+    values = lrs(ScheduleConfig(type="cosine", warmup_steps=10, min_lr=0.1))
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)  # linear warmup
+    assert values[10] == pytest.approx(1.0)
+    assert values[55] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))  # half way
+    assert values[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))  # monotone decay
+
+
+def test_wsd_schedule():
+    values = lrs(ScheduleConfig(type="wsd", warmup_steps=10, min_lr=0.0, decay_fraction=0.2))
+    assert values[5] == pytest.approx(0.6)
+    assert all(v == 1.0 for v in values[10:80])  # stable
+    assert values[90] == pytest.approx(0.5)  # linear decay over the last 20 steps
+    assert values[-1] == pytest.approx(0.05)
+
+
+def test_constant_schedule_and_no_warmup():
+    assert lrs(ScheduleConfig(type="constant", warmup_steps=0, min_lr=0.0), total=5) == [1.0] * 5
