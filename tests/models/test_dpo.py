@@ -2,8 +2,10 @@
 log-probabilities against a brute-force computation, precomputed == live reference, bad input,
 and a tiny model that learns a synthetic preference."""
 
+import itertools
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -22,7 +24,15 @@ from src.models.dpo import (
     precompute_reference_logps,
     sequence_logps,
 )
-from src.trainer.config import CheckpointConfig, LoggingConfig, OptimizerConfig, ScheduleConfig, TrainConfig, TrainerConfig
+from src.trainer.config import (
+    CheckpointConfig,
+    LoggingConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    ScheduleConfig,
+    TrainConfig,
+    TrainerConfig,
+)
 from src.trainer.trainer import Trainer
 from src.utils.config import ConfigError, from_dict
 from src.utils.distributed import DistInfo
@@ -390,6 +400,81 @@ def test_dpo_training_learns_held_out_preferences(tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo" / "hf", kernels=KernelConfig.reference())
     for name, p in model.policy.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[name], p, atol=0, rtol=0)
+
+
+class RankSlicedPairs:
+    """Global batch b (pairs of seed + b) split between ranks: one process with batch B*W sees
+    exactly the union of what W ranks of batch B see."""
+
+    def __init__(self, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+
+    def __iter__(self):
+        for b in itertools.count():
+            full = make_pairs(self.batch_size * self.world_size, torch.Generator().manual_seed(self.seed + b))
+            start = self.rank * self.batch_size
+            yield {k: v[start : start + self.batch_size] for k, v in full.items()}
+
+
+def _dpo_run(run_dir, strategy: str, batch_size: int, info) -> list[dict]:
+    cfg = TrainConfig(
+        run_name=os.path.basename(run_dir),
+        output_dir=os.path.dirname(run_dir),
+        trainer=TrainerConfig(micro_batch_size=batch_size, seq_len=10, max_steps=3, device="cpu"),
+        optimizer=OptimizerConfig(lr=3e-3, weight_decay=0.0, grad_clip=1.0),
+        schedule=ScheduleConfig(type="constant", warmup_steps=0),
+        checkpoint=CheckpointConfig(every=0, save_final=False, export_hf=True),
+        logging=LoggingConfig(log_every=1),
+        parallel=ParallelConfig(strategy=strategy),
+    )
+    torch.manual_seed(0)
+    model = DPOModel(tiny_model(), config=DPOConfig(beta=0.5))
+    trainer = Trainer(cfg, model, RankSlicedPairs(batch_size, info.rank, info.world_size), None, info)
+    trainer.fit()
+    return [row for row in trainer.history if row["split"] == "train"]
+
+
+def _fsdp2_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One rank of the FSDP2 DPO run (started by torch.multiprocessing.spawn)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from src.utils.distributed import init_distributed, shutdown_distributed
+
+    info = init_distributed("cpu")
+    try:
+        history = _dpo_run(os.path.join(out_dir, "fsdp2"), "fsdp2", 2, info)
+        if rank == 0:
+            with open(os.path.join(out_dir, "history.json"), "w") as f:
+                json.dump(history, f)
+    finally:
+        shutdown_distributed(info)
+
+
+def test_fsdp2_two_ranks_match_one_process(tmp_path):
+    """DPOModel under FSDP2 (policy and reference blocks sharded, both models' embeddings and heads
+    in the root group) on 2 CPU ranks: the losses and DPO metrics of one process, and the
+    gathered export of the policy."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_fsdp2_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    with open(tmp_path / "history.json") as f:
+        sharded = json.load(f)
+    single = _dpo_run(str(tmp_path / "single"), "none", 4, CPU)
+    assert len(sharded) == len(single) == 3
+    for got, want in zip(sharded, single):
+        for name in ("loss", *METRIC_NAMES):
+            assert got[name] == pytest.approx(want[name], rel=1e-4, abs=1e-5), name
+    assert single[-1]["rewards/margins"] != 0.0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp2" / "hf", kernels=KernelConfig.reference())
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "hf", kernels=KernelConfig.reference())
+    for name, p in reference.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[name], p, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs a GPU or TRITON_INTERPRET=1")
