@@ -9,15 +9,19 @@ launch() {
   shift 3
   cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-  # The environment: reuse .venv, or create it and install requirements.txt (as scripts/test.sh does).
-  VENV=${VENV:-.venv}
-  if [ ! -x "$VENV/bin/python" ]; then
-    echo "[run_$task] creating $VENV and installing requirements.txt (once)"
-    python3 -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -r requirements.txt
+  # The environment: PYTHON if given (an interpreter that already has the requirements), else
+  # .venv, created with requirements.txt installed on first use (as scripts/test.sh does).
+  local python=${PYTHON:-}
+  if [ -z "$python" ]; then
+    VENV=${VENV:-.venv}
+    if [ ! -x "$VENV/bin/python" ]; then
+      echo "[run_$task] creating $VENV and installing requirements.txt (once)"
+      python3 -m venv "$VENV"
+      "$VENV/bin/python" -m pip install -q --upgrade pip
+      "$VENV/bin/python" -m pip install -q -r requirements.txt
+    fi
+    python="$VENV/bin/python"
   fi
-  local python="$VENV/bin/python"
 
   # NVLink SHARP / multicast stay off: they hang or fail on machines where the fabric is partitioned.
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

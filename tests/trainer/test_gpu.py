@@ -1,0 +1,73 @@
+"""On a CUDA GPU: bf16 + torch.compile + the fused AdamW with the on-device NaN skip, and
+selective activation checkpointing. Skipped without CUDA (the `gpu` marker)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from src.trainer import Trainer
+from src.utils.distributed import DistInfo
+
+from .helpers import SyntheticLoader, make_config, replace, tiny_model
+
+pytestmark = pytest.mark.gpu
+
+
+def gpu_info() -> DistInfo:
+    return DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0), backend=None)
+
+
+def cuda_config(tmp_path, **changes):
+    cfg = make_config(tmp_path, max_steps=30, **changes)
+    cfg.trainer.device = "cuda"
+    cfg.trainer.precision = "bf16"
+    return cfg
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_bf16_training_on_gpu(tmp_path, compile_):
+    cfg = replace(cuda_config(tmp_path / str(compile_)), compile=compile_)
+    trainer = Trainer(cfg, tiny_model(), SyntheticLoader(8), None, gpu_info())
+    assert trainer.fused_optimizer and trainer.bf16
+    trainer.fit()
+    losses = [r["loss"] for r in trainer.history if r["split"] == "train"]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert all(r["mem_gib"] > 0 for r in trainer.history)
+
+
+def test_fused_optimizer_skips_a_nonfinite_step_on_device(tmp_path):
+    model = tiny_model()
+    forward = model.forward
+    state = {"poison": False}
+
+    def maybe_poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if state["poison"]:
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = maybe_poisoned
+    trainer = Trainer(cuda_config(tmp_path), model, SyntheticLoader(8), None, gpu_info())
+    loader = SyntheticLoader(8)
+    trainer.train_step([loader.batch(0)])
+    before = {k: v.clone() for k, v in trainer.bare.state_dict().items()}
+    steps = [s["step"].clone() for s in trainer.optimizer.state.values()]
+    state["poison"] = True
+    trainer.train_step([loader.batch(1)])
+    for name, value in trainer.bare.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(torch.equal(s["step"], b) for s, b in zip(trainer.optimizer.state.values(), steps))
+    assert int(trainer.skipped) == 1
+
+
+def test_selective_activation_checkpointing_on_gpu(tmp_path):
+    plain = Trainer(cuda_config(tmp_path / "plain"),
+                    tiny_model(), SyntheticLoader(8), None, gpu_info())
+    ac_cfg = cuda_config(tmp_path / "ac", activation_checkpointing="selective")
+    ac = Trainer(ac_cfg, tiny_model(), SyntheticLoader(8), None, gpu_info())
+    plain.fit()
+    ac.fit()
+    a = [r["loss"] for r in plain.history]
+    b = [r["loss"] for r in ac.history]
+    assert b == pytest.approx(a, rel=2e-2)
