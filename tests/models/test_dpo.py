@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from src.models import AutoModelForCausalLM, KernelConfig
+from src.models.components import get_kernel
 from src.models.components.dispatch import triton_available
+from src.models.components.loss import token_logprobs_ref
 from src.models.dpo import (
     METRIC_NAMES,
     DPOConfig,
@@ -513,3 +515,88 @@ def test_trailing_padding_is_trimmed_without_changing_logps():
     hook.remove()
     assert seen == [128]  # 70 supervised positions, rounded up to a multiple of 64
     torch.testing.assert_close(got, brute_force_logps(model, input_ids, labels), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the fused kernel in bf16 at realistic sizes, and memory of the per-token log-prob paths
+
+
+def _peak_extra_bytes(fn, device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+@pytest.mark.gpu
+def test_gpu_token_logps_memory_and_agreement():
+    """8192 completion tokens, Qwen2-0.5B head (896 x 151936), bf16: forward + backward peak memory
+    of the chunked reference and of the fused kernel, against the unchunked reference."""
+    device = torch.device("cuda")
+    n, hidden_dim, vocab = 8192, 896, 151936
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = (torch.randn(n, hidden_dim, device=device, generator=g) * 0.5).to(torch.bfloat16).requires_grad_(True)
+    weight = (torch.randn(vocab, hidden_dim, device=device, generator=g) * 0.02).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.randint(0, vocab, (n,), device=device, generator=g)
+    upstream = torch.randn(n, device=device, generator=g)
+    fused = get_kernel("token_logprobs", "triton")
+    paths = {
+        "unchunked reference": lambda: token_logprobs_ref(hidden, weight, labels),
+        "chunked reference (1024)": lambda: chunked_token_logps(hidden, weight, labels, chunk_size=1024),
+        "fused kernel": lambda: fused(hidden, weight, labels),
+    }
+    results, peaks = {}, {}
+    for name, path in paths.items():
+        hidden.grad = weight.grad = None
+
+        def run():
+            out = path()
+            (out * upstream).sum().backward()
+            results[name] = (out.detach().float(), hidden.grad.float(), weight.grad.float())
+
+        peaks[name] = _peak_extra_bytes(run, device)
+    print(f"\n{'per-token log-probs, N=8192 H=896 V=151936 bf16':<50} peak extra memory (fwd+bwd)")
+    for name, peak in peaks.items():
+        print(f"{name:<50} {peak / 2**30:8.2f} GiB")
+    full_fp32_logits = n * vocab * 4
+    assert peaks["chunked reference (1024)"] < 0.35 * peaks["unchunked reference"]
+    assert peaks["chunked reference (1024)"] < full_fp32_logits
+    assert peaks["fused kernel"] < full_fp32_logits / 2
+    want = results["unchunked reference"]
+    for name in ("chunked reference (1024)", "fused kernel"):
+        for got, ref in zip(results[name], want):
+            scale = ref.abs().max().item()
+            assert (got - ref).abs().max().item() <= 3e-2 * scale + 1e-3, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cross_entropy", ["torch", "fused_linear"])
+def test_gpu_dpo_bf16_autocast_matches_fp32(cross_entropy):
+    """DPOModel on the GPU under bf16 autocast (live reference), torch and fused log-prob paths:
+    loss and metrics close to fp32, the reference untouched by a training step."""
+    device = torch.device("cuda")
+    family = {**TINY_QWEN2, "n_embd": 256, "intermediate_size": 512, "n_head": 8, "num_kv_heads": 2,
+              "vocab_size": 32000, "block_size": 512}
+    kernels = KernelConfig.reference().replace(cross_entropy=cross_entropy)
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(family, kernels=kernels).to(device)
+    model = DPOModel(policy, config=DPOConfig(beta=0.1))
+    perturb_(policy, scale=0.01)
+    g = torch.Generator().manual_seed(0)
+    batch = {k: v.to(device) for k, v in make_pairs(8, g, prompt_len=100).items()}
+    with torch.no_grad():
+        exact = model(**batch)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = model(**batch)
+    assert abs(low.loss.item() - exact.loss.item()) < 0.05
+    assert abs(low.metrics["logps/chosen"].item() - exact.metrics["logps/chosen"].item()) < 0.02 * abs(exact.metrics["logps/chosen"].item())
+    before = {k: v.clone() for k, v in model.reference.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(**batch)
+    out.loss.backward()
+    opt.step()
+    assert torch.isfinite(out.loss)
+    assert all(torch.equal(v, before[k]) for k, v in model.reference.state_dict().items())
