@@ -38,7 +38,9 @@ supervised positions only (prompt tokens are never projected onto the vocabulary
 (`kernels/token_logprobs.py`, op `token_logprobs` in dispatch); otherwise through its pure-PyTorch
 reference `token_logprobs_ref`, applied `chunk_size` tokens at a time and recomputed in backward
 (activation checkpointing per chunk), so no (tokens, vocab) fp32 tensor ever exists whole, forward
-or backward.
+or backward. Finding the supervised positions (and checking that no row lacks one) reads a few
+small tensors on the host: a sync per forward, which also lets the trailing padding of loader
+batches (padded to seq_len) be cut before the transformer runs.
 
 The reference model is either live (a frozen deep copy of the policy, run under no_grad in eval mode)
 or precomputed: `precompute_reference_logps` runs it once over the data, the result is stored beside
