@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from src.dataset.base import Tokenizer, build_dataloader, build_tokenizer
+from src.dataset.base import Tokenizer, build_dataloader
 from src.models import AutoModelForCausalLM, CausalLM
 from src.utils.config import ConfigError
 from src.utils.distributed import DistInfo
