@@ -26,6 +26,7 @@ from src.models.components.attention.documents import PackedDocuments
 from src.models.components.attention.flex import flex_attention_forward
 
 B, T, D = 2, 37, 16  # odd length: masks straddle FlexAttention's 128-token blocks and SDPA tiles
+GPU_D = 64  # FlexAttention's GPU kernels need head_dim >= 32
 
 # name -> (query heads, key/value heads, sliding window, packed documents)
 CASES = {
@@ -44,10 +45,10 @@ def document_ids(device="cpu") -> torch.Tensor:
     return torch.tensor([row0, row1], device=device)
 
 
-def make_qkv(hq, hkv, tq=T, tk=T, dtype=torch.float32, device="cpu", requires_grad=False):
-    q = torch.randn(B, tq, hq, D, dtype=dtype, device=device)
-    k = torch.randn(B, tk, hkv, D, dtype=dtype, device=device)
-    v = torch.randn(B, tk, hkv, D, dtype=dtype, device=device)
+def make_qkv(hq, hkv, tq=T, tk=T, dtype=torch.float32, device="cpu", requires_grad=False, d=D):
+    q = torch.randn(B, tq, hq, d, dtype=dtype, device=device)
+    k = torch.randn(B, tk, hkv, d, dtype=dtype, device=device)
+    v = torch.randn(B, tk, hkv, d, dtype=dtype, device=device)
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
 
 
@@ -236,6 +237,7 @@ def cuda_request(**changes) -> AttentionRequest:
         device=torch.device("cuda", 0),
         dtype=torch.bfloat16,
         head_dim=128,
+        seq_len=4096,
         gqa=False,
         causal=True,
         sliding_window=False,
@@ -263,6 +265,8 @@ class FakeProperties:
         (9, "", {"documents": True}, "flex"),
         (9, "", {"sliding_window": True}, "flex"),
         (9, "", {"documents": True, "dropout": True}, "sdpa"),
+        (9, "", {"documents": True, "seq_len": 512}, "sdpa"),  # dense mask wins on short rows
+        (9, "", {"documents": True, "head_dim": 16}, "sdpa"),  # flex has no GPU kernel for it
         (9, "", {"decoding": True, "sliding_window": True}, "sdpa"),
         (9, "", {"padding_mask": True}, "sdpa"),
         # Hopper with FlashAttention-2: cuDNN still wins dense causal; FA2 takes varlen documents.
@@ -340,8 +344,8 @@ SDPA_KERNELS = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_gpu_sdpa_kernels_match_reference(kernel, case):
     hq, hkv, kwargs = case_kwargs(case, "cuda")
-    q, k, v = make_qkv(hq, hkv, dtype=torch.bfloat16, device="cuda")
-    grad_out = torch.randn(B, T, hq, D, dtype=torch.bfloat16, device="cuda")
+    q, k, v = make_qkv(hq, hkv, dtype=torch.bfloat16, device="cuda", d=GPU_D)
+    grad_out = torch.randn(B, T, hq, GPU_D, dtype=torch.bfloat16, device="cuda")
     try:
         out, grads = run(sdpa_attention, q, k, v, grad_out, priority=[SDPA_KERNELS[kernel]], **kwargs)
     except RuntimeError as e:
@@ -356,8 +360,8 @@ def test_gpu_sdpa_kernels_match_reference(kernel, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_gpu_backends_match_reference(impl, case):
     hq, hkv, kwargs = case_kwargs(case, "cuda")
-    q, k, v = make_qkv(hq, hkv, dtype=torch.bfloat16, device="cuda")
-    grad_out = torch.randn(B, T, hq, D, dtype=torch.bfloat16, device="cuda")
+    q, k, v = make_qkv(hq, hkv, dtype=torch.bfloat16, device="cuda", d=GPU_D)
+    grad_out = torch.randn(B, T, hq, GPU_D, dtype=torch.bfloat16, device="cuda")
     out, grads = run(attend, q, k, v, grad_out, backend=impl, **kwargs)
     bf16_check(out, grads, q, k, v, grad_out, **kwargs)
 
@@ -367,8 +371,8 @@ def test_gpu_backends_match_reference(impl, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_gpu_flash_attn_matches_reference(case):
     hq, hkv, kwargs = case_kwargs(case, "cuda")
-    q, k, v = make_qkv(hq, hkv, dtype=torch.bfloat16, device="cuda")
-    grad_out = torch.randn(B, T, hq, D, dtype=torch.bfloat16, device="cuda")
+    q, k, v = make_qkv(hq, hkv, dtype=torch.bfloat16, device="cuda", d=GPU_D)
+    grad_out = torch.randn(B, T, hq, GPU_D, dtype=torch.bfloat16, device="cuda")
     out, grads = run(attend, q, k, v, grad_out, backend="flash_attn", **kwargs)
     bf16_check(out, grads, q, k, v, grad_out, **kwargs)
 
@@ -376,7 +380,7 @@ def test_gpu_flash_attn_matches_reference(case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["sdpa", "flex", "auto"])
 def test_gpu_decoding_and_padding_match_reference(impl):
-    q, k, v = make_qkv(4, 2, dtype=torch.bfloat16, device="cuda")
+    q, k, v = make_qkv(4, 2, dtype=torch.bfloat16, device="cuda", d=GPU_D)
     padding = torch.ones(B, T, dtype=torch.long, device="cuda")
     padding[1, :6] = 0
     mask = build_attention_mask(T, T, q.device, padding_mask=padding)

@@ -13,14 +13,16 @@ from src.models.qwen2.model import Qwen2ForCausalLM
 DOC_LENGTHS = [(5, 11, 8), (24,), (1, 23)]  # three rows of 24 tokens, a one-token document included
 
 
-def tiny(family: str, attention: str):
+def tiny(family: str, attention: str, n_embd: int = 32):
+    """n_embd 32 gives head_dim 8 (CPU tests); GPU tests use 256 (head_dim 64): FlexAttention's GPU
+    kernels need head_dim >= 32."""
     kernels = KernelConfig(attention=attention)
     if family == "qwen2":
         config = Qwen2Config(
             n_layer=2,
             n_head=4,
             num_kv_heads=2,
-            n_embd=32,
+            n_embd=n_embd,
             vocab_size=101,
             block_size=64,
             intermediate_size=64,
@@ -29,7 +31,7 @@ def tiny(family: str, attention: str):
             max_window_layers=1,  # layer 1 uses a 6-token window, layer 0 full attention
         )
         return Qwen2ForCausalLM(config, kernels).eval()
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=101, block_size=64), kernels).eval()
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=n_embd, vocab_size=101, block_size=64), kernels).eval()
 
 
 def packed_batch():
@@ -80,7 +82,7 @@ def test_packed_training_step_backpropagates(family="qwen2"):
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["auto", "sdpa", "flex"])
 def test_gpu_packed_forward_equals_each_document_alone(attention):
-    model = tiny("qwen2", attention).cuda()
+    model = tiny("qwen2", attention, n_embd=256).cuda()
     ids, document_ids, position_ids = (t.cuda() for t in packed_batch())
     with torch.no_grad():
         packed = model.hidden_states(ids, position_ids=position_ids, document_ids=document_ids)
@@ -97,8 +99,8 @@ def test_gpu_compiled_blocks_match_eager_blocks(attention):
     """Per-block torch.compile (as training runs) with packed documents: the masks built before the
     layers are read inside the compiled blocks, and the result matches the uncompiled model."""
     torch._dynamo.reset()
-    model = tiny("qwen2", attention).cuda()
-    compiled = tiny("qwen2", attention).cuda()
+    model = tiny("qwen2", attention, n_embd=256).cuda()
+    compiled = tiny("qwen2", attention, n_embd=256).cuda()
     compiled.load_state_dict(model.state_dict())
     for block in compiled.layers:
         block.compile(fullgraph=True)

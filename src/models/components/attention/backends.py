@@ -73,6 +73,7 @@ class AttentionRequest:
     device: torch.device
     dtype: torch.dtype
     head_dim: int
+    seq_len: int  # keys per row (Tk)
     gqa: bool  # fewer key/value heads than query heads
     causal: bool
     sliding_window: bool  # a window shorter than the keys, so it masks something
@@ -97,6 +98,7 @@ def describe_call(
         device=q.device,
         dtype=q.dtype,
         head_dim=q.shape[3],
+        seq_len=Tk,
         gqa=q.shape[2] != k.shape[2],
         causal=causal,
         sliding_window=causal and sliding_window is not None and sliding_window < Tk,
@@ -124,6 +126,12 @@ def _flash_attn_unsupported(r: AttentionRequest) -> str | None:
     return None
 
 
+FLEX_MIN_HEAD_DIM = 32
+# Below this many keys per row, SDPA with a dense keep-mask beat compiled FlexAttention on packed
+# documents (H100, torch 2.11: 71 vs 23-60 TFLOP/s fwd+bwd at 512 tokens; flex ahead from 1024).
+FLEX_MIN_SEQ_LEN = 1024
+
+
 def _flex_unsupported(r: AttentionRequest) -> str | None:
     if r.dropout:
         return "FlexAttention has no attention dropout"
@@ -131,6 +139,10 @@ def _flex_unsupported(r: AttentionRequest) -> str | None:
         return f"FlexAttention runs on CUDA and CPU here, the tensors are on {r.device.type}"
     if r.device.type == "cpu" and r.needs_grad:
         return "FlexAttention has no backward on CPU"
+    if r.device.type == "cuda" and r.head_dim < FLEX_MIN_HEAD_DIM:
+        # Seen on an H100 with torch 2.11: Inductor's flex templates found no valid kernel
+        # configuration for head_dim 8 and 16 (with GQA).
+        return f"FlexAttention's GPU kernels need head_dim >= {FLEX_MIN_HEAD_DIM}, got {r.head_dim}"
     return None
 
 
@@ -155,7 +167,8 @@ def _auto_choice(r: AttentionRequest) -> tuple[str, str]:
         if version == 3 or major < 9 or r.sliding_window or r.documents or r.decoding:
             return "flash_attn", f"FlashAttention-{version} serves this call natively"
     sparse = r.sliding_window or r.documents
-    if sparse and not r.decoding and not r.padding_mask and _flex_unsupported(r) is None:
+    long_enough = r.seq_len >= FLEX_MIN_SEQ_LEN
+    if sparse and long_enough and not r.decoding and not r.padding_mask and _flex_unsupported(r) is None:
         what = "packed documents" if r.documents else "a sliding window"
         return "flex", f"{what}: FlexAttention skips fully masked blocks, SDPA would need a dense mask"
     order = ", ".join(b.name.lower() for b in sdpa_priority(r.device))
@@ -378,6 +391,7 @@ def prepare_documents(
             device=device,
             dtype=dtype,
             head_dim=head_dim,
+            seq_len=documents.seq_len,
             gqa=gqa,
             causal=True,
             sliding_window=window is not None and window < documents.seq_len,
