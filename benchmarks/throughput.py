@@ -1,0 +1,415 @@
+"""End-to-end training throughput and MFU, side by side: our reference, our optimized default, each
+kernel ablated, and Hugging Face transformers (eager / compiled / with Liger-Kernel) when installed.
+
+Every variant of ours is built and prepared exactly as a training run does it: the model from the
+model YAML with the variant's `kernels:` block, then `Trainer` (activation checkpointing ->
+torch.compile per block -> FSDP2 / DDP / nothing, fused AdamW, bf16 autocast, clipping), and the
+timed unit is `Trainer.train_step` (forward, backward, clip, optimizer step) on random tokens of one
+fixed batch shape. Warm-up steps (compilation included) are excluded; compile time is reported
+separately. MFU = tokens/s x FLOPs per token / peak FLOP/s (DESIGN.md), FLOPs per token
+= 6N + 12 L H Q T from `model.flops_per_token`.
+
+    python benchmarks/throughput.py --model configs/model/gpt_125m.yaml --batch 16 --seq-len 1024
+    python benchmarks/throughput.py --model configs/model/qwen2_0.5b.yaml --batch 4 --seq-len 2048 --peers
+    python benchmarks/throughput.py --model configs/model/gpt_125m.yaml --loss-check 200   # same math?
+    python benchmarks/throughput.py --nproc 8 --model configs/model/qwen2_0.5b.yaml --variants optimized
+    python benchmarks/throughput.py --help
+
+Writes benchmarks/results/throughput_<model>_<device>[_loss].json and a PNG beside it; prints a
+table last. `--loss-check N` trains every variant of ours for N steps on the same real text (the
+bundled sample, byte tokens) from the same initial weights and compares the final losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere: the repository root on the path
+
+from src.models import AutoModelForCausalLM, KernelConfig, load_model_config  # noqa: E402
+from src.trainer.config import TrainConfig  # noqa: E402
+from src.trainer.trainer import Trainer  # noqa: E402
+from src.utils.config import from_dict  # noqa: E402
+from src.utils.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from src.utils.misc import peak_flops  # noqa: E402
+
+# Ops each family runs (the others have no effect on it and are not ablated).
+FAMILY_OPS = {
+    "gpt2": ["layernorm", "cross_entropy", "attention"],
+    "qwen2": ["rmsnorm", "rope", "swiglu", "cross_entropy", "attention"],
+}
+OPTIMIZED = dict(
+    rmsnorm="triton", layernorm="triton", rope="triton", swiglu="triton", cross_entropy="fused_linear", attention="auto"
+)
+ABLATED_VALUE = {"cross_entropy": "torch", "attention": "sdpa"}  # what "off" means per op; others: torch
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str  # ours | hf
+    kernels: dict = field(default_factory=dict)
+    compile: bool = False
+    liger: bool = False
+    bf16_params: bool = False
+    activation_checkpointing: str = "none"
+
+
+def our_variants(family: str, ac: str) -> list[Variant]:
+    ref = dataclass_dict(KernelConfig.reference())
+    variants = [
+        Variant("reference", "ours", ref, compile=False, activation_checkpointing=ac),
+        Variant("reference+compile", "ours", ref, compile=True, activation_checkpointing=ac),
+        Variant("optimized", "ours", dict(OPTIMIZED), compile=True, activation_checkpointing=ac),
+    ]
+    for op in FAMILY_OPS[family]:
+        kernels = dict(OPTIMIZED, **{op: ABLATED_VALUE.get(op, "torch")})
+        variants.append(Variant(f"optimized -{op}", "ours", kernels, compile=True, activation_checkpointing=ac))
+    return variants
+
+
+def peer_variants(family: str) -> list[Variant]:
+    variants = [Variant("hf eager", "hf"), Variant("hf compile", "hf", compile=True)]
+    if family == "qwen2" and _liger_installed():
+        variants += [
+            Variant("hf+liger", "hf", liger=True),
+            Variant("hf+liger bf16 params", "hf", liger=True, bf16_params=True),
+            Variant("hf+liger compile", "hf", liger=True, compile=True),
+        ]
+    return variants
+
+
+def dataclass_dict(obj) -> dict:
+    return {k: getattr(obj, k) for k in obj.__dataclass_fields__}
+
+
+def _liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+def random_batches(n: int, batch: int, seq_len: int, vocab: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, vocab, (batch, seq_len + 1), generator=g)
+        out.append({"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()})
+    return out
+
+
+def text_batches(n: int, batch: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive windows of the bundled sample text in byte tokens, cycled: real data whose loss
+    falls quickly, so a wrong kernel shows as a different curve."""
+    from src.dataset.tokenizer import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    ids: list[int] = []
+    with open(REPO / "data" / "openwebtext_subset.jsonl", encoding="utf-8") as f:
+        for line in f:
+            ids += tokenizer.encode(json.loads(line)["text"]) + [tokenizer.eos_id]
+    stream = torch.tensor(ids, dtype=torch.long)
+    windows = stream[: (len(stream) - 1) // seq_len * seq_len + 1]
+    n_windows = (len(windows) - 1) // seq_len
+    out = []
+    for step in range(n):
+        rows = [(step * batch + r) % n_windows for r in range(batch)]
+        x = torch.stack([windows[i * seq_len : (i + 1) * seq_len + 1] for i in rows])  # (B, T + 1)
+        out.append({"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Running one variant
+
+
+def train_config(args, variant: Variant, steps: int, out_dir: str) -> TrainConfig:
+    return from_dict(
+        TrainConfig,
+        {
+            "model_config_path": args.model,
+            "kernels": variant.kernels,
+            "compile": variant.compile,
+            "output_dir": out_dir,
+            "run_name": re.sub(r"[^A-Za-z0-9_.-]+", "_", variant.name),
+            "trainer": {
+                "micro_batch_size": args.batch,
+                "seq_len": args.seq_len,
+                "max_steps": steps,
+                "precision": "bf16",
+                "activation_checkpointing": variant.activation_checkpointing,
+                "seed": args.seed,
+            },
+            "optimizer": {"lr": args.lr},
+            "schedule": {"type": "cosine", "warmup_steps": min(20, steps // 10), "min_lr": args.lr / 10},
+            "checkpoint": {"save_final": False, "export_hf": False},
+            "logging": {"log_every": 10**9},
+            "parallel": {"strategy": args.strategy},
+        },
+        where="benchmarks/throughput.py",
+    )
+
+
+def run_ours(args, variant: Variant, batches: list[dict], steps: int, info) -> dict:
+    torch.manual_seed(args.seed)
+    model_config = load_model_config(args.model)
+    with tempfile.TemporaryDirectory() as out_dir:
+        cfg = train_config(args, variant, steps, out_dir)
+        model = AutoModelForCausalLM.from_config(model_config, kernels=cfg.kernels)
+        trainer = Trainer(cfg, model, train_loader=None, val_loader=None, info=info)
+        result = time_steps(lambda batch, i: trainer.train_step([batch])[0], batches, steps, args, info)
+        result["flops_per_token"] = trainer.flops_per_token
+        result["params"] = trainer.bare.num_parameters()
+        del trainer, model
+    return result
+
+
+def run_hf(args, variant: Variant, batches: list[dict], steps: int, info) -> dict:
+    import transformers
+
+    torch.manual_seed(args.seed)
+    ours = load_model_config(args.model)
+    hf_config = transformers.AutoConfig.for_model(**ours.to_hf_config())
+    if variant.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+        apply_liger_kernel_to_qwen2()  # patches transformers' Qwen2 classes in this process
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").to(info.device)
+    if variant.bf16_params:
+        model = model.to(torch.bfloat16)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=info.device.type == "cuda"
+    )
+    forward = torch.compile(model) if variant.compile else model
+    autocast = (
+        contextlib.nullcontext() if variant.bf16_params else torch.autocast(info.device.type, dtype=torch.bfloat16)
+    )
+
+    def step(batch, i):
+        # transformers shifts labels itself: pass the unshifted sequence.
+        ids = batch["input_ids"].to(info.device, non_blocking=True)
+        with autocast:
+            loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    result = time_steps(step, batches, steps, args, info)
+    with torch.device("meta"):  # the same architecture: the same FLOPs per token as ours
+        same_shape = AutoModelForCausalLM.from_config(ours)
+    result["flops_per_token"] = same_shape.flops_per_token(args.seq_len)
+    result["params"] = same_shape.num_parameters()
+    del model, optimizer, forward
+    return result
+
+
+def time_steps(step_fn, batches: list[dict], steps: int, args, info) -> dict:
+    """Warm-up (compile) steps, then `steps - warmup` timed steps; losses of every step kept."""
+    cuda = info.device.type == "cuda"
+    losses = []
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        losses.append(step_fn(batches[i % len(batches)], i))
+    if cuda:
+        torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    timed = steps - args.warmup
+    t0 = time.perf_counter()
+    for i in range(args.warmup, steps):
+        losses.append(step_fn(batches[i % len(batches)], i))
+    if cuda:
+        torch.cuda.synchronize()
+    step_s = (time.perf_counter() - t0) / timed
+    tokens_per_step = args.batch * args.seq_len * info.world_size
+    return {
+        "step_ms": 1e3 * step_s,
+        "tokens_per_s": tokens_per_step / step_s,
+        "compile_s": max(warmup_s - args.warmup * step_s, 0.0),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        "losses": [float(l) for l in torch.stack([torch.as_tensor(l, device="cpu") for l in losses]).tolist()],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+
+
+def format_table(rows: list[dict], baseline: str, loss_check: bool) -> str:
+    base = next((r for r in rows if r["variant"] == baseline and "tokens_per_s" in r), None)
+    header = f"{'variant':28s} {'tokens/s':>10s} {'vs ' + baseline:>22s} {'MFU':>6s} {'step ms':>8s} {'peak GiB':>9s} {'compile s':>9s}"
+    if loss_check:
+        header += f" {'final loss':>10s} {'vs ref':>8s}"
+    lines = [header, "-" * len(header)]
+    ref_loss = next((r["final_loss"] for r in rows if r["variant"] == "reference" and "final_loss" in r), None)
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['variant']:28s} failed: {r['error'][:100]}")
+            continue
+        speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        line = (
+            f"{r['variant']:28s} {r['tokens_per_s']:10.0f} {speedup:>22s} {mfu:>6s} {r['step_ms']:8.1f} "
+            f"{r['peak_gib']:9.2f} {r['compile_s']:9.1f}"
+        )
+        if loss_check:
+            rel = f"{100 * (r['final_loss'] / ref_loss - 1):+.2f}%" if ref_loss else "-"
+            line += f" {r['final_loss']:10.4f} {rel:>8s}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "tokens_per_s" in r]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(ok) + 1.5))
+    colors = ["#4c72b0" if r["kind"] == "ours" else "#c44e52" for r in ok]
+    ax.barh([r["variant"] for r in ok], [r["tokens_per_s"] / 1e3 for r in ok], color=colors)
+    for i, r in enumerate(ok):
+        mfu = f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+        ax.text(r["tokens_per_s"] / 1e3, i, f" {r['tokens_per_s'] / 1e3:.0f}k{mfu}, {r['peak_gib']:.1f} GiB", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("training tokens/s (thousands)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="configs/model/gpt_125m.yaml", help="a model YAML")
+    p.add_argument("--batch", type=int, default=16, help="sequences per GPU per step")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=30, help="steps per variant, warm-up included")
+    p.add_argument("--warmup", type=int, default=8, help="untimed first steps (compilation happens here)")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="names to run (default: all of ours); e.g. reference 'reference+compile' optimized")
+    p.add_argument("--peers", action="store_true", help="also run Hugging Face transformers (and Liger when installed)")
+    p.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
+    p.add_argument("--loss-check", type=int, default=0, metavar="N",
+                   help="train each variant N steps on the sample text and compare final losses (no peers)")
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategy", default="none", choices=["none", "ddp", "fsdp2"],
+                   help="parallel strategy inside each process (set by --nproc)")
+    p.add_argument("--nproc", type=int, default=1, help="GPUs: relaunch under torchrun with FSDP2")
+    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per GPU for MFU (default: by device name)")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/throughput_<model>_<device>.json)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+        forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+        forwarded += ["--strategy", "fsdp2"] if "--strategy" not in forwarded else []
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", __file__, *forwarded]
+        raise SystemExit(subprocess.call(cmd, env=env))
+
+    info = init_distributed("auto")
+    if info.device.type != "cuda" and info.rank == 0:
+        print("note: no CUDA device; running on the CPU (a smoke test, not a measurement)", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model_config = load_model_config(args.model)
+    family = model_config.model_family
+    variants = our_variants(family, args.activation_checkpointing)
+    if args.peers and not args.loss_check and info.world_size == 1:
+        variants += peer_variants(family)
+    if args.variants:
+        unknown = set(args.variants) - {v.name for v in variants}
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {sorted(unknown)}; choose from {[v.name for v in variants]}")
+        variants = [v for v in variants if v.name in args.variants]
+    steps = args.loss_check or args.steps
+    if args.loss_check:
+        batches = text_batches(steps, args.batch, args.seq_len)
+        if model_config.vocab_size < 257:
+            raise SystemExit("--loss-check uses byte tokens: the model needs vocab_size >= 257")
+    else:
+        batches = random_batches(min(steps, 8), args.batch, args.seq_len, model_config.vocab_size, args.seed + info.rank)
+    peak = peak_flops(info.device, args.peak_flops)
+    rows = []
+    for variant in variants:
+        torch._dynamo.reset()
+        try:
+            run = run_ours if variant.kind == "ours" else run_hf
+            result = run(args, variant, batches, steps, info)
+        except Exception as e:  # one failing variant must not hide the others' numbers
+            rows.append({"variant": variant.name, "kind": variant.kind, "error": f"{type(e).__name__}: {e}"})
+            if info.rank == 0:
+                print(f"{variant.name}: FAILED {type(e).__name__}: {e}", flush=True)
+            continue
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+        result["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / (peak * info.world_size) if peak else None
+        if args.loss_check:
+            tail = result["losses"][-10:]
+            result["final_loss"] = sum(tail) / len(tail)
+        rows.append({"variant": variant.name, "kind": variant.kind, "kernels": variant.kernels,
+                     "compile": variant.compile, **result})
+        if info.rank == 0:
+            print(f"{variant.name}: {result['tokens_per_s']:.0f} tokens/s, step {result['step_ms']:.1f} ms, "
+                  f"peak {result['peak_gib']:.2f} GiB, compile {result['compile_s']:.1f} s", flush=True)
+
+    if info.rank == 0:
+        device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
+        slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
+        model_name = Path(args.model).stem
+        suffix = ("_loss" if args.loss_check else "") + (f"_{info.world_size}gpu" if info.world_size > 1 else "")
+        out = Path(args.out or REPO / "benchmarks" / "results" / f"throughput_{model_name}_{slug}{suffix}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        import transformers
+        import triton
+
+        meta = {
+            "device": device_name, "gpus": info.world_size, "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "steps": steps, "warmup": args.warmup,
+            "peak_flops": peak, "activation_checkpointing": args.activation_checkpointing,
+        }
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        title = f"{model_name}, {args.batch}x{args.seq_len} per GPU, {info.world_size} x {device_name}, torch {torch.__version__}"
+        plot(rows, out.with_suffix(".png"), title)
+        print(f"\nwrote {out} and {out.with_suffix('.png')}")
+        print(title)
+        print(format_table(rows, "reference+compile", bool(args.loss_check)))
+    shutdown_distributed(info)
+
+
+if __name__ == "__main__":
+    main()
