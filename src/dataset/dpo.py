@@ -11,8 +11,13 @@ Row forms:
               the messages that chosen and rejected share.
 
 Batches: `chosen_input_ids`, `chosen_labels`, `rejected_input_ids`, `rejected_labels`, each
-(B, T), labels shifted and -100 on the prompt and the padding. Both sequences of a pair start
-with the same prompt tokens.
+(B, T), labels shifted and -100 on the prompt and the padding, and `example_ids` (B,): the index
+of each pair among the usable pairs of its split (0..N-1, bad rows skipped), the same whatever the
+shuffle, epoch or rank. Both sequences of a pair start with the same prompt tokens.
+
+`DPOBatches.in_order()` is one finite, unshuffled pass over every pair of a split (the last batch
+may be short), split into contiguous per-rank blocks: the pass that precomputes reference
+log-probabilities (`src.trainer.launch.prepare_reference_logps`), matched back by `example_ids`.
 
 Bad rows are counted, logged skips: missing fields, an empty chosen or rejected completion,
 chosen equal to rejected (no preference to learn), and a prompt that leaves no room for a
@@ -22,7 +27,7 @@ on the right or skipped by `data.overlong`.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -118,7 +123,20 @@ class DPOBatches(EpochBatches):
         chosen = pad_rows([[self.pairs[i][0]] for i in rows], self.seq_len, self.pad_id, False)
         rejected = pad_rows([[self.pairs[i][1]] for i in rows], self.seq_len, self.pad_id, False)
         return {"chosen_input_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
-                "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]}
+                "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"],
+                "example_ids": np.asarray(rows, dtype=np.int64)}  # (B,) indices into self.pairs
+
+    def in_order(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
+        """Every pair of the split once, in index order, `batch_size` at a time (the last batch may be
+        shorter): rank r of world_size gets the contiguous block [r * N // W, (r + 1) * N // W), so the
+        ranks together cover all N pairs exactly once (no remainder dropped, unlike the training
+        plans). Deterministic and independent of the loader's position."""
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"in_order needs batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, "
+                             f"{rank}, {world_size}")
+        start, stop = rank * self.num_items // world_size, (rank + 1) * self.num_items // world_size
+        for b in range(start, stop, batch_size):
+            yield self.make_batch(np.arange(b, min(b + batch_size, stop)))
 
 
 def load_prompts(cfg: DataConfig, tokenizer: Tokenizer, split: str = "train",

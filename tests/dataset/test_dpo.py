@@ -2,9 +2,13 @@
 
 import logging
 
+import numpy as np
 import pytest
+import torch
 
 from src.dataset import IGNORE_INDEX, DataError, TokenizerConfig, build_dataloader, build_tokenizer
+
+from src.dataset.loader import to_tensors
 
 from .helpers import collect, data_cfg, write_jsonl
 
@@ -12,10 +16,10 @@ TOK = build_tokenizer(TokenizerConfig())
 KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 
 
-def loader(path, seq_len=64, batch_size=1, **kw):
+def loader(path, seq_len=64, batch_size=1, split="train", rank=0, world_size=1, **kw):
     cfg = data_cfg(type="local", path=str(path), prefetch=0, **kw)
-    return build_dataloader("dpo", cfg, TOK, batch_size=batch_size, seq_len=seq_len, split="train", rank=0,
-                            world_size=1, seed=0, pin_memory=False)
+    return build_dataloader("dpo", cfg, TOK, batch_size=batch_size, seq_len=seq_len, split=split, rank=rank,
+                            world_size=world_size, seed=0, pin_memory=False)
 
 
 def learned(labels):
@@ -25,7 +29,8 @@ def learned(labels):
 def test_string_pairs_token_by_token(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q: 2+2?\nA:", "chosen": " 4", "rejected": " 5"}])
     (b,) = collect(loader(path), 1)
-    assert set(b) == set(KEYS) and all(b[k].shape == (1, 64) for k in KEYS)
+    assert set(b) == set(KEYS) | {"example_ids"} and all(b[k].shape == (1, 64) for k in KEYS)
+    assert b["example_ids"].tolist() == [0] and b["example_ids"].dtype == torch.int64
     prompt = TOK.encode("Q: 2+2?\nA:")
     for side, completion in (("chosen", " 4"), ("rejected", " 5")):
         ids = prompt + TOK.encode(completion) + [TOK.eos_id]
@@ -108,3 +113,53 @@ def test_prompt_source_for_online_rl(tmp_path):
     assert prompts[0] == TOK.encode("Tell me a joke.")
     assert TOK.decode(prompts[1]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert len(prompts) == 2
+
+
+def distinct_pairs(tmp_path, n=11):
+    rows = [{"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(n)]
+    rows.insert(3, {"prompt": "x", "chosen": "", "rejected": "no"})  # a skipped row: ids count usable pairs
+    return write_jsonl(tmp_path / "p.jsonl", rows)
+
+
+def pair_of(batch, b):
+    return TOK.decode([t for t in batch["chosen_input_ids"][b].tolist() if t != TOK.pad_id])
+
+
+def test_example_ids_name_the_pair_whatever_the_shuffle_and_rank(tmp_path):
+    from src.dataset.sampling import epoch_permutation, rank_slice
+
+    path = distinct_pairs(tmp_path)
+    per_rank = {}
+    for rank in range(2):
+        ld = loader(path, batch_size=2, rank=rank, world_size=2)
+        assert ld.source.num_items == 11
+        ids = []
+        for batch in collect(ld, 4):  # 5 pairs per rank, batch 2: two batches per epoch, so two epochs
+            for b, i in enumerate(batch["example_ids"].tolist()):
+                assert pair_of(batch, b) == f"q{i}yes {i}"  # the index among the usable pairs (skip excluded)
+                ids.append(i)
+        want = [rank_slice(epoch_permutation(11, 0, epoch), rank, 2)[:4].tolist() for epoch in (0, 1)]
+        assert ids == want[0] + want[1]
+        per_rank[rank] = ids
+    assert not set(per_rank[0][:4]) & set(per_rank[1][:4])  # ranks read disjoint pairs in an epoch
+    assert per_rank[0][:4] != per_rank[0][4:] and per_rank[0] != sorted(per_rank[0])  # really shuffled
+
+
+def test_in_order_covers_every_pair_once_over_ranks(tmp_path):
+    path = distinct_pairs(tmp_path)
+    for split_loader in (loader(path, batch_size=2), loader(path, batch_size=4, split="val", val_fraction=0.5)):
+        source = split_loader.source
+        for world_size in (1, 2, 3):
+            ids = []
+            for rank in range(world_size):
+                for batch in source.in_order(4, rank=rank, world_size=world_size):
+                    batch = to_tensors(batch, pin=False)
+                    assert 1 <= len(batch["example_ids"]) <= 4
+                    ids += batch["example_ids"].tolist()
+                    for b, i in enumerate(batch["example_ids"].tolist()):  # the same rows as the training batches
+                        want = source.make_batch(np.array([i]))
+                        assert batch["chosen_labels"][b].tolist() == want["chosen_labels"][0].tolist()
+            assert ids == list(range(source.num_items))  # contiguous blocks, in order, none dropped
+        assert source.epoch == 0 and source.batch == 0  # the pass does not move the loader
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        next(source.in_order(4, rank=2, world_size=2))
