@@ -17,7 +17,7 @@ import torch
 from src.dataset.base import Tokenizer, build_dataloader
 from src.dataset.loader import to_tensors
 from src.models import AutoModelForCausalLM, CausalLM
-from src.models.dpo import ReferenceLogpsLoader, precompute_reference_logps
+from src.models.dpo import ReferenceLogpsLoader, load_reference_logps, precompute_reference_logps
 from src.utils.config import ConfigError, to_dict
 from src.utils.distributed import DistInfo, broadcast_object
 from src.utils.misc import seed_everything
@@ -87,8 +87,8 @@ def check_paths(cfg: TrainConfig) -> None:
 # every pair of the split, and in its metadata the fingerprint of what produced it. Rank 0 decides
 # whether each file is usable, missing or stale; a missing one is computed once by all ranks (each
 # takes a contiguous block of the pairs, `DPOBatches.in_order`), gathered, and written by rank 0;
-# every rank then holds the whole table in memory (rank 0 broadcasts it), so only rank 0 touches
-# the file and the run directory need not be shared between nodes.
+# every rank then holds the whole table in memory (all-gathered after a computation, broadcast by
+# rank 0 after a read), so only rank 0 touches the file and nodes need not share the run directory.
 
 REFERENCE_FORMAT = "dpo_reference_logps"
 
@@ -201,10 +201,10 @@ def with_reference_logps(cfg: TrainConfig, tokenizer: Tokenizer, train_loader, v
     tables = {}
     missing = [split for split, (*_, status) in splits.items() if status == "missing"]
     if missing:
-        started = time.time()
         reference = build_model(cfg, tokenizer).to(info.device)  # seeded: the policy's starting weights
         for split in missing:
             source, path, fingerprint, _ = splits[split]
+            started = time.time()
             tables[split] = _compute_split(cfg, reference, source, info)
             if info.is_rank0:
                 _save_reference_table(tables[split], path, fingerprint)
@@ -217,8 +217,6 @@ def with_reference_logps(cfg: TrainConfig, tokenizer: Tokenizer, train_loader, v
         if status == "ok":
             table = None
             if info.is_rank0:
-                from src.models.dpo import load_reference_logps
-
                 table = load_reference_logps(path)
                 log(f"dpo: reusing the reference log-probs of {source.num_items} {split} pairs from {path}", flush=True)
             tables[split] = broadcast_object(info, table)

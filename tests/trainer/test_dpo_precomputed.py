@@ -131,3 +131,20 @@ def test_two_ranks_share_the_pass_and_match_rows_by_id(tmp_path):
     assert abs(first["train/rewards/chosen"]) < 1e-4 and abs(first["train/rewards/rejected"]) < 1e-4
     assert first["train/rewards/accuracies"] == 0.0  # no pair has a positive margin yet
     assert len(metrics(tmp_path / "two" / "dpo", "val", "loss")) == 2
+
+
+@pytest.mark.gpu
+def test_precomputed_matches_live_in_bf16_on_gpu(tmp_path):
+    """On CUDA (bf16 autocast, Triton kernels, the fused token log-prob kernel): the reference pass
+    runs in the live reference's precision, so the losses agree up to bf16 rounding."""
+    gpu = ["--set", "trainer.device=cuda", "--set", "kernels.cross_entropy=fused_linear",
+           "--set", "kernels.rmsnorm=triton", "--set", "kernels.rope=triton", "--set", "kernels.swiglu=triton"]
+    run(tmp_path / "live", "live", *gpu, steps=3)
+    run(tmp_path / "pre", "precomputed", *gpu, steps=3)
+    live, pre = tmp_path / "live" / "dpo", tmp_path / "pre" / "dpo"
+    first = rows(pre)[0]
+    assert first["train/loss"] == pytest.approx(0.693147, abs=1e-2)
+    assert abs(first["train/rewards/chosen"]) < 5e-2 and abs(first["train/rewards/rejected"]) < 5e-2
+    assert metrics(pre, "train", "loss") == pytest.approx(metrics(live, "train", "loss"), abs=5e-2)
+    assert metrics(pre, "val", "loss") == pytest.approx(metrics(live, "val", "loss"), abs=5e-2)
+    assert "mem_gib" in first
