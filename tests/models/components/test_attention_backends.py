@@ -389,3 +389,18 @@ def test_gpu_decoding_and_padding_match_reference(impl):
         torch.testing.assert_close(attend(q, k, v, backend=impl, mask=mask).float(), full, atol=2e-2, rtol=2e-2)
         decode = eager_attention(q[:, -1:].float(), k.float(), v.float())
         torch.testing.assert_close(attend(q[:, -1:], k, v, backend=impl).float(), decode, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("changes", [{}, {"documents": True}, {"sliding_window": True, "seq_len": 512}])
+def test_cuda_auto_resolution_traces_without_graph_breaks(monkeypatch, changes):
+    """The CUDA branch of `auto` runs inside compiled blocks: it must trace in one graph (a cached
+    function there broke every block's graph on torch 2.11 and cost 25% of GPT-2's throughput)."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: FakeProperties(9))
+    request = cuda_request(**changes)
+    expected = resolve_backend("auto", request)
+    torch._dynamo.reset()
+    fn = torch.compile(
+        lambda x: x + float(resolve_backend("auto", request) == expected), backend="eager", fullgraph=True
+    )
+    assert fn(torch.zeros(2)).tolist() == [1.0, 1.0]
+    torch._dynamo.reset()

@@ -12,30 +12,23 @@ FlashAttention-3 runs on sm90 only and has no dropout; FlashAttention-2 serves t
 
 from __future__ import annotations
 
-import functools
-import importlib
+import importlib.util
 
 import torch
 
+# Whether the packages are installed, looked up once from package metadata (nothing is imported).
+# Plain module constants: torch.compile reads them without a graph break, where a cached function
+# (functools.cache) in the attention path broke every compiled block's graph on torch 2.11.
+_FA3_INSTALLED = importlib.util.find_spec("flash_attn_interface") is not None
+_FA2_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 
-@torch.compiler.assume_constant_result
-@functools.cache
+
 def fa3_installed() -> bool:
-    try:
-        importlib.import_module("flash_attn_interface")
-    except ImportError:
-        return False
-    return True
+    return _FA3_INSTALLED
 
 
-@torch.compiler.assume_constant_result
-@functools.cache
 def fa2_installed() -> bool:
-    try:
-        importlib.import_module("flash_attn")
-    except ImportError:
-        return False
-    return True
+    return _FA2_INSTALLED
 
 
 def flash_version(device: torch.device, dropout_p: float) -> int:
