@@ -177,7 +177,10 @@ def run_ours(args, variant: Variant, batches: list[dict], steps: int, info) -> d
         cfg = train_config(args, variant, steps, out_dir)
         model = AutoModelForCausalLM.from_config(model_config, kernels=cfg.kernels)
         trainer = Trainer(cfg, model, train_loader=None, val_loader=None, info=info)
-        result = time_steps(lambda batch, i: trainer.train_step([batch])[0], batches, steps, args, info)
+        step_fn = lambda batch, i: trainer.train_step([batch])[0]  # noqa: E731
+    result = time_steps(step_fn, batches, steps, args, info)
+    if args.profile and info.rank == 0 and info.device.type == "cuda":
+        result["profile"] = profile_steps(step_fn, batches, variant.name)
         result["flops_per_token"] = trainer.flops_per_token
         result["params"] = trainer.bare.num_parameters()
         del trainer, model
@@ -255,6 +258,25 @@ def time_steps(step_fn, batches: list[dict], steps: int, args, info) -> dict:
     }
 
 
+def profile_steps(step_fn, batches: list[dict], name: str, steps: int = 3) -> list[dict]:
+    """The costliest GPU kernels over a few steps (after warm-up), printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step_fn(batches[i % len(batches)], i)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    total = sum(getattr(e, "self_device_time_total", 0) for e in events) or 1
+    top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:15]
+    rows = [{"kernel": e.key[:90], "ms_per_step": e.self_device_time_total / 1e3 / steps,
+             "share": e.self_device_time_total / total, "calls_per_step": e.count / steps} for e in top]
+    print(f"\nprofile of '{name}': GPU time {total / 1e3 / steps:.1f} ms per step")
+    for r in rows:
+        print(f"  {r['ms_per_step']:7.2f} ms {100 * r['share']:5.1f}% x{r['calls_per_step']:<5.0f} {r['kernel']}")
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Reporting
 
@@ -326,6 +348,8 @@ def parse_args(argv=None):
                    help="parallel strategy inside each process (set by --nproc)")
     p.add_argument("--nproc", type=int, default=1, help="GPUs: relaunch under torchrun with FSDP2")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per GPU for MFU (default: by device name)")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 3 steps of each variant and print its 15 costliest GPU kernels")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/throughput_<model>_<device>.json)")
     return p.parse_args(argv)
 
