@@ -37,6 +37,20 @@ def test_swiglu_separate_contiguous_inputs_and_expanded_gradient():
     assert_close(up.grad, up_ref.grad, torch.float32)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 37), (1, 2000)])
+def test_swiglu_contiguous_inputs_flat_path(shape):
+    """Contiguous gate, up and gradient take the flat 1-D grid (blocks cross row boundaries)."""
+    gate, up = leaf(torch.randn(shape, device=DEVICE)), leaf(torch.randn(shape, device=DEVICE))
+    dy = torch.randn(shape, device=DEVICE)
+    y = swiglu(gate, up)
+    y.backward(dy)
+    gate_ref, up_ref = leaf(gate), leaf(up)
+    y_ref = swiglu_ref(gate_ref, up_ref)
+    y_ref.backward(dy)
+    for name, g, w in (("y", y, y_ref), ("dgate", gate.grad, gate_ref.grad), ("dup", up.grad, up_ref.grad)):
+        assert_close(g, w, torch.float32, name)
+
+
 def test_swiglu_shape_mismatch():
     with pytest.raises(ValueError, match="must match"):
         swiglu(torch.randn(2, 4, device=DEVICE), torch.randn(2, 5, device=DEVICE))
