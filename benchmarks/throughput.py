@@ -115,7 +115,14 @@ def random_batches(n: int, batch: int, seq_len: int, vocab: int, seed: int) -> l
     for _ in range(n):
         tokens = torch.randint(0, vocab, (batch, seq_len + 1), generator=g)
         out.append({"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()})
-    return out
+    return pinned(out)
+
+
+def pinned(batches: list[dict]) -> list[dict]:
+    """Pinned host memory, as the project's DataLoader delivers: the copy to the GPU is asynchronous."""
+    if not torch.cuda.is_available():
+        return batches
+    return [{k: v.pin_memory() for k, v in b.items()} for b in batches]
 
 
 def text_batches(n: int, batch: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
@@ -136,7 +143,7 @@ def text_batches(n: int, batch: int, seq_len: int) -> list[dict[str, torch.Tenso
         rows = [(step * batch + r) % n_windows for r in range(batch)]
         x = torch.stack([windows[i * seq_len : (i + 1) * seq_len + 1] for i in rows])  # (B, T + 1)
         out.append({"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()})
-    return out
+    return pinned(out)
 
 
 # ----------------------------------------------------------------------------------------------

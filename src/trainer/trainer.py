@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from src.utils.config import to_dict
-from src.utils.distributed import DistInfo, all_reduce_sum, any_rank, broadcast_object, min_over_ranks
+from src.utils.distributed import DistInfo, all_reduce_sum, any_rank, broadcast_object, min_over_ranks, sum_over_ranks
 from src.utils.logger import MetricsLogger
 from src.utils.misc import format_count, new_run_id, peak_flops, rng_state, seed_everything, set_rng_state
 
@@ -174,11 +174,12 @@ class Trainer:
         (this rank's share of the step loss, the gradient norm, whether the step was applied).
         Metrics a model returns beside its loss (`output.metrics`, e.g. DPO rewards) are averaged
         the same way into `self.step_metrics`."""
-        counts = [supervised_count(b) for b in batches]
-        total = torch.tensor(float(sum(counts)), device=self.device)
-        all_reduce_sum(self.info, total)  # supervised tokens of the whole step, over all ranks
+        counts = [supervised_count(b) for b in batches]  # host-side: the batches are still on the CPU
+        # Supervised tokens of the whole step over all ranks, summed on the host (gloo): building a
+        # CUDA tensor from a Python number here would synchronise the GPU once per step.
+        total = sum_over_ranks(self.info, float(sum(counts)))
         # Gradient reduction averages over ranks, hence world_size: sum of weights over ranks = world_size.
-        scale = self.info.world_size / total.clamp(min=1.0)
+        scale = self.info.world_size / max(total, 1.0)
         step_loss = torch.zeros((), device=self.device)
         self.step_metrics: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):

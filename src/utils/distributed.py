@@ -117,6 +117,15 @@ def min_over_ranks(info: DistInfo, value: int) -> int:
     return int(t.item())
 
 
+def sum_over_ranks(info: DistInfo, value: float) -> float:
+    """The sum of each rank's host-side `value` (gloo): no GPU work, no GPU sync."""
+    if not info.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=info.control_group)
+    return float(t.item())
+
+
 def all_reduce_sum(info: DistInfo, tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place, on the tensor's device (asynchronous with respect to the host on GPUs)."""
     if info.distributed:
