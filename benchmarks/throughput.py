@@ -402,10 +402,12 @@ def main(argv=None) -> None:
             rows.append({"variant": variant.name, "kind": variant.kind, "error": f"{type(e).__name__}: {e}"})
             if info.rank == 0:
                 print(f"{variant.name}: FAILED {type(e).__name__}: {e}", flush=True)
+            if "CUDA error" in str(e) or "illegal memory access" in str(e):
+                print("the CUDA context is lost after this error: the remaining variants are not run", flush=True)
+                break
             continue
-        finally:
-            gc.collect()
-            torch.cuda.empty_cache()
+        gc.collect()
+        torch.cuda.empty_cache()
         result["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / (peak * info.world_size) if peak else None
         if args.loss_check:
             tail = result["losses"][-10:]

@@ -84,11 +84,16 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
 
 def apply_compile(model: nn.Module) -> None:
     """torch.compile each transformer block (in place: `Module.compile` keeps parameter names)
-    and the loss head (`lm_output`, when the model has one). Blocks share one compiled graph; per-block compilation keeps compile time
+    and the loss head (`lm_output`, when the model has one and uses the PyTorch cross-entropy). Blocks share one compiled graph; per-block compilation keeps compile time
     flat in depth and lets FSDP2 hook each block."""
     for block in transformer_blocks(model):
         block.compile()
-    if hasattr(model, "lm_output"):
+    # The loss head is compiled only with the PyTorch cross-entropy, where Inductor fuses the
+    # log-softmax. The Triton losses are already one fused kernel each, and compiling around them
+    # failed on an H100 with torch 2.11 at real sizes (an illegal memory access in the chunked
+    # fused linear+CE, a tracing error in cross_entropy), so they run eagerly between compiled blocks.
+    kernels = getattr(model, "kernels", None)
+    if hasattr(model, "lm_output") and (kernels is None or kernels.cross_entropy == "torch"):
         model.lm_output = torch.compile(model.lm_output)
 
 
