@@ -185,12 +185,12 @@ def run_ours(args, variant: Variant, batches: list[dict], steps: int, info) -> d
         model = AutoModelForCausalLM.from_config(model_config, kernels=cfg.kernels)
         trainer = Trainer(cfg, model, train_loader=None, val_loader=None, info=info)
         step_fn = lambda batch, i: trainer.train_step([batch])[0]  # noqa: E731
-    result = time_steps(step_fn, batches, steps, args, info)
-    if args.profile and info.rank == 0 and info.device.type == "cuda":
-        result["profile"] = profile_steps(step_fn, batches, variant.name)
+        result = time_steps(step_fn, batches, steps, args, info)
+        if args.profile and info.rank == 0 and info.device.type == "cuda":
+            result["profile"] = profile_steps(step_fn, batches, variant.name)
         result["flops_per_token"] = trainer.flops_per_token
         result["params"] = trainer.bare.num_parameters()
-        del trainer, model
+        del trainer, model, step_fn
     return result
 
 
