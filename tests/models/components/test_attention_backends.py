@@ -358,7 +358,13 @@ def test_gpu_sdpa_kernels_match_reference(kernel, case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["sdpa", "flex", "auto"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_gpu_backends_match_reference(impl, case):
+def test_gpu_backends_match_reference(impl, case, request):
+    if impl == "flex" and case == "documents_window":
+        # H100, torch 2.11: Inductor's flex_attention template finds no valid kernel configuration
+        # for this call (MQA with 4 query heads per key/value head, 37 tokens, head_dim 64, document
+        # + window mask): NoValidChoicesError. `auto` does not pick flex for it (under 1024 keys).
+        # Strict: the day it compiles, this test fails and the note above must go.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="flex has no GPU kernel for this MQA call (torch 2.11)"))
     hq, hkv, kwargs = case_kwargs(case, "cuda")
     q, k, v = make_qkv(hq, hkv, dtype=torch.bfloat16, device="cuda", d=GPU_D)
     grad_out = torch.randn(B, T, hq, GPU_D, dtype=torch.bfloat16, device="cuda")
