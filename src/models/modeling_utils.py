@@ -290,10 +290,11 @@ class CausalLM(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         next_input = input_ids
         for _ in range(max_new_tokens):
-            out = self(
-                next_input, position_ids=position_ids, attention_mask=attention_mask, kv_cache=cache, return_logits=True
+            hidden = self.hidden_states(
+                next_input, position_ids=position_ids, attention_mask=attention_mask, kv_cache=cache
             )
-            logits = out.logits[:, -1, :].float()  # (B, V)
+            # Only the last position's logits are needed: the prompt's (B, T, V) logits never exist.
+            logits = self.lm_head(hidden[:, -1, :]).float()  # (B, V)
             if do_sample:
                 logits = filter_logits(logits / temperature, top_k, top_p)
                 next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
