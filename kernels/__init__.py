@@ -20,3 +20,10 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
+    """(..., H) -> (M, H) with a unit stride on H: a view when possible (`.chunk(2, -1)` halves,
+    expanded stride-0 gradients are read through their strides), a copy only otherwise."""
+    t = t.reshape(-1, hidden)
+    return t if t.stride(-1) == 1 else t.contiguous()

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels import num_sms
+from kernels import as_rows, num_sms
 
 MAX_HIDDEN = 65536
 
@@ -124,11 +124,6 @@ def _launch_params(hidden: int) -> dict:
     return {"BLOCK_H": block_h, "ROWS": rows, "num_warps": num_warps}
 
 
-def _as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
-    """(..., H) -> (M, H) with a unit stride on H (a view when possible)."""
-    t = t.reshape(-1, hidden)
-    return t if t.stride(-1) == 1 else t.contiguous()
-
 
 def _layer_norm_fwd_launch(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
@@ -142,7 +137,7 @@ def _layer_norm_fwd_launch(
             )
     if hidden > MAX_HIDDEN:
         raise ValueError(f"layer_norm: hidden size {hidden} exceeds the kernel's limit {MAX_HIDDEN}; use kernels.layernorm=torch")
-    x2 = _as_rows(x, hidden)  # (M, H)
+    x2 = as_rows(x, hidden)  # (M, H)
     M = x2.shape[0]
     y = torch.empty((M, hidden), dtype=x.dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
@@ -161,8 +156,8 @@ def _layer_norm_bwd_launch(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     hidden = x.shape[-1]
-    dy2 = _as_rows(dy, hidden)  # may be an expanded (stride-0) gradient: read through its strides
-    x2 = _as_rows(x, hidden)
+    dy2 = as_rows(dy, hidden)  # may be an expanded (stride-0) gradient: read through its strides
+    x2 = as_rows(x, hidden)
     M = x2.shape[0]
     dx = torch.empty((M, hidden), dtype=x.dtype, device=x.device)
     p = _launch_params(hidden)

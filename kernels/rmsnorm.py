@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels import num_sms
+from kernels import as_rows, num_sms
 
 MAX_HIDDEN = 65536
 
@@ -126,11 +126,6 @@ def _launch_params(hidden: int) -> dict:
     return {"BLOCK_H": block_h, "ROWS": rows, "num_warps": num_warps}
 
 
-def _as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
-    """(..., H) -> (M, H) with a unit stride on H (a view when possible)."""
-    t = t.reshape(-1, hidden)
-    return t if t.stride(-1) == 1 else t.contiguous()
-
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     hidden = x.shape[-1]
@@ -145,8 +140,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 def _forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     _check(x, weight)
     hidden = x.shape[-1]
-    x2 = _as_rows(x, hidden)  # (M, H)
-    r2 = _as_rows(residual, hidden) if residual is not None else x2
+    x2 = as_rows(x, hidden)  # (M, H)
+    r2 = as_rows(residual, hidden) if residual is not None else x2
     M = x2.shape[0]
     y = torch.empty((M, hidden), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     s = torch.empty_like(x2) if residual is not None else y.new_empty(0)
@@ -164,9 +159,9 @@ def _forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
 
 def _backward(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
     hidden = x.shape[-1]
-    dy2 = _as_rows(dy, hidden)  # may be an expanded (stride-0) gradient: read through its strides
-    ds2 = _as_rows(ds, hidden) if ds is not None else dy2
-    x2 = _as_rows(x, hidden)
+    dy2 = as_rows(dy, hidden)  # may be an expanded (stride-0) gradient: read through its strides
+    ds2 = as_rows(ds, hidden) if ds is not None else dy2
+    x2 = as_rows(x, hidden)
     M = x2.shape[0]
     dx = torch.empty((M, hidden), dtype=x.dtype, device=x.device)
     p = _launch_params(hidden)

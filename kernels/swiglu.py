@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from kernels import as_rows
+
 
 # -- kernels --------------------------------------------------------------------------------------
 
@@ -106,11 +108,6 @@ def _grid(tensors: list[torch.Tensor], rows: int, hidden: int, block: int) -> tu
     return (rows, triton.cdiv(hidden, block)), False, hidden
 
 
-def _as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
-    """(..., H) -> (M, H) with a unit stride on H; a view for `.chunk(2, -1)` halves."""
-    t = t.reshape(-1, hidden)
-    return t if t.stride(-1) == 1 else t.contiguous()
-
 
 def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
@@ -122,7 +119,7 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
 def _swiglu_fwd_launch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check(gate, up)
     hidden = gate.shape[-1]
-    g2, u2 = _as_rows(gate, hidden), _as_rows(up, hidden)  # (M, H)
+    g2, u2 = as_rows(gate, hidden), as_rows(up, hidden)  # (M, H)
     M = g2.shape[0]
     y = torch.empty((M, hidden), dtype=gate.dtype, device=gate.device)
     p = _launch_params(hidden)
@@ -138,8 +135,8 @@ def _swiglu_fwd_launch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def _swiglu_bwd_launch(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     hidden = gate.shape[-1]
-    dy2 = _as_rows(dy, hidden)  # an expanded (stride-0) gradient is read through its strides
-    g2, u2 = _as_rows(gate, hidden), _as_rows(up, hidden)
+    dy2 = as_rows(dy, hidden)  # an expanded (stride-0) gradient is read through its strides
+    g2, u2 = as_rows(gate, hidden), as_rows(up, hidden)
     M = g2.shape[0]
     dg = torch.empty((M, hidden), dtype=gate.dtype, device=gate.device)
     du = torch.empty((M, hidden), dtype=gate.dtype, device=gate.device)
