@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 
 # -- kernels --------------------------------------------------------------------------------------
@@ -206,7 +205,7 @@ def ce_forward_rows(
     z_loss: float,
 ) -> None:
     """Per-row loss, lse and label logit of `logits` (M, V) into the (M,) fp32 buffers."""
-    wrap_triton(_cross_entropy_fwd_kernel)[(logits.shape[0],)](
+    _cross_entropy_fwd_kernel[(logits.shape[0],)](
         logits, labels, loss, lse, target,
         logits.stride(0), logits.shape[1],
         ignore_index, label_smoothing, z_loss,
@@ -226,7 +225,7 @@ def ce_backward_rows(
 ) -> None:
     """Write the gradient of the loss w.r.t. `logits` (M, V), times `grad` (0-d or (M,)), into
     `dlogits` (which may be `logits` itself)."""
-    wrap_triton(_cross_entropy_bwd_kernel)[(logits.shape[0],)](
+    _cross_entropy_bwd_kernel[(logits.shape[0],)](
         logits, dlogits, labels, lse, grad,
         logits.stride(0), dlogits.stride(0), grad.stride(0) if grad.dim() else 0,
         logits.shape[1], ignore_index, label_smoothing, z_loss,
@@ -246,7 +245,7 @@ def ce_forward_backward_rows(
     """Per-row loss of `logits` (M, V) into `loss` (M,) fp32, and the gradient of their sum
     written over `logits`, in one launch of `programs` programs (see the kernel)."""
     p = launch_params(logits.shape[1])
-    wrap_triton(_cross_entropy_fwd_bwd_kernel)[(max(1, min(programs, logits.shape[0])),)](
+    _cross_entropy_fwd_bwd_kernel[(max(1, min(programs, logits.shape[0])),)](
         logits, labels, loss,
         logits.stride(0), logits.shape[0], logits.shape[1],
         ignore_index, label_smoothing, z_loss,
@@ -282,10 +281,24 @@ def _cross_entropy_bwd_launch_(
 
 # -- registration ---------------------------------------------------------------------------------
 
-_cross_entropy_fwd = triton_op("kernels::cross_entropy_fwd", _cross_entropy_fwd_launch, mutates_args=())
+# `custom_op` (opaque to torch.compile), not `triton_op`: Inductor has nothing to fuse inside a
+# row kernel over the whole vocabulary, and tracing into these launchers failed on an H100 with
+# torch 2.11 at real sizes. The three loss ops (this one, fused_linear_cross_entropy and
+# token_logprobs) are all opaque calls inside a fullgraph compile, run exactly as in eager.
+_cross_entropy_fwd = torch.library.custom_op("kernels::cross_entropy_fwd", _cross_entropy_fwd_launch, mutates_args=())
+
+
+@_cross_entropy_fwd.register_fake
+def _(logits, labels, ignore_index, label_smoothing, z_loss):
+    return logits.new_empty((), dtype=torch.float32), logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
 # Overwrites `logits` with its gradient: the op declares the mutation, so autograd bumps the
 # tensor's version and any other saved use of these logits fails loudly instead of reading garbage.
-_cross_entropy_bwd_ = triton_op("kernels::cross_entropy_bwd_", _cross_entropy_bwd_launch_, mutates_args=("logits",))
+# (Under torch.compile the mutation is functionalized: Inductor may then copy the logits once.)
+_cross_entropy_bwd_ = torch.library.custom_op(
+    "kernels::cross_entropy_bwd_", _cross_entropy_bwd_launch_, mutates_args=("logits",)
+)
 
 
 def _cross_entropy_setup(ctx, inputs, output):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from kernels import num_sms
 from kernels.cross_entropy import ce_forward_backward_rows, ce_forward_rows, check_logits_labels
@@ -138,16 +137,29 @@ def _scale_launch_(x: torch.Tensor, grad: torch.Tensor) -> None:
     if not x.is_contiguous():
         raise ValueError("fused_linear_cross_entropy: the saved gradient to scale must be contiguous")
     block = 2048
-    wrap_triton(_scale_kernel)[(triton.cdiv(x.numel(), block),)](x, grad.float(), x.numel(), BLOCK=block, num_warps=8)
+    _scale_kernel[(triton.cdiv(x.numel(), block),)](x, grad.float(), x.numel(), BLOCK=block, num_warps=8)
 
 
 # -- registration ---------------------------------------------------------------------------------
+# `custom_op`, not `triton_op`: torch.compile treats these ops as opaque calls instead of tracing
+# into the chunk loop. Inductor has nothing to fuse there (cuBLAS matmuls and one row kernel per
+# chunk), and tracing the loop's writes into views of one buffer and in-place accumulation made
+# Inductor emit wrong code at real sizes on an H100 with torch 2.11 (an illegal memory access
+# with several chunks). Opaque, the op runs exactly as in eager, inside a fullgraph compile.
 
-_scale_ = triton_op("kernels::fused_linear_cross_entropy_scale_", _scale_launch_, mutates_args=("x",))
+_scale_ = torch.library.custom_op("kernels::fused_linear_cross_entropy_scale_", _scale_launch_, mutates_args=("x",))
 
-_fused_linear_cross_entropy_fwd = triton_op(
+_fused_linear_cross_entropy_fwd = torch.library.custom_op(
     "kernels::fused_linear_cross_entropy_fwd", _fused_linear_cross_entropy_fwd_launch, mutates_args=()
 )
+
+
+@_fused_linear_cross_entropy_fwd.register_fake
+def _(hidden, weight, labels, ignore_index, label_smoothing, z_loss, chunk_size, grad_hidden, grad_weight):
+    loss = hidden.new_empty((), dtype=torch.float32)
+    dhidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
+    dweight = torch.empty_like(weight) if grad_weight else weight.new_empty(0)
+    return loss, dhidden, dweight
 
 
 def _fused_linear_cross_entropy_setup(ctx, inputs, output):

@@ -19,7 +19,6 @@ autocast); labels (N,) in [0, V) or ignore_index. Returns fp32 (N,).
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op
 
 from kernels.cross_entropy import ce_backward_rows, ce_forward_rows
 from kernels.fused_linear_cross_entropy import check_linear_inputs, chunk_tokens
@@ -87,8 +86,22 @@ def _token_logprobs_bwd_launch(
 
 # -- registration ---------------------------------------------------------------------------------
 
-_token_logprobs_fwd = triton_op("kernels::token_logprobs_fwd", _token_logprobs_fwd_launch, mutates_args=())
-_token_logprobs_bwd = triton_op("kernels::token_logprobs_bwd", _token_logprobs_bwd_launch, mutates_args=())
+# `custom_op` (opaque to torch.compile), as the other two loss ops: see cross_entropy.py.
+_token_logprobs_fwd = torch.library.custom_op("kernels::token_logprobs_fwd", _token_logprobs_fwd_launch, mutates_args=())
+_token_logprobs_bwd = torch.library.custom_op("kernels::token_logprobs_bwd", _token_logprobs_bwd_launch, mutates_args=())
+
+
+@_token_logprobs_fwd.register_fake
+def _(hidden, weight, labels, ignore_index, chunk_size):
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+
+
+@_token_logprobs_bwd.register_fake
+def _(grad, hidden, weight, labels, lse, ignore_index, chunk_size, grad_hidden, grad_weight):
+    dhidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
+    dweight = torch.empty_like(weight) if grad_weight else weight.new_empty(0)
+    return dhidden, dweight
 
 
 def _token_logprobs_setup(ctx, inputs, output):

@@ -84,16 +84,16 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
 
 def apply_compile(model: nn.Module) -> None:
     """torch.compile each transformer block (in place: `Module.compile` keeps parameter names)
-    and the loss head (`lm_output`, when the model has one and uses the PyTorch cross-entropy). Blocks share one compiled graph; per-block compilation keeps compile time
-    flat in depth and lets FSDP2 hook each block."""
+    and the loss head (`lm_output`; see below for when). Blocks share one compiled graph;
+    per-block compilation keeps compile time flat in depth and lets FSDP2 hook each block."""
     for block in transformer_blocks(model):
         block.compile()
-    # The loss head is compiled only with the PyTorch cross-entropy, where Inductor fuses the
-    # log-softmax. The Triton losses are already one fused kernel each, and compiling around them
-    # failed on an H100 with torch 2.11 at real sizes (an illegal memory access in the chunked
-    # fused linear+CE, a tracing error in cross_entropy), so they run eagerly between compiled blocks.
+    # The loss head is compiled with the PyTorch cross-entropy (Inductor fuses the log-softmax) and
+    # with the fused linear+CE (an opaque op: the graph holds the casts around it). The Triton
+    # `cross_entropy` writes its gradient into the logits in place; under compile that mutation is
+    # functionalized, which may copy the (N, V) logits, so that head stays eager between blocks.
     kernels = getattr(model, "kernels", None)
-    if hasattr(model, "lm_output") and (kernels is None or kernels.cross_entropy == "torch"):
+    if hasattr(model, "lm_output") and (kernels is None or kernels.cross_entropy in ("torch", "fused_linear")):
         model.lm_output = torch.compile(model.lm_output)
 
 
