@@ -1,0 +1,57 @@
+"""benchmarks/throughput.py on the CPU: the variant list, the loss-check data, and a smoke run of
+the loss check through the Trainer (the numbers themselves are measured on a GPU)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import throughput  # noqa: E402
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_variants_flip_each_op_of_the_optimized_default(family):
+    names = [v.name for v in throughput.our_variants(family, "none")]
+    assert names[:3] == ["reference", "reference+compile", "optimized"]
+    optimized = throughput.OPTIMIZED[family]
+    for op, value in optimized.items():
+        others = [o for o in throughput.ALTERNATIVES[op] if o != value]
+        assert others, op
+        for other in others:
+            assert f"optimized {op}={other}" in names
+    assert names[-1] == "optimized +selective AC"
+    assert len(set(names)) == len(names)
+    # with checkpointing chosen for every variant there is no separate +selective AC row
+    assert "optimized +selective AC" not in [v.name for v in throughput.our_variants(family, "full")]
+
+
+def test_markov_batches_are_deterministic_shifted_and_learnable():
+    a = throughput.markov_batches(3, 2, 64, vocab=1000, seed=5)
+    b = throughput.markov_batches(3, 2, 64, vocab=1000, seed=5)
+    for x, y in zip(a, b):
+        assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+    batch = a[0]
+    assert batch["input_ids"].shape == (2, 64)
+    assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])  # labels are the next tokens
+    tokens = torch.cat([x["input_ids"].flatten() for x in a])
+    assert tokens.max() < throughput.MARKOV_STATES
+    assert not torch.equal(a[0]["input_ids"], a[1]["input_ids"])  # fresh batches, nothing to memorise
+    # each token is followed by at most MARKOV_BRANCHES distinct tokens (the chain's structure)
+    pairs = torch.stack([torch.cat([x["input_ids"].flatten() for x in a]), torch.cat([x["labels"].flatten() for x in a])])
+    for prev in pairs[0].unique()[:20]:
+        assert pairs[1][pairs[0] == prev].unique().numel() <= throughput.MARKOV_BRANCHES
+
+
+def test_loss_check_smoke_run_on_cpu(tmp_path):
+    out = tmp_path / "loss.json"
+    throughput.main(["--model", "configs/model/gpt2_tiny.yaml", "--batch", "2", "--seq-len", "32",
+                     "--loss-check", "4", "--warmup", "1", "--variants", "reference", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["reference"]
+    assert len(rows[0]["losses"]) == 4 and all(l == l for l in rows[0]["losses"])
+    assert rows[0]["losses"][0] > rows[0]["losses"][-1]  # the loss falls on the chain
