@@ -80,9 +80,10 @@ class Variant:
     liger: bool = False
     bf16_params: bool = False
     activation_checkpointing: str = "none"
+    compile_mode: str = "default"
 
 
-def our_variants(family: str, ac: str) -> list[Variant]:
+def our_variants(family: str, ac: str, sharded: bool = False) -> list[Variant]:
     ref = dataclass_dict(KernelConfig.reference())
     optimized = OPTIMIZED[family]
     variants = [
@@ -99,6 +100,9 @@ def our_variants(family: str, ac: str) -> list[Variant]:
         variants.append(
             Variant("optimized +selective AC", "ours", dict(optimized), compile=True, activation_checkpointing="selective")
         )
+    if not sharded:  # CUDA graphs per compiled block (not with FSDP2's all-gathers)
+        variants.append(Variant("optimized +CUDA graphs", "ours", dict(optimized), compile=True,
+                                activation_checkpointing=ac, compile_mode="reduce-overhead"))
     return variants
 
 
@@ -186,6 +190,7 @@ def train_config(args, variant: Variant, steps: int, out_dir: str) -> TrainConfi
             "model_config_path": args.model,
             "kernels": variant.kernels,
             "compile": variant.compile,
+            "compile_mode": variant.compile_mode,
             "output_dir": out_dir,
             "run_name": re.sub(r"[^A-Za-z0-9_.-]+", "_", variant.name),
             "trainer": {
@@ -290,6 +295,9 @@ def time_steps(step_fn, batches: list[dict], steps: int, args, info) -> dict:
         "tokens_per_s": tokens_per_step / step_s,
         "compile_s": max(warmup_s - args.warmup * step_s, 0.0),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        # CUDA-graph variants: their graph pools stay reserved but count as free in "allocated"
+        # between replays, so their real footprint is this one.
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan"),
         "losses": [float(l) for l in torch.stack([torch.as_tensor(l, device="cpu") for l in losses]).tolist()],
     }
 
@@ -405,7 +413,7 @@ def main(argv=None) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     model_config = load_model_config(args.model)
     family = model_config.model_family
-    variants = our_variants(family, args.activation_checkpointing)
+    variants = our_variants(family, args.activation_checkpointing, sharded=args.strategy == "fsdp2")
     if args.peers and not args.loss_check and info.world_size == 1:
         variants += peer_variants(family)
     if args.variants:

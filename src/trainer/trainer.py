@@ -22,6 +22,7 @@ budget, signals) travel over a CPU gloo group, which never waits for the GPU.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import signal
@@ -248,9 +249,15 @@ class Trainer:
                 handlers[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread: signals stay with the caller
                 pass
+        gc_every = self.cfg.trainer.gc_every
+        if gc_every:
+            gc.collect()
+            gc.disable()  # collected every gc_every steps in the loop instead
         try:
             reason = self._loop(until_step)
         finally:
+            if gc_every:
+                gc.enable()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         try:
@@ -286,6 +293,8 @@ class Trainer:
             window["steps"] += 1
             window["tokens"] += step_tokens
 
+            if t.gc_every and self.step % t.gc_every == 0:
+                gc.collect(1)  # the young generations only: milliseconds, at the same step on every rank
             if self.step % log_every == 0:
                 if self._log(window, grad_norm):
                     return "nonfinite"

@@ -24,8 +24,9 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
         assert others, op
         for other in others:
             assert f"optimized {op}={other}" in names
-    assert names[-1] == "optimized +selective AC"
+    assert names[-2:] == ["optimized +selective AC", "optimized +CUDA graphs"]
     assert len(set(names)) == len(names)
+    assert "optimized +CUDA graphs" not in [v.name for v in throughput.our_variants(family, "none", sharded=True)]
     # with checkpointing chosen for every variant there is no separate +selective AC row
     assert "optimized +selective AC" not in [v.name for v in throughput.our_variants(family, "full")]
 

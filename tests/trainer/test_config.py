@@ -63,6 +63,9 @@ def test_missing_model_yaml_lists_what_exists(tmp_path):
         (["trainer.eval_every=5"], "needs a validation split: set data.val_fraction"),
         (["init_from=nowhere/at/all"], "init_from 'nowhere/at/all' does not exist"),
         (["trainer.grad_accum_steps=0"], "trainer.grad_accum_steps must be >= 1"),
+        (["compile_mode=reduce-overhead"], "applies to compiled blocks; set compile: true"),
+        (["compile=true", "compile_mode=reduce-overhead", "parallel.strategy=fsdp2"], "does not work with FSDP2"),
+        (["compile=true", "compile_mode=max-autotune"], "compile_mode"),
     ],
 )
 def test_impossible_combinations(tmp_path, overrides, message):

@@ -211,3 +211,39 @@ def test_activation_checkpointing_gives_the_same_gradients(mode, tmp_path):
         trainer.fit()
     assert train_losses(ac) == pytest.approx(train_losses(plain), rel=1e-6)
     assert_same_grads(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("gc_every", [0, 3])
+def test_garbage_collection_is_scheduled_during_fit_and_restored_after(gc_every, tmp_path, monkeypatch):
+    import gc
+
+    cfg = make_config(tmp_path / f"gc{gc_every}", max_steps=7, gc_every=gc_every)
+    trainer = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
+    enabled_during, young_collections = [], []
+    real_collect, real_train_step = gc.collect, trainer.train_step
+
+    def train_step(batches):
+        enabled_during.append(gc.isenabled())
+        return real_train_step(batches)
+
+    def collect(generation=2):
+        if generation == 1:
+            young_collections.append(trainer.step)
+        return real_collect(generation)
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    monkeypatch.setattr(gc, "collect", collect)
+    assert gc.isenabled()
+    trainer.fit()
+    assert gc.isenabled()  # restored for the caller
+    if gc_every:
+        assert enabled_during == [False] * 7 and young_collections == [3, 6]
+    else:
+        assert enabled_during == [True] * 7 and young_collections == []
+
+
+def test_negative_gc_every_is_a_clear_error(tmp_path):
+    from src.utils.config import ConfigError
+
+    with pytest.raises(ConfigError, match="gc_every"):
+        make_config(tmp_path / "bad", gc_every=-1)
