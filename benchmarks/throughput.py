@@ -81,9 +81,10 @@ class Variant:
     bf16_params: bool = False
     activation_checkpointing: str = "none"
     compile_mode: str = "default"
+    memory_budget: float = 1.0
 
 
-def our_variants(family: str, ac: str, sharded: bool = False) -> list[Variant]:
+def our_variants(family: str, ac: str, sharded: bool = False, memory_budgets: tuple[float, ...] = ()) -> list[Variant]:
     ref = dataclass_dict(KernelConfig.reference())
     optimized = OPTIMIZED[family]
     variants = [
@@ -100,6 +101,10 @@ def our_variants(family: str, ac: str, sharded: bool = False) -> list[Variant]:
         variants.append(
             Variant("optimized +selective AC", "ours", dict(optimized), compile=True, activation_checkpointing="selective")
         )
+    if ac == "none":
+        for budget in memory_budgets:  # the compiler's own recompute choice under a memory budget
+            variants.append(Variant(f"optimized +memory budget {budget:g}", "ours", dict(optimized), compile=True,
+                                    memory_budget=budget))
     if not sharded:  # CUDA graphs per compiled block (not with FSDP2's all-gathers)
         variants.append(Variant("optimized +CUDA graphs", "ours", dict(optimized), compile=True,
                                 activation_checkpointing=ac, compile_mode="reduce-overhead"))
@@ -199,6 +204,7 @@ def train_config(args, variant: Variant, steps: int, out_dir: str) -> TrainConfi
                 "max_steps": steps,
                 "precision": "bf16",
                 "activation_checkpointing": variant.activation_checkpointing,
+                "activation_memory_budget": variant.memory_budget,
                 "seed": args.seed,
             },
             "optimizer": {"lr": args.lr},
@@ -384,6 +390,8 @@ def parse_args(argv=None):
                    help="names to run (default: all of ours); e.g. reference 'reference+compile' optimized")
     p.add_argument("--peers", action="store_true", help="also run Hugging Face transformers (and Liger when installed)")
     p.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
+    p.add_argument("--memory-budgets", type=float, nargs="*", default=[0.5],
+                   help="add one 'optimized +memory budget B' variant per value (trainer.activation_memory_budget)")
     p.add_argument("--loss-check", type=int, default=0, metavar="N",
                    help="train each variant N steps on the sample text and compare final losses (no peers)")
     p.add_argument("--lr", type=float, default=6e-4)
@@ -413,7 +421,8 @@ def main(argv=None) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     model_config = load_model_config(args.model)
     family = model_config.model_family
-    variants = our_variants(family, args.activation_checkpointing, sharded=args.strategy == "fsdp2")
+    variants = our_variants(family, args.activation_checkpointing, sharded=args.strategy == "fsdp2",
+                            memory_budgets=tuple(args.memory_budgets))
     if args.peers and not args.loss_check and info.world_size == 1:
         variants += peer_variants(family)
     if args.variants:

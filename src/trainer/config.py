@@ -34,6 +34,10 @@ class TrainerConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on the CPU
     device: Literal["auto", "cuda", "cpu"] = "auto"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # With compile: true, the share of the compiled blocks' activations to keep (1.0: what runs
+    # fastest; lower: the compiler recomputes the cheapest ops in backward to stay under it, e.g.
+    # 0.5 keeps half). An alternative to activation_checkpointing, not a complement.
+    activation_memory_budget: float = 1.0
     eval_every: int = 0  # optimizer steps between evaluations (0: never)
     eval_batches: int = 20  # validation batches per evaluation (the val split may be shorter)
     seed: int = 1337
@@ -61,6 +65,11 @@ class TrainerConfig:
                               "(trainer.max_time_minutes may stop earlier)")
         if self.eval_every < 0:
             raise ConfigError(f"trainer.eval_every must be >= 0 (0 disables evaluation), got {self.eval_every}")
+        if not 0.0 <= self.activation_memory_budget <= 1.0:
+            raise ConfigError(f"trainer.activation_memory_budget must be in [0, 1], got {self.activation_memory_budget}")
+        if self.activation_memory_budget < 1.0 and self.activation_checkpointing != "none":
+            raise ConfigError("trainer.activation_memory_budget and trainer.activation_checkpointing both decide what "
+                              "to recompute; set one of them (activation_checkpointing: none, or budget 1.0)")
         if self.gc_every < 0:
             raise ConfigError(f"trainer.gc_every must be >= 0 (0 keeps Python's automatic collection), got {self.gc_every}")
 
@@ -161,6 +170,9 @@ class TrainConfig:
         if self.schedule.min_lr > self.optimizer.lr:
             raise ConfigError(f"schedule.min_lr ({self.schedule.min_lr}) is above optimizer.lr ({self.optimizer.lr}); "
                               "lower schedule.min_lr")
+        if self.trainer.activation_memory_budget < 1.0 and not self.compile:
+            raise ConfigError("trainer.activation_memory_budget is applied by torch.compile's partitioner; set "
+                              "compile: true, or use trainer.activation_checkpointing without compile")
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"compile_mode={self.compile_mode} applies to compiled blocks; set compile: true as well")
         if self.compile_mode == "reduce-overhead" and self.parallel.strategy == "fsdp2":

@@ -82,14 +82,19 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
             block.forward = _checkpointed(block.forward, selective=mode == "selective")
 
 
-def apply_compile(model: nn.Module, mode: str = "default") -> None:
+def apply_compile(model: nn.Module, mode: str = "default", activation_memory_budget: float = 1.0) -> None:
     """torch.compile each transformer block (in place: `Module.compile` keeps parameter names)
     and the loss head (`lm_output`; see below for when). Blocks share one compiled graph;
     per-block compilation keeps compile time flat in depth and lets FSDP2 hook each block.
     `mode="reduce-overhead"` replays each compiled graph as a CUDA graph (Inductor's cudagraph
     trees): on an H100, gpt_125m at 8 x 1024 went from 283k to 412k tokens/s, its step having been
-    bound by the host's kernel launches; at 16 x 1024 the step is GPU-bound and gains nothing."""
+    bound by the host's kernel launches; at 16 x 1024 the step is GPU-bound and gains nothing.
+    `activation_memory_budget` < 1 makes the partitioner keep only that share of each block's
+    activations, recomputing the cheapest ops (by FLOPs) in backward."""
     options = {} if mode == "default" else {"mode": mode}
+    # Read by AOTAutograd's min-cut partitioner when each graph compiles (at its first call). It
+    # is process-wide: one training run per process.
+    torch._functorch.config.activation_memory_budget = activation_memory_budget
     for block in transformer_blocks(model):
         block.compile(**options)
     # The loss head is compiled with the PyTorch cross-entropy (Inductor fuses the log-softmax) and
@@ -140,7 +145,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool
     model.to(info.device)
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     if cfg.compile:
-        apply_compile(model, cfg.compile_mode)
+        apply_compile(model, cfg.compile_mode, cfg.trainer.activation_memory_budget)
     if strategy == "fsdp2":
         apply_fsdp2(model, info, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward)
         return model, model

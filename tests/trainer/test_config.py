@@ -66,6 +66,10 @@ def test_missing_model_yaml_lists_what_exists(tmp_path):
         (["compile_mode=reduce-overhead"], "applies to compiled blocks; set compile: true"),
         (["compile=true", "compile_mode=reduce-overhead", "parallel.strategy=fsdp2"], "does not work with FSDP2"),
         (["compile=true", "compile_mode=max-autotune"], "compile_mode"),
+        (["trainer.activation_memory_budget=0.5"], "applied by torch.compile's partitioner; set compile: true"),
+        (["trainer.activation_memory_budget=1.5"], r"activation_memory_budget must be in \[0, 1\]"),
+        (["compile=true", "trainer.activation_memory_budget=0.5", "trainer.activation_checkpointing=full"],
+         "set one of them"),
     ],
 )
 def test_impossible_combinations(tmp_path, overrides, message):

@@ -3,6 +3,7 @@ checkpoint rotation and the Hugging Face export."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -247,3 +248,24 @@ def test_negative_gc_every_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="gc_every"):
         make_config(tmp_path / "bad", gc_every=-1)
+
+
+def test_activation_memory_budget_recomputes_without_changing_the_math(tmp_path):
+    """A compiled run under a memory budget (the partitioner recomputes some block activations in
+    backward) trains exactly like the unconstrained compiled run; the budget is restored to the
+    process default by the next plain compile."""
+    import torch._functorch.config as functorch_config
+
+    losses = {}
+    for budget in (1.0, 0.3):
+        torch._dynamo.reset()
+        base = make_config(tmp_path / f"budget{budget}", max_steps=3)
+        cfg = replace(base, compile=True, trainer=dataclasses.replace(base.trainer, activation_memory_budget=budget))
+        trainer = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
+        assert functorch_config.activation_memory_budget == budget
+        trainer.fit()
+        losses[budget] = train_losses(trainer)
+    assert losses[0.3] == pytest.approx(losses[1.0], rel=1e-5)
+    torch._dynamo.reset()
+    Trainer(replace(make_config(tmp_path / "plain", max_steps=1), compile=True), tiny_model(), SyntheticLoader(4), None, CPU)
+    assert functorch_config.activation_memory_budget == 1.0
