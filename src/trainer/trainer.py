@@ -119,9 +119,12 @@ class Trainer:
             config=to_dict(cfg),
         )
         n_params = self.bare.num_parameters()
+        compiled = "off" if not cfg.compile else cfg.compile_mode
+        if cfg.compile and cfg.trainer.activation_memory_budget < 1.0:
+            compiled += f", memory budget {cfg.trainer.activation_memory_budget:g}"
         self.logger.info(
             f"model {type(self.bare).__name__} {format_count(n_params)} parameters | {info.world_size} x {self.device.type} | "
-            f"strategy {cfg.parallel.strategy} | {'bf16' if self.bf16 else 'fp32'} | compile {cfg.compile} | "
+            f"strategy {cfg.parallel.strategy} | {'bf16' if self.bf16 else 'fp32'} | compile {compiled} | "
             f"{self.total_steps} steps x {self.nominal_tokens_per_step} tokens | run {cfg.run_dir} (id {self.run_id})"
         )
         if resumed_from:
