@@ -87,7 +87,7 @@ def apply_compile(model: nn.Module, mode: str = "default", activation_memory_bud
     and the loss head (`lm_output`; see below for when). Blocks share one compiled graph;
     per-block compilation keeps compile time flat in depth and lets FSDP2 hook each block.
     `mode="reduce-overhead"` replays each compiled graph as a CUDA graph (Inductor's cudagraph
-    trees): on an H100, gpt_125m at 8 x 1024 went from 283k to 412k tokens/s, its step having been
+    trees): on an H100, gpt_125m at 8 x 1024 went from 371k to 412k tokens/s, its step having been
     bound by the host's kernel launches; at 16 x 1024 the step is GPU-bound and gains nothing.
     `activation_memory_budget` < 1 makes the partitioner keep only that share of each block's
     activations, recomputing the cheapest ops (by FLOPs) in backward."""
