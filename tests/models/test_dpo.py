@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -451,6 +452,11 @@ def _fsdp2_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 json.dump(history, f)
     finally:
         shutdown_distributed(info)
+    sys.stdout.flush()
+    # gloo occasionally aborts in its own thread teardown at interpreter exit, after all the work
+    # is done and the group destroyed (seen once in CI here, as in tests/trainer's workers); leave
+    # without running it. An exception above still fails the test: it skips this line.
+    os._exit(0)
 
 
 def test_fsdp2_two_ranks_match_one_process(tmp_path):
