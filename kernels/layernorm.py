@@ -124,7 +124,6 @@ def _launch_params(hidden: int) -> dict:
     return {"BLOCK_H": block_h, "ROWS": rows, "num_warps": num_warps}
 
 
-
 def _layer_norm_fwd_launch(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -126,7 +126,6 @@ def _launch_params(hidden: int) -> dict:
     return {"BLOCK_H": block_h, "ROWS": rows, "num_warps": num_warps}
 
 
-
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     hidden = x.shape[-1]
     if weight.dim() != 1 or weight.shape[0] != hidden:

@@ -108,7 +108,6 @@ def _grid(tensors: list[torch.Tensor], rows: int, hidden: int, block: int) -> tu
     return (rows, triton.cdiv(hidden, block)), False, hidden
 
 
-
 def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
         raise ValueError(

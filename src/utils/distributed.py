@@ -99,31 +99,32 @@ def barrier(info: DistInfo) -> None:
         dist.barrier(group=info.control_group)
 
 
+def _reduce_on_host(info: DistInfo, value, dtype: torch.dtype, op) -> float | int:
+    """All-reduce one host-side number over the CPU gloo group: no GPU work, no GPU sync."""
+    t = torch.tensor([value], dtype=dtype)
+    dist.all_reduce(t, op=op, group=info.control_group)
+    return t.item()
+
+
 def any_rank(info: DistInfo, flag: bool) -> bool:
-    """True when `flag` is true on any rank; a host-side (gloo) collective, no GPU sync."""
+    """True when `flag` is true on any rank (host-side, gloo)."""
     if not info.distributed:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control_group)
-    return bool(t.item())
+    return bool(_reduce_on_host(info, 1 if flag else 0, torch.int32, dist.ReduceOp.MAX))
 
 
 def min_over_ranks(info: DistInfo, value: int) -> int:
     """The smallest of each rank's `value` (host-side, gloo)."""
     if not info.distributed:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=info.control_group)
-    return int(t.item())
+    return int(_reduce_on_host(info, value, torch.int64, dist.ReduceOp.MIN))
 
 
 def sum_over_ranks(info: DistInfo, value: float) -> float:
     """The sum of each rank's host-side `value` (gloo): no GPU work, no GPU sync."""
     if not info.distributed:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=info.control_group)
-    return float(t.item())
+    return float(_reduce_on_host(info, value, torch.float64, dist.ReduceOp.SUM))
 
 
 def all_reduce_sum(info: DistInfo, tensor: torch.Tensor) -> torch.Tensor:
