@@ -81,10 +81,13 @@ class Variant:
     bf16_params: bool = False
     activation_checkpointing: str = "none"
     compile_mode: str = "default"
+    compile_scope: str = "blocks"
     memory_budget: float = 1.0
 
 
-def our_variants(family: str, ac: str, sharded: bool = False, memory_budgets: tuple[float, ...] = ()) -> list[Variant]:
+def our_variants(
+    family: str, ac: str, sharded: bool = False, memory_budgets: tuple[float, ...] = ()
+) -> list[Variant]:
     ref = dataclass_dict(KernelConfig.reference())
     optimized = OPTIMIZED[family]
     variants = [
@@ -108,6 +111,13 @@ def our_variants(family: str, ac: str, sharded: bool = False, memory_budgets: tu
     if not sharded:  # CUDA graphs per compiled block (not with FSDP2's all-gathers)
         variants.append(Variant("optimized +CUDA graphs", "ours", dict(optimized), compile=True,
                                 activation_checkpointing=ac, compile_mode="reduce-overhead"))
+    if not sharded:  # the whole forward as one graph (nanoGPT's way), ours and the reference
+        variants.append(Variant("reference+compile whole model", "ours", ref, compile=True,
+                                activation_checkpointing=ac, compile_scope="model"))
+        variants.append(Variant("optimized +whole-model compile", "ours", dict(optimized), compile=True,
+                                activation_checkpointing=ac, compile_scope="model"))
+        variants.append(Variant("optimized +whole-model +CUDA graphs", "ours", dict(optimized), compile=True,
+                                activation_checkpointing=ac, compile_scope="model", compile_mode="reduce-overhead"))
     return variants
 
 
@@ -196,6 +206,7 @@ def train_config(args, variant: Variant, steps: int, out_dir: str) -> TrainConfi
             "kernels": variant.kernels,
             "compile": variant.compile,
             "compile_mode": variant.compile_mode,
+            "compile_scope": variant.compile_scope,
             "output_dir": out_dir,
             "run_name": re.sub(r"[^A-Za-z0-9_.-]+", "_", variant.name),
             "trainer": {
@@ -308,8 +319,22 @@ def time_steps(step_fn, batches: list[dict], steps: int, args, info) -> dict:
     }
 
 
-def profile_steps(step_fn, batches: list[dict], name: str, steps: int = 3) -> list[dict]:
-    """The costliest GPU kernels over a few steps (after warm-up), printed and returned."""
+# Kernel name patterns of the profile's categories, checked in order (the first match wins).
+KERNEL_CATEGORIES = [
+    ("matmul", re.compile(r"nvjet|gemm|cutlass|xmma|triton_mm|triton_tem", re.I)),
+    ("attention", re.compile(r"sdpa|flash|fmha|attention|flex", re.I)),
+    ("optimizer", re.compile(r"multi_tensor_apply|adam|foreach", re.I)),
+    ("loss", re.compile(r"cross_entropy|_ce_|log_softmax|logprob", re.I)),
+]
+
+
+def kernel_category(name: str) -> str:
+    return next((category for category, pattern in KERNEL_CATEGORIES if pattern.search(name)), "elementwise/other")
+
+
+def profile_steps(step_fn, batches: list[dict], name: str, steps: int = 3) -> dict:
+    """The GPU time per step by category and the costliest kernels over a few steps (after
+    warm-up), printed and returned."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -318,13 +343,18 @@ def profile_steps(step_fn, batches: list[dict], name: str, steps: int = 3) -> li
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
     total = sum(getattr(e, "self_device_time_total", 0) for e in events) or 1
+    categories: dict[str, float] = {}
+    for e in events:
+        key = kernel_category(e.key)
+        categories[key] = categories.get(key, 0.0) + e.self_device_time_total / 1e3 / steps
     top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:15]
     rows = [{"kernel": e.key[:90], "ms_per_step": e.self_device_time_total / 1e3 / steps,
              "share": e.self_device_time_total / total, "calls_per_step": e.count / steps} for e in top]
     print(f"\nprofile of '{name}': GPU time {total / 1e3 / steps:.1f} ms per step")
+    print("  " + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(categories.items(), key=lambda kv: -kv[1])))
     for r in rows:
         print(f"  {r['ms_per_step']:7.2f} ms {100 * r['share']:5.1f}% x{r['calls_per_step']:<5.0f} {r['kernel']}")
-    return rows
+    return {"gpu_ms_per_step": total / 1e3 / steps, "categories_ms": categories, "top_kernels": rows}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,7 +431,7 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=1, help="GPUs: relaunch under torchrun with FSDP2")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per GPU for MFU (default: by device name)")
     p.add_argument("--profile", action="store_true",
-                   help="after timing, profile 3 steps of each variant and print its 15 costliest GPU kernels")
+                   help="after timing, profile 3 steps of each variant: GPU time by category and the 15 costliest kernels")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/throughput_<model>_<device>.json)")
     return p.parse_args(argv)
 

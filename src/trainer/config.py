@@ -153,7 +153,14 @@ class TrainConfig:
     # default: Inductor kernels, launched from Python every step. reduce-overhead: the same kernels
     # replayed as CUDA graphs (one per block and direction), for steps whose GPU work is shorter
     # than their launch time (small batches or models); single GPU or DDP, not FSDP2.
-    compile_mode: Literal["default", "reduce-overhead"] = "default"
+    # max-autotune(-no-cudagraphs): Inductor also times Triton templates against cuBLAS for each
+    # matmul shape and keeps the fastest (minutes more compile time).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
+    # blocks: each transformer block (and the loss head) is its own compiled graph: compile time
+    # flat in depth, and FSDP2 hooks each block. model: the whole forward is one graph, so
+    # Inductor also fuses across block boundaries (a block's last residual add with the next
+    # block's norm, the final norm, the loss head); single GPU or DDP, not FSDP2.
+    compile_scope: Literal["blocks", "model"] = "blocks"
     run_name: str = "run"
     output_dir: str = "runs"  # the run directory is output_dir/run_name
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=1000))
@@ -175,9 +182,15 @@ class TrainConfig:
                               "compile: true, or use trainer.activation_checkpointing without compile")
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"compile_mode={self.compile_mode} applies to compiled blocks; set compile: true as well")
-        if self.compile_mode == "reduce-overhead" and self.parallel.strategy == "fsdp2":
-            raise ConfigError("compile_mode=reduce-overhead (CUDA graphs) does not work with FSDP2's per-block "
-                              "all-gathers; use compile_mode: default, or parallel.strategy ddp / none")
+        if self.compile_mode in ("reduce-overhead", "max-autotune") and self.parallel.strategy == "fsdp2":
+            raise ConfigError(f"compile_mode={self.compile_mode} (CUDA graphs) does not work with FSDP2's per-block "
+                              "all-gathers; use compile_mode: default or max-autotune-no-cudagraphs, or "
+                              "parallel.strategy ddp / none")
+        if self.compile_scope != "blocks" and not self.compile:
+            raise ConfigError(f"compile_scope={self.compile_scope} says what torch.compile compiles; set compile: true as well")
+        if self.compile_scope == "model" and self.parallel.strategy == "fsdp2":
+            raise ConfigError("compile_scope=model does not work with FSDP2, which gathers parameters block by block "
+                              "between compiled graphs; use compile_scope: blocks, or parallel.strategy ddp / none")
         if self.checkpoint.resume is not None and self.checkpoint.resume != "auto" and self.init_from is not None:
             raise ConfigError("checkpoint.resume continues a run and init_from starts a new one; set only one of them")
 
@@ -204,6 +217,9 @@ def load_config(
         raise ConfigError(f"{where}: the 'dpo:' block applies to src.train_dpo only; remove it for {task}")
     if task == "dpo" and cfg.dpo is None:
         cfg.dpo = DPOConfig()
+    if task == "dpo" and cfg.compile_scope == "model":
+        raise ConfigError(f"{where}: compile_scope=model compiles one causal LM's forward; DPO runs a policy and a "
+                          "reference, compiled per block: set compile_scope: blocks")
     cfg.model_config = resolve_model_config(cfg, where)
     check_combinations(cfg, where)
     return cfg

@@ -82,10 +82,18 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
             block.forward = _checkpointed(block.forward, selective=mode == "selective")
 
 
-def apply_compile(model: nn.Module, mode: str = "default", activation_memory_budget: float = 1.0) -> None:
-    """torch.compile each transformer block (in place: `Module.compile` keeps parameter names)
-    and the loss head (`lm_output`; see below for when). Blocks share one compiled graph;
-    per-block compilation keeps compile time flat in depth and lets FSDP2 hook each block.
+def apply_compile(
+    model: nn.Module, mode: str = "default", activation_memory_budget: float = 1.0, scope: str = "blocks"
+) -> None:
+    """torch.compile the model in place (`Module.compile` keeps parameter names).
+
+    scope="blocks": each transformer block, and the loss head (`lm_output`; see below for when).
+    Blocks share one compiled graph; per-block compilation keeps compile time flat in depth and
+    lets FSDP2 hook each block. scope="model": the whole forward as one graph (the nanoGPT way),
+    which lets Inductor fuse across block boundaries; for a causal LM on one GPU (DDP: see
+    `prepare_model`, which compiles the DDP wrapper instead so that Dynamo splits the graph at
+    gradient buckets).
+
     `mode="reduce-overhead"` replays each compiled graph as a CUDA graph (Inductor's cudagraph
     trees): on an H100, gpt_125m at 8 x 1024 went from 371k to 412k tokens/s, its step having been
     bound by the host's kernel launches; at 16 x 1024 the step is GPU-bound and gains nothing.
@@ -95,14 +103,26 @@ def apply_compile(model: nn.Module, mode: str = "default", activation_memory_bud
     # Read by AOTAutograd's min-cut partitioner when each graph compiles (at its first call). It
     # is process-wide: one training run per process.
     torch._functorch.config.activation_memory_budget = activation_memory_budget
-    for block in transformer_blocks(model):
-        block.compile(**options)
     # The loss head is compiled with the PyTorch cross-entropy (Inductor fuses the log-softmax) and
     # with the fused linear+CE (an opaque op: the graph holds the casts around it). The Triton
     # `cross_entropy` writes its gradient into the logits in place; under compile that mutation is
-    # functionalized, which may copy the (N, V) logits, so that head stays eager between blocks.
-    kernels = getattr(model, "kernels", None)
-    if hasattr(model, "lm_output") and (kernels is None or kernels.cross_entropy in ("torch", "fused_linear")):
+    # functionalized, which may copy the (N, V) logits, so that head stays eager.
+    inner = getattr(model, "module", model)  # the model inside a DDP wrapper
+    kernels = getattr(inner, "kernels", None)
+    compile_head = hasattr(inner, "lm_output") and (kernels is None or kernels.cross_entropy in ("torch", "fused_linear"))
+    if scope == "model":
+        if not hasattr(inner, "lm_output"):
+            raise ValueError(f"compile_scope=model compiles a causal LM's forward; {type(inner).__name__} is "
+                             "compiled per block: set compile_scope: blocks")
+        if not compile_head:  # one graph up to the final norm, then the eager in-place loss head
+            inner.lm_output = torch.compiler.disable(inner.lm_output)
+        model.compile(**options)
+        return
+    if scope != "blocks":
+        raise ValueError(f"compile scope must be blocks or model, got {scope!r}")
+    for block in transformer_blocks(model):
+        block.compile(**options)
+    if compile_head:
         model.lm_output = torch.compile(model.lm_output, **options)
 
 
@@ -144,11 +164,18 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool
         )
     model.to(info.device)
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
-    if cfg.compile:
-        apply_compile(model, cfg.compile_mode, cfg.trainer.activation_memory_budget)
+    whole_model_ddp = cfg.compile and cfg.compile_scope == "model" and strategy == "ddp"
+    if cfg.compile and not whole_model_ddp:
+        apply_compile(model, cfg.compile_mode, cfg.trainer.activation_memory_budget, cfg.compile_scope)
     if strategy == "fsdp2":
         apply_fsdp2(model, info, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward)
         return model, model
     if strategy == "ddp":
-        return apply_ddp(model, info), model
+        ddp = apply_ddp(model, info)
+        if whole_model_ddp:
+            # Compiling the DDP wrapper lets Dynamo split the graph at DDP's gradient buckets, so
+            # each bucket's all-reduce starts while backward goes on (one graph would finish all
+            # gradients at its very end).
+            apply_compile(ddp, cfg.compile_mode, cfg.trainer.activation_memory_budget, "model")
+        return ddp, model
     return model, model

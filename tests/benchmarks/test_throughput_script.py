@@ -24,9 +24,11 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
         assert others, op
         for other in others:
             assert f"optimized {op}={other}" in names
-    assert names[-2:] == ["optimized +selective AC", "optimized +CUDA graphs"]
+    assert names[-5:] == ["optimized +selective AC", "optimized +CUDA graphs", "reference+compile whole model",
+                          "optimized +whole-model compile", "optimized +whole-model +CUDA graphs"]
     assert len(set(names)) == len(names)
-    assert "optimized +CUDA graphs" not in [v.name for v in throughput.our_variants(family, "none", sharded=True)]
+    sharded = [v.name for v in throughput.our_variants(family, "none", sharded=True)]
+    assert not {"optimized +CUDA graphs", "optimized +whole-model compile"} & set(sharded)  # not with FSDP2
     # with checkpointing chosen for every variant there is no separate +selective AC row
     assert "optimized +selective AC" not in [v.name for v in throughput.our_variants(family, "full")]
 
@@ -56,3 +58,15 @@ def test_loss_check_smoke_run_on_cpu(tmp_path):
     assert [r["variant"] for r in rows] == ["reference"]
     assert len(rows[0]["losses"]) == 4 and all(l == l for l in rows[0]["losses"])
     assert rows[0]["losses"][0] > rows[0]["losses"][-1]  # the loss falls on the chain
+
+
+@pytest.mark.parametrize("name, category", [
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", "attention"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<", "optimizer"),
+    ("_cross_entropy_bwd_kernel", "loss"),
+    ("triton_red_fused__log_softmax__to_copy__unsafe_view", "loss"),
+    ("triton_poi_fused_gelu_gelu_backward_view_4", "elementwise/other"),
+])
+def test_profile_kernel_categories(name, category):
+    assert throughput.kernel_category(name) == category

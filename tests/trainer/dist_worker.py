@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=2 -m tests.trainer.dist_worker OUT_DIR
 
-DDP and FSDP2 runs (2 micro-steps of 2 sequences per rank), and an FSDP2 run split by a
+DDP (eager, and compiled whole through its wrapper) and FSDP2 runs (2 micro-steps of 2 sequences per rank), and an FSDP2 run split by a
 checkpoint at step 2 and resumed. Rank 0 writes OUT_DIR/results.json and the gathered FSDP2
 weights at step 2 (OUT_DIR/fsdp2_step2.pt) for the single-process checks.
 """
@@ -47,6 +47,10 @@ def run(out_dir: str) -> None:
     ddp = trainer("ddp", "ddp")
     ddp.fit()
     results["ddp"] = losses(ddp)
+    # The whole forward compiled through the DDP wrapper (Dynamo splits it at gradient buckets).
+    ddp_compiled = trainer("ddp_compiled_model", "ddp", compile=True, compile_scope="model")
+    ddp_compiled.fit()
+    results["ddp_compiled_model"] = losses(ddp_compiled)
 
     straight = trainer("fsdp2", "fsdp2")
     straight.fit()

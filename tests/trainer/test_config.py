@@ -65,7 +65,11 @@ def test_missing_model_yaml_lists_what_exists(tmp_path):
         (["trainer.grad_accum_steps=0"], "trainer.grad_accum_steps must be >= 1"),
         (["compile_mode=reduce-overhead"], "applies to compiled blocks; set compile: true"),
         (["compile=true", "compile_mode=reduce-overhead", "parallel.strategy=fsdp2"], "does not work with FSDP2"),
-        (["compile=true", "compile_mode=max-autotune"], "compile_mode"),
+        (["compile=true", "compile_mode=max-autotune", "parallel.strategy=fsdp2"], "does not work with FSDP2"),
+        (["compile=true", "compile_mode=fastest"], "compile_mode"),
+        (["compile_scope=model"], "says what torch.compile compiles; set compile: true"),
+        (["compile=true", "compile_scope=model", "parallel.strategy=fsdp2"], "compile_scope=model does not work with FSDP2"),
+        (["compile=true", "compile_scope=layers"], "compile_scope"),
         (["trainer.activation_memory_budget=0.5"], "applied by torch.compile's partitioner; set compile: true"),
         (["trainer.activation_memory_budget=1.5"], r"activation_memory_budget must be in \[0, 1\]"),
         (["compile=true", "trainer.activation_memory_budget=0.5", "trainer.activation_checkpointing=full"],
@@ -83,6 +87,8 @@ def test_dpo_block_belongs_to_dpo(tmp_path):
         load_config(write(tmp_path, data), task="pretrain")
     assert load_config(write(tmp_path, data), task="dpo").dpo.beta == 0.2
     assert load_config(write(tmp_path, BASE), task="dpo").dpo.loss_type == "sigmoid"
+    with pytest.raises(ConfigError, match="DPO runs a policy and a reference, compiled per block"):
+        load_config(write(tmp_path, BASE), ["compile=true", "compile_scope=model"], task="dpo")
 
 
 def test_missing_data_block(tmp_path):

@@ -44,6 +44,7 @@ def test_ddp_and_fsdp2_match_one_process(two_ranks, tmp_path):
     _, results = two_ranks
     single = single_process_losses(tmp_path)
     assert results["ddp"] == pytest.approx(single, rel=1e-5)
+    assert results["ddp_compiled_model"] == pytest.approx(single, rel=1e-5)
     assert results["fsdp2"] == pytest.approx(single, rel=1e-5)
 
 

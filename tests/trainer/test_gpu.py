@@ -49,6 +49,31 @@ def test_cuda_graph_compile_mode_trains_like_the_default_mode(tmp_path):
     assert losses["reduce-overhead"][-1] < losses["reduce-overhead"][0] - 0.5
 
 
+@pytest.mark.parametrize("cross_entropy", ["triton", "fused_linear"])
+def test_whole_model_compile_with_every_kernel_trains_like_per_block(tmp_path, cross_entropy):
+    """compile_scope: model (one graph; the in-place Triton loss head stays eager behind a graph
+    break) and the same with CUDA graphs give the losses of per-block compilation, with our Triton
+    kernels on."""
+    from src.models import AutoModelForCausalLM, KernelConfig
+
+    from .helpers import tiny_model_config
+
+    kernels = KernelConfig(layernorm="triton", cross_entropy=cross_entropy, attention="auto")
+    losses = {}
+    for scope, mode in (("blocks", "default"), ("model", "default"), ("model", "reduce-overhead")):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_model_config(), kernels=kernels)
+        cfg = replace(cuda_config(tmp_path / f"{scope}_{mode}"), compile=True, compile_scope=scope, compile_mode=mode,
+                      kernels=kernels)
+        trainer = Trainer(cfg, model, SyntheticLoader(8), None, gpu_info())
+        trainer.fit()
+        losses[scope, mode] = torch.tensor([r["loss"] for r in trainer.history if r["split"] == "train"])
+    for key in (("model", "default"), ("model", "reduce-overhead")):
+        torch.testing.assert_close(losses[key], losses["blocks", "default"], rtol=2e-2, atol=2e-2, msg=str(key))
+    assert losses["model", "default"][-1] < losses["model", "default"][0] - 0.5
+
+
 def test_fused_optimizer_skips_a_nonfinite_step_on_device(tmp_path):
     model = tiny_model()
     forward = model.forward
