@@ -199,17 +199,7 @@ class Trainer:
                 self.step_metrics[name] = self.step_metrics.get(name, 0.0) + value.detach().float() * weight
 
         max_norm = self.cfg.optimizer.grad_clip if self.cfg.optimizer.grad_clip > 0 else float("inf")
-        if self.fused_optimizer and not self.sharded:
-            # Clipping inside the fused update: the kernel divides each gradient by grad_scale as it
-            # reads it, which saves clip_grad_norm_'s own pass over every gradient (a read and a
-            # write of all fp32 gradients: 1.3 ms per step for Qwen2-0.5B on an H100). The scale is
-            # 1 / clip_grad_norm_'s coefficient: max(norm + 1e-6, max_norm) / max_norm.
-            grads = [p.grad for p in self.bare.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-            if max_norm != float("inf"):
-                self.optimizer.grad_scale = torch.clamp((grad_norm + 1e-6) / max_norm, min=1.0)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.bare.parameters(), max_norm, foreach=True)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.bare.parameters(), max_norm, foreach=True)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
         finite = torch.isfinite(grad_norm)  # the same on every rank: gradients are reduced
