@@ -287,3 +287,33 @@ def test_compile_scopes_train_like_eager(scope, tmp_path):
         assert compiled.bare._compiled_call_impl is not None
         assert all(block._compiled_call_impl is None for block in compiled.bare.layers)
 
+
+
+def test_whole_model_compile_of_qwen2_with_checkpointing_and_accumulation(tmp_path):
+    """compile_scope: model on a tiny Qwen2 (RoPE, GQA, tied embeddings) with selective
+    checkpointing inside the one graph, two micro-batches per step and an evaluation pass (a
+    no-grad call of the same compiled forward): the eager run's losses."""
+    from src.models import AutoModelForCausalLM, KernelConfig, Qwen2Config
+
+    from .helpers import VOCAB
+
+    def qwen():
+        torch.manual_seed(0)
+        config = Qwen2Config(n_layer=2, n_head=4, num_kv_heads=2, n_embd=32, intermediate_size=64, vocab_size=VOCAB,
+                             block_size=32, tie_word_embeddings=True)
+        return AutoModelForCausalLM.from_config(config, kernels=KernelConfig.reference())
+
+    torch._dynamo.reset()
+    runs = {}
+    for scope in ("eager", "model"):
+        cfg = make_config(tmp_path / scope, max_steps=3, grad_accum_steps=2, activation_checkpointing="selective",
+                          eval_every=3)
+        if scope == "model":
+            cfg = replace(cfg, compile=True, compile_scope="model")
+        trainer = Trainer(cfg, qwen(), SyntheticLoader(4), SyntheticLoader(4, seed=1, num_batches=2), CPU)
+        trainer.fit()
+        runs[scope] = trainer.history
+    for split in ("train", "val"):
+        eager = [r["loss"] for r in runs["eager"] if r["split"] == split]
+        compiled = [r["loss"] for r in runs["model"] if r["split"] == split]
+        assert len(eager) > 0 and compiled == pytest.approx(eager, rel=1e-5), split
