@@ -120,6 +120,8 @@ class Trainer:
         )
         n_params = self.bare.num_parameters()
         compiled = "off" if not cfg.compile else cfg.compile_mode
+        if cfg.compile and cfg.compile_scope == "model":
+            compiled += ", whole model"
         if cfg.compile and cfg.trainer.activation_memory_budget < 1.0:
             compiled += f", memory budget {cfg.trainer.activation_memory_budget:g}"
         self.logger.info(
