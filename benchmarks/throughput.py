@@ -38,7 +38,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+# As scripts/_launch.sh sets for training runs: growable CUDA allocator segments, so that
+# `peak_reserved_gib` is close to what a run needs. Read when torch first initialises CUDA.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere: the repository root on the path
@@ -508,6 +512,7 @@ def main(argv=None) -> None:
             "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "steps": steps, "warmup": args.warmup,
             "peak_flops": peak, "activation_checkpointing": args.activation_checkpointing,
+            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         }
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         title = f"{model_name}, {args.batch}x{args.seq_len} per GPU, {info.world_size} x {device_name}, torch {torch.__version__}"

@@ -26,6 +26,10 @@ launch() {
   # NVLink SHARP / multicast stay off: they hang or fail on machines where the fabric is partitioned.
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+  # Growable allocator segments: the caching allocator then holds about what the run uses (on an
+  # H100, Qwen2-0.5B compiled as one graph reserved 16.1 GiB instead of 27.6 for 15.6 allocated;
+  # same speed). Set PYTORCH_CUDA_ALLOC_CONF yourself to choose otherwise.
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
   local gpus
   gpus=$("$python" -c "import torch; print(torch.cuda.device_count())")

@@ -14,7 +14,15 @@ from __future__ import annotations
 from src.dataset.base import build_tokenizer
 from src.models.dpo import DPOModel
 from src.trainer import Trainer
-from src.trainer.launch import build_loaders, build_model, check_paths, config_from_args, parse_args, with_reference_logps
+from src.trainer.launch import (
+    build_loaders,
+    build_model,
+    check_paths,
+    config_from_args,
+    parse_args,
+    run_main,
+    with_reference_logps,
+)
 from src.utils.distributed import init_distributed, shutdown_distributed
 
 
@@ -34,4 +42,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main("dpo", main)

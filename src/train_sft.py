@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from src.dataset.base import build_tokenizer
 from src.trainer import Trainer
-from src.trainer.launch import build_loaders, build_model, check_paths, config_from_args, parse_args
+from src.trainer.launch import build_loaders, build_model, check_paths, config_from_args, parse_args, run_main
 from src.utils.distributed import init_distributed, shutdown_distributed
 
 
@@ -25,4 +25,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main("sft", main)

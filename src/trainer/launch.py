@@ -10,7 +10,9 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -34,6 +36,17 @@ def parse_args(task: str, argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="continue from the newest checkpoint of this run (auto) or from a checkpoint directory")
     return parser.parse_args(argv)
+
+
+def run_main(task: str, main: Callable[[], str]) -> None:
+    """The command line's `main()`: a configuration mistake (a `ConfigError`: an unknown key, an
+    impossible combination, a missing data path) ends the run with one line that names it and
+    exit status 2, as argparse does, instead of a traceback. Anything else raises as usual."""
+    try:
+        main()
+    except ConfigError as error:
+        print(f"python -m src.train_{task}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def config_from_args(task: str, args: argparse.Namespace) -> TrainConfig:

@@ -68,3 +68,22 @@ def test_resume_flag_continues_the_run(tmp_path):
     os.remove(tmp_path / "pretrain_cpu" / "metrics.jsonl")
     train_pretrain.main(args + ["--resume", "auto"])
     assert rows(tmp_path / "pretrain_cpu") == straight[3:]  # steps 4..6 again, identical (data position restored)
+
+
+@pytest.mark.parametrize("task", ["pretrain", "sft", "dpo"])
+def test_a_config_mistake_on_the_command_line_is_one_line_not_a_traceback(task, tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    config = "configs/train/pretrain_cpu.yaml" if task == "pretrain" else f"configs/train/{task}.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", f"src.train_{task}", "--config", config, "--set", f"output_dir={tmp_path}",
+         "--set", "trainer.max_steps=2", "--set", "schedule.warmup_steps=5"],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert f"python -m src.train_{task}: error: " in proc.stderr
+    assert "schedule.warmup_steps (5) must be below trainer.max_steps (2)" in proc.stderr
+    assert not os.listdir(tmp_path)  # nothing was started
