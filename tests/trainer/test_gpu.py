@@ -52,8 +52,8 @@ def test_cuda_graph_compile_mode_trains_like_the_default_mode(tmp_path):
 @pytest.mark.parametrize("cross_entropy", ["triton", "fused_linear"])
 def test_whole_model_compile_with_every_kernel_trains_like_per_block(tmp_path, cross_entropy):
     """compile_scope: model (one graph; the in-place Triton loss head stays eager behind a graph
-    break) and the same with CUDA graphs give the losses of per-block compilation, with our Triton
-    kernels on."""
+    break) and the same with CUDA graphs give the training and evaluation losses of per-block
+    compilation, with our Triton kernels on."""
     from src.models import AutoModelForCausalLM, KernelConfig
 
     from .helpers import tiny_model_config
@@ -64,14 +64,20 @@ def test_whole_model_compile_with_every_kernel_trains_like_per_block(tmp_path, c
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(tiny_model_config(), kernels=kernels)
-        cfg = replace(cuda_config(tmp_path / f"{scope}_{mode}"), compile=True, compile_scope=scope, compile_mode=mode,
-                      kernels=kernels)
-        trainer = Trainer(cfg, model, SyntheticLoader(8), None, gpu_info())
+        cfg = replace(cuda_config(tmp_path / f"{scope}_{mode}", eval_every=15), compile=True, compile_scope=scope,
+                      compile_mode=mode, kernels=kernels)
+        val = SyntheticLoader(8, seed=1, num_batches=2)  # evaluation: the same forward without grad
+        trainer = Trainer(cfg, model, SyntheticLoader(8), val, gpu_info())
         trainer.fit()
-        losses[scope, mode] = torch.tensor([r["loss"] for r in trainer.history if r["split"] == "train"])
+        for split in ("train", "val"):
+            losses[scope, mode, split] = torch.tensor([r["loss"] for r in trainer.history if r["split"] == split])
     for key in (("model", "default"), ("model", "reduce-overhead")):
-        torch.testing.assert_close(losses[key], losses["blocks", "default"], rtol=2e-2, atol=2e-2, msg=str(key))
-    assert losses["model", "default"][-1] < losses["model", "default"][0] - 0.5
+        for split in ("train", "val"):
+            expected = losses["blocks", "default", split]
+            assert len(expected) > 0
+            torch.testing.assert_close(losses[(*key, split)], expected, rtol=2e-2, atol=2e-2, msg=str((key, split)))
+    train = losses["model", "default", "train"]
+    assert train[-1] < train[0] - 0.5
 
 
 def test_fused_optimizer_skips_a_nonfinite_step_on_device(tmp_path):
