@@ -216,6 +216,7 @@ def train_config(args, variant: Variant, steps: int, out_dir: str) -> TrainConfi
             "trainer": {
                 "micro_batch_size": args.batch,
                 "seq_len": args.seq_len,
+                "grad_accum_steps": args.grad_accum,
                 "max_steps": steps,
                 "precision": "bf16",
                 "activation_checkpointing": variant.activation_checkpointing,
@@ -232,24 +233,24 @@ def train_config(args, variant: Variant, steps: int, out_dir: str) -> TrainConfi
     )
 
 
-def run_ours(args, variant: Variant, batches: list[dict], steps: int, info) -> dict:
+def run_ours(args, variant: Variant, groups: list[list[dict]], steps: int, info) -> dict:
     torch.manual_seed(args.seed)
     model_config = load_model_config(args.model)
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = train_config(args, variant, steps, out_dir)
         model = AutoModelForCausalLM.from_config(model_config, kernels=cfg.kernels)
         trainer = Trainer(cfg, model, train_loader=None, val_loader=None, info=info)
-        step_fn = lambda batch, i: trainer.train_step([batch])[0]  # noqa: E731
-        result = time_steps(step_fn, batches, steps, args, info)
+        step_fn = lambda group, i: trainer.train_step(group)[0]  # noqa: E731  (a group: one step's micro-batches)
+        result = time_steps(step_fn, groups, steps, args, info)
         if args.profile and info.rank == 0 and info.device.type == "cuda":
-            result["profile"] = profile_steps(step_fn, batches, variant.name)
+            result["profile"] = profile_steps(step_fn, groups, variant.name)
         result["flops_per_token"] = trainer.flops_per_token
         result["params"] = trainer.bare.num_parameters()
         del trainer, model, step_fn
     return result
 
 
-def run_hf(args, variant: Variant, batches: list[dict], steps: int, info) -> dict:
+def run_hf(args, variant: Variant, groups: list[list[dict]], steps: int, info) -> dict:
     import transformers
 
     torch.manual_seed(args.seed)
@@ -271,18 +272,21 @@ def run_hf(args, variant: Variant, batches: list[dict], steps: int, info) -> dic
         contextlib.nullcontext() if variant.bf16_params else torch.autocast(info.device.type, dtype=torch.bfloat16)
     )
 
-    def step(batch, i):
-        # transformers shifts labels itself: pass the unshifted sequence.
-        ids = batch["input_ids"].to(info.device, non_blocking=True)
-        with autocast:
-            loss = forward(input_ids=ids, labels=ids).loss
-        loss.backward()
+    def step(group, i):
+        step_loss = torch.zeros((), device=info.device)
+        for batch in group:  # gradient accumulation over the step's micro-batches
+            # transformers shifts labels itself: pass the unshifted sequence.
+            ids = batch["input_ids"].to(info.device, non_blocking=True)
+            with autocast:
+                loss = forward(input_ids=ids, labels=ids).loss / len(group)
+            loss.backward()
+            step_loss += loss.detach().float()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return step_loss
 
-    result = time_steps(step, batches, steps, args, info)
+    result = time_steps(step, groups, steps, args, info)
     with torch.device("meta"):  # the same architecture: the same FLOPs per token as ours
         same_shape = AutoModelForCausalLM.from_config(ours)
     result["flops_per_token"] = same_shape.flops_per_token(args.seq_len)
@@ -291,13 +295,13 @@ def run_hf(args, variant: Variant, batches: list[dict], steps: int, info) -> dic
     return result
 
 
-def time_steps(step_fn, batches: list[dict], steps: int, args, info) -> dict:
+def time_steps(step_fn, groups: list[list[dict]], steps: int, args, info) -> dict:
     """Warm-up (compile) steps, then `steps - warmup` timed steps; losses of every step kept."""
     cuda = info.device.type == "cuda"
     losses = []
     t0 = time.perf_counter()
     for i in range(args.warmup):
-        losses.append(step_fn(batches[i % len(batches)], i))
+        losses.append(step_fn(groups[i % len(groups)], i))
     if cuda:
         torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
@@ -306,11 +310,11 @@ def time_steps(step_fn, batches: list[dict], steps: int, args, info) -> dict:
     timed = steps - args.warmup
     t0 = time.perf_counter()
     for i in range(args.warmup, steps):
-        losses.append(step_fn(batches[i % len(batches)], i))
+        losses.append(step_fn(groups[i % len(groups)], i))
     if cuda:
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - t0) / timed
-    tokens_per_step = args.batch * args.seq_len * info.world_size
+    tokens_per_step = args.batch * args.seq_len * args.grad_accum * info.world_size
     return {
         "step_ms": 1e3 * step_s,
         "tokens_per_s": tokens_per_step / step_s,
@@ -336,14 +340,14 @@ def kernel_category(name: str) -> str:
     return next((category for category, pattern in KERNEL_CATEGORIES if pattern.search(name)), "elementwise/other")
 
 
-def profile_steps(step_fn, batches: list[dict], name: str, steps: int = 3) -> dict:
+def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3) -> dict:
     """The GPU time per step by category and the costliest kernels over a few steps (after
     warm-up), printed and returned."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
-            step_fn(batches[i % len(batches)], i)
+            step_fn(groups[i % len(groups)], i)
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
     total = sum(getattr(e, "self_device_time_total", 0) for e in events) or 1
@@ -416,8 +420,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="configs/model/gpt_125m.yaml", help="a model YAML")
-    p.add_argument("--batch", type=int, default=16, help="sequences per GPU per step")
+    p.add_argument("--batch", type=int, default=16, help="sequences per GPU per micro-batch")
     p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="micro-batches per optimizer step (gradient accumulation; tokens/s counts all of them)")
     p.add_argument("--steps", type=int, default=30, help="steps per variant, warm-up included")
     p.add_argument("--warmup", type=int, default=8, help="untimed first steps (compilation happens here)")
     p.add_argument("--variants", nargs="*", default=None,
@@ -442,6 +448,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.grad_accum < 1:
+        raise SystemExit(f"--grad-accum must be at least 1, got {args.grad_accum}")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
         forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
@@ -465,17 +473,17 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown variant(s) {sorted(unknown)}; choose from {[v.name for v in variants]}")
         variants = [v for v in variants if v.name in args.variants]
     steps = args.loss_check or args.steps
-    if args.loss_check:
-        batches = markov_batches(steps, args.batch, args.seq_len, model_config.vocab_size, args.seed + info.rank)
-    else:
-        batches = random_batches(min(steps, 8), args.batch, args.seq_len, model_config.vocab_size, args.seed + info.rank)
+    n_groups = steps if args.loss_check else min(steps, 8)
+    make = markov_batches if args.loss_check else random_batches
+    batches = make(n_groups * args.grad_accum, args.batch, args.seq_len, model_config.vocab_size, args.seed + info.rank)
+    groups = [batches[g * args.grad_accum:(g + 1) * args.grad_accum] for g in range(n_groups)]  # one list per step
     peak = peak_flops(info.device, args.peak_flops)
     rows = []
     for variant in variants:
         torch._dynamo.reset()
         try:
             run = run_ours if variant.kind == "ours" else run_hf
-            result = run(args, variant, batches, steps, info)
+            result = run(args, variant, groups, steps, info)
         except Exception as e:  # one failing variant must not hide the others' numbers
             rows.append({"variant": variant.name, "kind": variant.kind, "error": f"{type(e).__name__}: {e}"})
             if info.rank == 0:
@@ -501,6 +509,7 @@ def main(argv=None) -> None:
         slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
         model_name = Path(args.model).stem
         suffix = ("_loss" if args.loss_check else "") + (f"_{info.world_size}gpu" if info.world_size > 1 else "")
+        suffix += f"_accum{args.grad_accum}" if args.grad_accum > 1 else ""
         out = Path(args.out or REPO / "benchmarks" / "results" / f"throughput_{model_name}_{slug}{suffix}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         import transformers
@@ -510,12 +519,15 @@ def main(argv=None) -> None:
             "device": device_name, "gpus": info.world_size, "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "steps": steps, "warmup": args.warmup,
+            "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "grad_accum": args.grad_accum,
+            "steps": steps, "warmup": args.warmup,
             "peak_flops": peak, "activation_checkpointing": args.activation_checkpointing,
             "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         }
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        title = f"{model_name}, {args.batch}x{args.seq_len} per GPU, {info.world_size} x {device_name}, torch {torch.__version__}"
+        accum = f" x {args.grad_accum} micro-batches" if args.grad_accum > 1 else ""
+        title = (f"{model_name}, {args.batch}x{args.seq_len}{accum} per GPU, {info.world_size} x {device_name}, "
+                 f"torch {torch.__version__}")
         plot(rows, out.with_suffix(".png"), title)
         print(f"\nwrote {out} and {out.with_suffix('.png')}")
         print(title)

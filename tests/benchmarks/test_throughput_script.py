@@ -70,3 +70,18 @@ def test_loss_check_smoke_run_on_cpu(tmp_path):
 ])
 def test_profile_kernel_categories(name, category):
     assert throughput.kernel_category(name) == category
+
+
+def test_gradient_accumulation_counts_every_micro_batch(tmp_path):
+    """--grad-accum 2: each timed step is one Trainer step over two micro-batches, counted as
+    twice the tokens; the loss check's steps see fresh micro-batches."""
+    out = tmp_path / "accum.json"
+    throughput.main(["--model", "configs/model/gpt2_tiny.yaml", "--batch", "2", "--seq-len", "32", "--grad-accum", "2",
+                     "--loss-check", "3", "--warmup", "1", "--variants", "reference", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["meta"]["grad_accum"] == 2
+    row = result["rows"][0]
+    assert len(row["losses"]) == 3
+    assert row["tokens_per_s"] == pytest.approx(2 * 32 * 2 / (row["step_ms"] / 1e3), rel=1e-6)
+    with pytest.raises(SystemExit, match="--grad-accum must be at least 1"):
+        throughput.main(["--grad-accum", "0"])
