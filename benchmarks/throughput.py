@@ -90,7 +90,7 @@ class Variant:
 
 
 def our_variants(
-    family: str, ac: str, sharded: bool = False, memory_budgets: tuple[float, ...] = ()
+    family: str, ac: str, sharded: bool = False, memory_budgets: tuple[float, ...] = (), grad_accum: int = 1
 ) -> list[Variant]:
     ref = dataclass_dict(KernelConfig.reference())
     optimized = OPTIMIZED[family]
@@ -112,7 +112,8 @@ def our_variants(
         for budget in memory_budgets:  # the compiler's own recompute choice under a memory budget
             variants.append(Variant(f"optimized +memory budget {budget:g}", "ours", dict(optimized), compile=True,
                                     memory_budget=budget))
-    if not sharded:  # CUDA graphs per compiled block (not with FSDP2's all-gathers)
+    cuda_graphs = not sharded and grad_accum == 1  # not with FSDP2's all-gathers, nor with accumulation
+    if cuda_graphs:  # CUDA graphs per compiled block
         variants.append(Variant("optimized +CUDA graphs", "ours", dict(optimized), compile=True,
                                 activation_checkpointing=ac, compile_mode="reduce-overhead"))
     if not sharded:  # the whole forward as one graph (nanoGPT's way), ours and the reference
@@ -120,8 +121,9 @@ def our_variants(
                                 activation_checkpointing=ac, compile_scope="model"))
         variants.append(Variant("optimized +whole-model compile", "ours", dict(optimized), compile=True,
                                 activation_checkpointing=ac, compile_scope="model"))
-        variants.append(Variant("optimized +whole-model +CUDA graphs", "ours", dict(optimized), compile=True,
-                                activation_checkpointing=ac, compile_scope="model", compile_mode="reduce-overhead"))
+        if cuda_graphs:
+            variants.append(Variant("optimized +whole-model +CUDA graphs", "ours", dict(optimized), compile=True,
+                                    activation_checkpointing=ac, compile_scope="model", compile_mode="reduce-overhead"))
     return variants
 
 
@@ -464,7 +466,7 @@ def main(argv=None) -> None:
     model_config = load_model_config(args.model)
     family = model_config.model_family
     variants = our_variants(family, args.activation_checkpointing, sharded=args.strategy == "fsdp2",
-                            memory_budgets=tuple(args.memory_budgets))
+                            memory_budgets=tuple(args.memory_budgets), grad_accum=args.grad_accum)
     if args.peers and not args.loss_check and info.world_size == 1:
         variants += peer_variants(family)
     if args.variants:

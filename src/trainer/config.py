@@ -186,6 +186,13 @@ class TrainConfig:
             raise ConfigError(f"compile_mode={self.compile_mode} (CUDA graphs) does not work with FSDP2's per-block "
                               "all-gathers; use compile_mode: default or max-autotune-no-cudagraphs, or "
                               "parallel.strategy ddp / none")
+        if self.compile_mode in ("reduce-overhead", "max-autotune") and self.trainer.grad_accum_steps > 1:
+            # Seen on an H100: a backward graph's outputs become the parameters' .grad, and the next
+            # micro-batch's replay overwrites them before they are accumulated ("accessing tensor
+            # output of CUDAGraphs that has been overwritten by a subsequent run").
+            raise ConfigError(f"compile_mode={self.compile_mode} (CUDA graphs) does not support gradient accumulation "
+                              f"(trainer.grad_accum_steps={self.trainer.grad_accum_steps}): raise "
+                              "trainer.micro_batch_size instead, or use compile_mode: default")
         if self.compile_scope != "blocks" and not self.compile:
             raise ConfigError(f"compile_scope={self.compile_scope} says what torch.compile compiles; set compile: true as well")
         if self.compile_scope == "model" and self.parallel.strategy == "fsdp2":
