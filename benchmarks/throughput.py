@@ -3,19 +3,20 @@ kernel ablated, and Hugging Face transformers (eager / compiled / with Liger-Ker
 
 Every variant of ours is built and prepared exactly as a training run does it: the model from the
 model YAML with the variant's `kernels:` block, then `Trainer` (activation checkpointing ->
-torch.compile per block -> FSDP2 / DDP / nothing, fused AdamW, bf16 autocast, clipping), and the
-timed unit is `Trainer.train_step` (forward, backward, clip, optimizer step) on random tokens of one
-fixed batch shape. Warm-up steps (compilation included) are excluded; compile time is reported
+torch.compile per block or of the whole model -> FSDP2 / DDP / nothing, fused AdamW, bf16
+autocast, clipping), and the timed unit is `Trainer.train_step` (forward and backward of each of
+`--grad-accum` micro-batches, clip, optimizer step) on random tokens of one fixed batch shape. Warm-up steps (compilation included) are excluded; compile time is reported
 separately. MFU = tokens/s x FLOPs per token / peak FLOP/s (DESIGN.md), FLOPs per token
 = 6N + 12 L H Q T from `model.flops_per_token`.
 
     python benchmarks/throughput.py --model configs/model/gpt_125m.yaml --batch 16 --seq-len 1024
     python benchmarks/throughput.py --model configs/model/qwen2_0.5b.yaml --batch 4 --seq-len 2048 --peers
     python benchmarks/throughput.py --model configs/model/gpt_125m.yaml --loss-check 200   # same math?
+    python benchmarks/throughput.py --model configs/model/gpt_125m.yaml --grad-accum 4     # 4 micro-batches a step
     python benchmarks/throughput.py --nproc 8 --model configs/model/qwen2_0.5b.yaml --variants optimized
     python benchmarks/throughput.py --help
 
-Writes benchmarks/results/throughput_<model>_<device>[_loss].json and a PNG beside it; prints a
+Writes benchmarks/results/throughput_<model>_<device>[_loss][_accumN].json and a PNG beside it; prints a
 table last. `--loss-check N` trains every variant of ours for N steps on the same batches (drawn
 from a fixed random Markov chain: learnable, never memorised) from the same initial weights and
 compares the final losses (mean of the last 10 steps).
