@@ -5,8 +5,8 @@ Every variant of ours is built and prepared exactly as a training run does it: t
 model YAML with the variant's `kernels:` block, then `Trainer` (activation checkpointing ->
 torch.compile per block or of the whole model -> FSDP2 / DDP / nothing, fused AdamW, bf16
 autocast, clipping), and the timed unit is `Trainer.train_step` (forward and backward of each of
-`--grad-accum` micro-batches, clip, optimizer step) on random tokens of one fixed batch shape. Warm-up steps (compilation included) are excluded; compile time is reported
-separately. MFU = tokens/s x FLOPs per token / peak FLOP/s (DESIGN.md), FLOPs per token
+`--grad-accum` micro-batches, clip, optimizer step) on random tokens of one fixed batch shape.
+Warm-up steps (compilation included) are excluded; compile time is reported separately. MFU = tokens/s x FLOPs per token / peak FLOP/s (DESIGN.md), FLOPs per token
 = 6N + 12 L H Q T from `model.flops_per_token`.
 
     python benchmarks/throughput.py --model configs/model/gpt_125m.yaml --batch 16 --seq-len 1024

@@ -152,9 +152,9 @@ class TrainConfig:
     compile: bool = False
     # default: Inductor kernels, launched from Python every step. reduce-overhead: the same kernels
     # replayed as CUDA graphs (one per block and direction), for steps whose GPU work is shorter
-    # than their launch time (small batches or models); single GPU or DDP, not FSDP2.
-    # max-autotune(-no-cudagraphs): Inductor also times Triton templates against cuBLAS for each
-    # matmul shape and keeps the fastest (minutes more compile time).
+    # than their launch time (small batches or models); single GPU or DDP, not FSDP2, and
+    # without gradient accumulation. max-autotune(-no-cudagraphs): Inductor also times Triton
+    # templates against cuBLAS for each matmul shape and keeps the fastest (minutes more compile).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
     # blocks: each transformer block (and the loss head) is its own compiled graph: compile time
     # flat in depth, and FSDP2 hooks each block. model: the whole forward is one graph, so
@@ -182,11 +182,11 @@ class TrainConfig:
                               "compile: true, or use trainer.activation_checkpointing without compile")
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"compile_mode={self.compile_mode} applies to compiled blocks; set compile: true as well")
-        if self.compile_mode in ("reduce-overhead", "max-autotune") and self.parallel.strategy == "fsdp2":
+        if self.cuda_graphs and self.parallel.strategy == "fsdp2":
             raise ConfigError(f"compile_mode={self.compile_mode} (CUDA graphs) does not work with FSDP2's per-block "
                               "all-gathers; use compile_mode: default or max-autotune-no-cudagraphs, or "
                               "parallel.strategy ddp / none")
-        if self.compile_mode in ("reduce-overhead", "max-autotune") and self.trainer.grad_accum_steps > 1:
+        if self.cuda_graphs and self.trainer.grad_accum_steps > 1:
             # Seen on an H100: a backward graph's outputs become the parameters' .grad, and the next
             # micro-batch's replay overwrites them before they are accumulated ("accessing tensor
             # output of CUDAGraphs that has been overwritten by a subsequent run").
@@ -194,12 +194,18 @@ class TrainConfig:
                               f"(trainer.grad_accum_steps={self.trainer.grad_accum_steps}): raise "
                               "trainer.micro_batch_size instead, or use compile_mode: default")
         if self.compile_scope != "blocks" and not self.compile:
-            raise ConfigError(f"compile_scope={self.compile_scope} says what torch.compile compiles; set compile: true as well")
+            raise ConfigError(f"compile_scope={self.compile_scope} says what torch.compile compiles; "
+                              "set compile: true as well")
         if self.compile_scope == "model" and self.parallel.strategy == "fsdp2":
             raise ConfigError("compile_scope=model does not work with FSDP2, which gathers parameters block by block "
                               "between compiled graphs; use compile_scope: blocks, or parallel.strategy ddp / none")
         if self.checkpoint.resume is not None and self.checkpoint.resume != "auto" and self.init_from is not None:
             raise ConfigError("checkpoint.resume continues a run and init_from starts a new one; set only one of them")
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compile mode replays the compiled graphs as CUDA graphs."""
+        return self.compile_mode in ("reduce-overhead", "max-autotune")
 
     @property
     def run_dir(self) -> str:
