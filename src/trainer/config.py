@@ -152,8 +152,8 @@ class TrainConfig:
     compile: bool = False
     # default: Inductor kernels, launched from Python every step. reduce-overhead: the same kernels
     # replayed as CUDA graphs (one per block and direction), for steps whose GPU work is shorter
-    # than their launch time (small batches or models); single GPU or DDP, not FSDP2, and
-    # without gradient accumulation. max-autotune(-no-cudagraphs): Inductor also times Triton
+    # than their launch time (small batches or models); single GPU or DDP, not FSDP2 (with
+    # gradient accumulation the trainer keeps persistent .grad buffers). max-autotune(-no-cudagraphs): Inductor also times Triton
     # templates against cuBLAS for each matmul shape and keeps the fastest (minutes more compile).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
     # blocks: each transformer block (and the loss head) is its own compiled graph: compile time
@@ -186,13 +186,6 @@ class TrainConfig:
             raise ConfigError(f"compile_mode={self.compile_mode} (CUDA graphs) does not work with FSDP2's per-block "
                               "all-gathers; use compile_mode: default or max-autotune-no-cudagraphs, or "
                               "parallel.strategy ddp / none")
-        if self.cuda_graphs and self.trainer.grad_accum_steps > 1:
-            # Seen on an H100: a backward graph's outputs become the parameters' .grad, and the next
-            # micro-batch's replay overwrites them before they are accumulated ("accessing tensor
-            # output of CUDAGraphs that has been overwritten by a subsequent run").
-            raise ConfigError(f"compile_mode={self.compile_mode} (CUDA graphs) does not support gradient accumulation "
-                              f"(trainer.grad_accum_steps={self.trainer.grad_accum_steps}): raise "
-                              "trainer.micro_batch_size instead, or use compile_mode: default")
         if self.compile_scope != "blocks" and not self.compile:
             raise ConfigError(f"compile_scope={self.compile_scope} says what torch.compile compiles; "
                               "set compile: true as well")

@@ -84,6 +84,15 @@ class Trainer:
         self.model, self.bare = prepare_model(model, cfg, info, bf16=self.bf16)
         self.optimizer = build_optimizer(self.bare, cfg.optimizer, self.device)
         self.fused_optimizer = bool(self.optimizer.defaults.get("fused"))
+        # CUDA graphs replay into memory their pool owns. A gradient that a backward graph returns
+        # would become a parameter's .grad and be overwritten by the next micro-batch's replay
+        # (seen on an H100). Gradient buffers allocated once and zeroed after each step make
+        # autograd add every micro-batch's gradient into them in place instead.
+        self.persistent_grads = cfg.cuda_graphs and t.grad_accum_steps > 1
+        if self.persistent_grads:
+            for p in self.bare.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
         self.train_loader = train_loader
         self.val_loader = val_loader
 
@@ -212,7 +221,7 @@ class Trainer:
             self.optimizer.step()
         elif bool(finite):  # the multi-tensor path has no found_inf; on the CPU this read is free
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.persistent_grads)
         self.skipped += (~finite).long()
         self.nonfinite_in_row = torch.where(finite, torch.zeros_like(self.nonfinite_in_row), self.nonfinite_in_row + 1)
         return torch.where(finite, step_loss, torch.zeros_like(step_loss)), grad_norm, finite

@@ -2,8 +2,9 @@
 
     torchrun --nproc_per_node=2 -m tests.trainer.dist_worker OUT_DIR
 
-DDP (eager, and compiled whole through its wrapper) and FSDP2 runs (2 micro-steps of 2 sequences per rank), and an FSDP2 run split by a
-checkpoint at step 2 and resumed. Rank 0 writes OUT_DIR/results.json and the gathered FSDP2
+DDP runs (eager, and compiled whole through its wrapper with persistent gradient buffers) and
+FSDP2 runs (2 micro-steps of 2 sequences per rank), and an FSDP2 run split by a checkpoint at
+step 2 and resumed. Rank 0 writes OUT_DIR/results.json and the gathered FSDP2
 weights at step 2 (OUT_DIR/fsdp2_step2.pt) for the single-process checks.
 """
 
@@ -47,8 +48,12 @@ def run(out_dir: str) -> None:
     ddp = trainer("ddp", "ddp")
     ddp.fit()
     results["ddp"] = losses(ddp)
-    # The whole forward compiled through the DDP wrapper (Dynamo splits it at gradient buckets).
-    ddp_compiled = trainer("ddp_compiled_model", "ddp", compile=True, compile_scope="model")
+    # The whole forward compiled through the DDP wrapper (Dynamo splits it at gradient buckets), in
+    # the CUDA-graph mode: on the CPU Inductor runs no graphs, but the trainer's persistent .grad
+    # buffers (kept for CUDA graphs with accumulation) go through DDP's no_sync and all-reduce.
+    ddp_compiled = trainer("ddp_compiled_model", "ddp", compile=True, compile_scope="model",
+                           compile_mode="reduce-overhead")
+    assert ddp_compiled.persistent_grads
     ddp_compiled.fit()
     results["ddp_compiled_model"] = losses(ddp_compiled)
 

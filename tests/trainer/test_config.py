@@ -67,8 +67,6 @@ def test_missing_model_yaml_lists_what_exists(tmp_path):
         (["compile=true", "compile_mode=reduce-overhead", "parallel.strategy=fsdp2"], "does not work with FSDP2"),
         (["compile=true", "compile_mode=max-autotune", "parallel.strategy=fsdp2"], "does not work with FSDP2"),
         (["compile=true", "compile_mode=fastest"], "compile_mode"),
-        (["compile=true", "compile_mode=reduce-overhead", "trainer.grad_accum_steps=2"],
-         "does not support gradient accumulation"),
         (["compile_scope=model"], "says what torch.compile compiles; set compile: true"),
         (["compile=true", "compile_scope=model", "parallel.strategy=fsdp2"], "compile_scope=model does not work with FSDP2"),
         (["compile=true", "compile_scope=layers"], "compile_scope"),

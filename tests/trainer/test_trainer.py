@@ -66,6 +66,29 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
     assert len(counts) > 1
 
 
+def test_cuda_graph_mode_accumulates_into_persistent_gradient_buffers(tmp_path):
+    """With CUDA graphs and accumulation the trainer allocates .grad once and zeroes it after each
+    step (a graph's output must not become .grad: the next replay overwrites it). On the CPU
+    Inductor runs no graphs, but the gradients and losses must still be those of one large batch."""
+    big = Trainer(make_config(tmp_path / "big", max_steps=3, micro_batch_size=8), tiny_model(),
+                  SyntheticLoader(8), None, CPU)
+    big_grads = capture_grads(big)
+    big.fit()
+    torch._dynamo.reset()
+    cfg = replace(make_config(tmp_path / "graphs", max_steps=3, micro_batch_size=2, grad_accum_steps=4),
+                  compile=True, compile_mode="reduce-overhead")
+    accum = Trainer(cfg, tiny_model(), SyntheticLoader(2), None, CPU)
+    assert accum.persistent_grads
+    buffers = {n: p.grad for n, p in accum.bare.named_parameters()}
+    assert all(g is not None and not g.any() for g in buffers.values())
+    accum_grads = capture_grads(accum)
+    accum.fit()
+    assert train_losses(accum) == pytest.approx(train_losses(big), rel=1e-4)
+    assert_same_grads(accum_grads, big_grads)
+    for name, p in accum.bare.named_parameters():  # the same buffers, zeroed after the last step
+        assert p.grad is buffers[name] and not p.grad.any(), name
+
+
 def test_exact_resume_is_bitwise(tmp_path):
     straight = Trainer(make_config(tmp_path / "straight", max_steps=6, grad_accum_steps=2), tiny_model(),
                        SyntheticLoader(4), None, CPU)
