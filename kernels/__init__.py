@@ -7,6 +7,7 @@
     cross_entropy.py               cross_entropy (+ the row kernels the two ops below reuse)
     fused_linear_cross_entropy.py  fused_linear_cross_entropy
     token_logprobs.py              token_logprobs (per-token log-probabilities for DPO)
+    adamw.py                       adamw_step_ (the optimizer update; used by src/trainer/optimizer.py)
 
 This package imports torch and triton only. Importing a module registers its ops under the
 `kernels::` namespace; nothing runs on a device until an op is called.

@@ -83,13 +83,19 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
-    fused: bool | None = None  # None: fused on CUDA, foreach on the CPU
+    # auto: our Triton AdamW (kernels/adamw.py, the clip coefficient applied inside the update) on
+    # CUDA unless FSDP2 shards the parameters or `fused` is set; torch: torch.optim.AdamW.
+    implementation: Literal["auto", "torch", "triton"] = "auto"
+    fused: bool | None = None  # torch's AdamW: None = fused on CUDA, foreach on the CPU
 
     def __post_init__(self):
         if self.lr <= 0:
             raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
             raise ConfigError("optimizer.weight_decay and optimizer.grad_clip must be >= 0 and optimizer.eps > 0")
+        if self.implementation == "triton" and self.fused is not None:
+            raise ConfigError("optimizer.fused chooses between torch's AdamW kernels; it does not apply to "
+                              "optimizer.implementation=triton (remove one of them)")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optimizer.betas must be in [0, 1), got {list(self.betas)}")
 
@@ -153,8 +159,9 @@ class TrainConfig:
     # default: Inductor kernels, launched from Python every step. reduce-overhead: the same kernels
     # replayed as CUDA graphs (one per block and direction), for steps whose GPU work is shorter
     # than their launch time (small batches or models); single GPU or DDP, not FSDP2 (with
-    # gradient accumulation the trainer keeps persistent .grad buffers). max-autotune(-no-cudagraphs): Inductor also times Triton
-    # templates against cuBLAS for each matmul shape and keeps the fastest (minutes more compile).
+    # gradient accumulation the trainer keeps persistent .grad buffers).
+    # max-autotune(-no-cudagraphs): Inductor also times Triton templates against cuBLAS for each
+    # matmul shape and keeps the fastest (minutes more compile).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
     # blocks: each transformer block (and the loss head) is its own compiled graph: compile time
     # flat in depth, and FSDP2 hooks each block. model: the whole forward is one graph, so
@@ -186,6 +193,9 @@ class TrainConfig:
             raise ConfigError(f"compile_mode={self.compile_mode} (CUDA graphs) does not work with FSDP2's per-block "
                               "all-gathers; use compile_mode: default or max-autotune-no-cudagraphs, or "
                               "parallel.strategy ddp / none")
+        if self.optimizer.implementation == "triton" and self.parallel.strategy == "fsdp2":
+            raise ConfigError("optimizer.implementation=triton updates plain tensors, not FSDP2's sharded DTensors; "
+                              "use optimizer.implementation: torch (or auto) with parallel.strategy fsdp2")
         if self.compile_scope != "blocks" and not self.compile:
             raise ConfigError(f"compile_scope={self.compile_scope} says what torch.compile compiles; "
                               "set compile: true as well")

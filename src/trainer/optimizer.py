@@ -1,5 +1,11 @@
 """AdamW with decoupled weight decay on matrices only, and the learning-rate schedules.
 
+Two implementations of the same AdamW (`optimizer.implementation`): torch.optim.AdamW (fused on
+CUDA, foreach on the CPU), and `TritonAdamW`, torch's class with its step replaced by one Triton
+launch per parameter group (kernels/adamw.py) that applies the gradient-clipping coefficient
+while it reads the gradients, instead of the separate read-and-write pass of clip_grad_norm_.
+Both keep the same state and state_dict, so a checkpoint of one resumes with the other.
+
 Weight decay pulls weights towards zero; on gains of norms, biases and embedding tables it only
 hurts (it shrinks the scale a norm is supposed to learn, and rows of rare tokens decay towards
 zero between their updates), so those parameters go into a group with weight_decay = 0.
@@ -13,9 +19,13 @@ Schedules (`lr_at(step)`, step counted from 0):
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
+
+from kernels.adamw import AdamWTables, adamw_step_
+from src.utils.config import ConfigError
 
 from .config import OptimizerConfig, ScheduleConfig
 
@@ -48,11 +58,85 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel for all parameters) on CUDA, multi-tensor `foreach` on the CPU."""
+class TritonAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW (same hyper-parameters, state and state_dict) whose step is kernels/adamw.py.
+
+    Before `step()` the caller may set two 0-d fp32 device tensors: `grad_scale`, multiplied
+    into every gradient as it is read (the clip coefficient), and `found_inf`, nonzero to skip
+    the whole update and keep the step counts. Neither is read on the host. Step counts are fp32
+    device tensors, as torch's fused AdamW keeps them. Parameters must be plain contiguous fp32
+    tensors on one device (not FSDP2's DTensors)."""
+
+    def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
+        self.grad_scale: torch.Tensor | None = None
+        self.found_inf: torch.Tensor | None = None
+        self._tables: dict[int, tuple[list, list, AdamWTables]] = {}  # per group: (params, steps, tables)
+
+    def _state_of(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif state["step"].device != p.device or state["step"].dtype != torch.float32:
+            state["step"] = state["step"].to(device=p.device, dtype=torch.float32)  # from a foreach checkpoint
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._tables.clear()  # the loaded state tensors live at other addresses
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("TritonAdamW.step takes no closure")
+        for index, group in enumerate(self.param_groups):
+            if group["amsgrad"] or group["maximize"]:
+                raise ValueError("TritonAdamW supports neither amsgrad nor maximize")
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            # Tables of addresses, rebuilt when the set of parameters with a gradient changes
+            # (usually never after the first step) or a state dict was loaded.
+            cached = self._tables.get(index)
+            if cached is None or len(cached[0]) != len(params) or any(a is not b for a, b in zip(cached[0], params)):
+                states = [self._state_of(p) for p in params]
+                steps = [s["step"] for s in states]
+                tables = AdamWTables(params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], steps)
+                cached = (params, steps, tables)  # the step tensors are kept alive with their addresses
+                self._tables[index] = cached
+            tables = cached[2]
+            beta1, beta2 = group["betas"]
+            adamw_step_(tables, [p.grad for p in params], lr=group["lr"], beta1=beta1, beta2=beta2,
+                        eps=group["eps"], weight_decay=group["weight_decay"], grad_scale=self.grad_scale,
+                        found_inf=self.found_inf)
+
+
+def resolve_implementation(cfg: OptimizerConfig, device: torch.device, sharded: bool) -> str:
+    """`auto`: our Triton AdamW on CUDA unless FSDP2 shards the parameters (DTensors) or
+    `optimizer.fused` asks for torch's; torch.optim.AdamW otherwise."""
+    if cfg.implementation != "auto":
+        return cfg.implementation
+    return "triton" if device.type == "cuda" and not sharded and cfg.fused is None else "torch"
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device,
+                    sharded: bool = False) -> torch.optim.AdamW:
+    """AdamW: `TritonAdamW` or torch's (fused on CUDA, multi-tensor `foreach` on the CPU), as
+    `resolve_implementation` says."""
+    groups = param_groups(model, cfg.weight_decay)
+    if resolve_implementation(cfg, device, sharded) == "triton":
+        if sharded:
+            raise ConfigError("optimizer.implementation=triton updates plain tensors, not FSDP2's sharded DTensors; "
+                              "use optimizer.implementation: torch (or auto) with parallel.strategy fsdp2")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(f"optimizer.implementation=triton needs a CUDA device (this run is on {device.type}); "
+                              "use optimizer.implementation: torch (or auto)")
+        return TritonAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        groups,
         lr=cfg.lr,
         betas=tuple(cfg.betas),
         eps=cfg.eps,

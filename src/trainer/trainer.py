@@ -39,7 +39,7 @@ from src.utils.misc import format_count, new_run_id, peak_flops, rng_state, seed
 
 from .checkpoint import CheckpointManager, export_hf
 from .config import TrainConfig
-from .optimizer import LRSchedule, build_optimizer, set_lr
+from .optimizer import LRSchedule, TritonAdamW, build_optimizer, set_lr
 from .parallelize import prepare_model
 
 IGNORE_INDEX = -100
@@ -82,8 +82,11 @@ class Trainer:
         self.bf16 = resolve_precision(t.precision, info.device) == "bf16"
         self.sharded = cfg.parallel.strategy == "fsdp2"
         self.model, self.bare = prepare_model(model, cfg, info, bf16=self.bf16)
-        self.optimizer = build_optimizer(self.bare, cfg.optimizer, self.device)
-        self.fused_optimizer = bool(self.optimizer.defaults.get("fused"))
+        self.optimizer = build_optimizer(self.bare, cfg.optimizer, self.device, sharded=self.sharded)
+        # Optimizers that read `found_inf` on the device (no host sync to skip a non-finite step);
+        # ours also takes the clip coefficient as `grad_scale` instead of a clipping pass.
+        self.scales_grads = isinstance(self.optimizer, TritonAdamW)
+        self.fused_optimizer = self.scales_grads or bool(self.optimizer.defaults.get("fused"))
         # CUDA graphs replay into memory their pool owns. A gradient that a backward graph returns
         # would become a parameter's .grad and be overwritten by the next micro-batch's replay
         # (seen on an H100). Gradient buffers allocated once and zeroed after each step make
@@ -210,7 +213,13 @@ class Trainer:
                 self.step_metrics[name] = self.step_metrics.get(name, 0.0) + value.detach().float() * weight
 
         max_norm = self.cfg.optimizer.grad_clip if self.cfg.optimizer.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.bare.parameters(), max_norm, foreach=True)
+        if self.scales_grads:  # clip_grad_norm_'s coefficient, multiplied in by the optimizer's read
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.bare.parameters() if p.grad is not None], foreach=True
+            )
+            self.optimizer.grad_scale = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.bare.parameters(), max_norm, foreach=True)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
         finite = torch.isfinite(grad_norm)  # the same on every rank: gradients are reduced

@@ -9,7 +9,8 @@ import torch
 
 from src.models import AutoModelForCausalLM, KernelConfig, Qwen2Config
 from src.trainer.config import OptimizerConfig, ScheduleConfig
-from src.trainer.optimizer import LRSchedule, build_optimizer, param_groups
+from src.trainer.optimizer import LRSchedule, TritonAdamW, build_optimizer, param_groups, resolve_implementation
+from src.utils.config import ConfigError
 
 from .helpers import tiny_model
 
@@ -81,3 +82,20 @@ def test_wsd_schedule():
 
 def test_constant_schedule_and_no_warmup():
     assert lrs(ScheduleConfig(type="constant", warmup_steps=0, min_lr=0.0), total=5) == [1.0] * 5
+
+
+def test_optimizer_implementation_auto_takes_triton_on_cuda_only_where_it_applies(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_implementation(OptimizerConfig(), cuda, sharded=False) == "triton"
+    assert resolve_implementation(OptimizerConfig(), cuda, sharded=True) == "torch"  # FSDP2's DTensors
+    assert resolve_implementation(OptimizerConfig(fused=True), cuda, sharded=False) == "torch"
+    assert resolve_implementation(OptimizerConfig(), cpu, sharded=False) == "torch"
+    assert resolve_implementation(OptimizerConfig(implementation="torch"), cuda, sharded=False) == "torch"
+    model = tiny_model()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert isinstance(build_optimizer(model, OptimizerConfig(implementation="triton"), cpu), TritonAdamW)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        build_optimizer(model, OptimizerConfig(implementation="triton"), cpu)
+    with pytest.raises(ConfigError, match="not FSDP2's sharded DTensors"):
+        build_optimizer(model, OptimizerConfig(implementation="triton"), cpu, sharded=True)

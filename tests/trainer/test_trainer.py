@@ -89,12 +89,20 @@ def test_cuda_graph_mode_accumulates_into_persistent_gradient_buffers(tmp_path):
         assert p.grad is buffers[name] and not p.grad.any(), name
 
 
-def test_exact_resume_is_bitwise(tmp_path):
-    straight = Trainer(make_config(tmp_path / "straight", max_steps=6, grad_accum_steps=2), tiny_model(),
-                       SyntheticLoader(4), None, CPU)
+def with_optimizer(cfg, **changes):
+    return replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, **changes))
+
+
+@pytest.mark.parametrize("implementation", ["torch", "triton"])
+def test_exact_resume_is_bitwise(tmp_path, implementation):
+    def config(name):
+        return with_optimizer(make_config(tmp_path / name, max_steps=6, grad_accum_steps=2),
+                              implementation=implementation)
+
+    straight = Trainer(config("straight"), tiny_model(), SyntheticLoader(4), None, CPU)
     assert straight.fit() == "max_steps"
 
-    cfg = make_config(tmp_path / "split", max_steps=6, grad_accum_steps=2)
+    cfg = config("split")
     first = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
     assert first.fit(until_step=4) == "until_step"
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "split" / "checkpoints"))] == ["step_00000004"]
@@ -137,7 +145,8 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tmp_path):
         assert torch.isfinite(p).all()
 
 
-def test_nonfinite_step_leaves_weights_unchanged(tmp_path):
+@pytest.mark.parametrize("implementation", ["torch", "triton"])
+def test_nonfinite_step_leaves_weights_unchanged(tmp_path, implementation):
     model = tiny_model()
     forward = model.forward
     state = {"poison": False}
@@ -149,7 +158,8 @@ def test_nonfinite_step_leaves_weights_unchanged(tmp_path):
         return out
 
     model.forward = maybe_poisoned
-    trainer = Trainer(make_config(tmp_path / "inf", max_steps=4), model, SyntheticLoader(4), None, CPU)
+    cfg = with_optimizer(make_config(tmp_path / "inf", max_steps=4), implementation=implementation)
+    trainer = Trainer(cfg, model, SyntheticLoader(4), None, CPU)
     loader = SyntheticLoader(4)
     trainer.train_step([loader.batch(0)])
     before = params(trainer)
@@ -160,6 +170,24 @@ def test_nonfinite_step_leaves_weights_unchanged(tmp_path):
     for name, p in before.items():
         assert torch.equal(params(trainer)[name], p), name
     assert [s["step"] for s in trainer.optimizer.state.values()] == adam_step
+
+
+def test_triton_adamw_trains_like_torch_adamw_with_clipping(tmp_path):
+    """optimizer.implementation: triton applies the clip coefficient inside its update instead of
+    clipping the gradients first; with a threshold low enough to clip every step, the losses and
+    weights are those of torch's AdamW after clip_grad_norm_."""
+    runs = {}
+    for implementation in ("torch", "triton"):
+        cfg = with_optimizer(make_config(tmp_path / implementation, max_steps=5), implementation=implementation,
+                             grad_clip=0.05)
+        trainer = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
+        assert trainer.scales_grads == (implementation == "triton")
+        trainer.fit()
+        runs[implementation] = trainer
+    assert all(r["grad_norm"] > 0.05 for r in runs["triton"].history if r["split"] == "train")  # clipping was on
+    assert train_losses(runs["triton"]) == pytest.approx(train_losses(runs["torch"]), rel=1e-5)
+    for name, p in params(runs["torch"]).items():
+        torch.testing.assert_close(params(runs["triton"])[name], p, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_evaluation_logs_and_files(tmp_path):

@@ -1,0 +1,226 @@
+"""AdamW over a list of fp32 tensors in one launch, with the gradient-clipping scale applied on
+the fly and the whole update skipped on a device flag.
+
+Math (per element, fp32; g = grad * scale, t = the tensor's step count including this update):
+    p  = p * (1 - lr * weight_decay)
+    m  = beta1 * m + (1 - beta1) * g
+    v  = beta2 * v + (1 - beta2) * g^2
+    p  = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+the update of torch.optim.AdamW (decoupled weight decay). Clipping by the global norm is a
+multiplication of every gradient by one coefficient. Torch's clip_grad_norm_ does that as a pass
+of its own, which reads and writes all the gradients. Here the coefficient is read from the
+device and applied when the update loads each gradient, so the gradients are read once, by the
+update, and never written. When `found_inf` is nonzero (a non-finite gradient norm) every program
+returns before touching memory, and the step counts are not advanced (torch's foreach add of a
+device scalar to the counts synchronised with the host on an H100: a kernel of our own does it).
+
+Each program updates one block of one tensor. A block table (tensor index and start of every
+block) and tables of the tensors' addresses let one launch cover all the parameters of a group,
+however many tensors and of whatever sizes. Reference: torch.optim.AdamW, whose state (step,
+exp_avg, exp_avg_sq) and state_dict `TritonAdamW` (src/trainer/optimizer.py) keeps.
+
+Limits: fp32 parameters, gradients and moments, contiguous, on one device; lr, betas, eps and
+weight decay are Python floats (the same for the whole list).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# -- kernels --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _adamw_block(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    offs,
+    mask,  # None for a full block: unmasked, vectorised accesses
+    scale,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    bias_correction1,
+    bias_correction2_sqrt,
+):
+    g = tl.load(g_ptr + offs, mask=mask) * scale
+    p = tl.load(p_ptr + offs, mask=mask)
+    m = tl.load(m_ptr + offs, mask=mask)
+    v = tl.load(v_ptr + offs, mask=mask)
+    p = p * (1.0 - lr * weight_decay)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    p = p - (lr / bias_correction1) * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
+    tl.store(p_ptr + offs, p, mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+
+
+@triton.jit
+def _adamw_kernel(
+    PARAM_PTRS,  # (T,) int64 addresses of the fp32 parameters, updated in place
+    GRAD_PTRS,  # (T,) int64 addresses of their fp32 gradients, read only
+    EXP_AVG_PTRS,  # (T,) int64 addresses of the first moments, updated in place
+    EXP_AVG_SQ_PTRS,  # (T,) int64 addresses of the second moments, updated in place
+    STEP_PTRS,  # (T,) int64 addresses of the fp32 step counts before this update
+    NUMELS,  # (T,) int64 element counts
+    BLOCK_TENSOR,  # (n_blocks,) int32: the tensor of each program's block
+    BLOCK_START,  # (n_blocks,) int64: the first element of each program's block (a multiple of BLOCK)
+    SCALE_ptr,  # () fp32 gradient multiplier (the clip coefficient); read when HAS_SCALE
+    FOUND_INF_ptr,  # () fp32, nonzero: skip the update; read when HAS_FOUND_INF
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    HAS_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    if HAS_FOUND_INF:
+        if tl.load(FOUND_INF_ptr) != 0:  # a non-finite step: leave everything as it is
+            return
+    # Inductor may pass Python floats as fp64: compute in fp32 like the eager kernels.
+    lr = tl.cast(lr, tl.float32)
+    beta1 = tl.cast(beta1, tl.float32)
+    beta2 = tl.cast(beta2, tl.float32)
+    eps = tl.cast(eps, tl.float32)
+    weight_decay = tl.cast(weight_decay, tl.float32)
+    block = tl.program_id(0)
+    t = tl.load(BLOCK_TENSOR + block)
+    start = tl.multiple_of(tl.load(BLOCK_START + block), BLOCK)
+    n = tl.load(NUMELS + t)
+    # Addresses read from memory carry no alignment the compiler can see; the launcher checked
+    # that every tensor starts on 16 bytes, which lets full blocks use 16-byte vector accesses.
+    p_ptr = tl.multiple_of(tl.load(PARAM_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True), 16)
+    g_ptr = tl.multiple_of(tl.load(GRAD_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True), 16)
+    m_ptr = tl.multiple_of(tl.load(EXP_AVG_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True), 16)
+    v_ptr = tl.multiple_of(tl.load(EXP_AVG_SQ_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True), 16)
+    step = tl.load(tl.load(STEP_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True)) + 1.0
+    scale = tl.load(SCALE_ptr) if HAS_SCALE else 1.0
+    bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+    bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
+    offs = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= n:  # the same branch for the whole program
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, scale, lr, beta1, beta2, eps, weight_decay,
+                     bias_correction1, bias_correction2_sqrt)
+    else:  # the tensor's last, partial block
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, scale, lr, beta1, beta2, eps, weight_decay,
+                     bias_correction1, bias_correction2_sqrt)
+
+
+@triton.jit
+def _adamw_count_kernel(
+    STEP_PTRS,  # (T,) int64 addresses of the fp32 step counts, advanced in place
+    FOUND_INF_ptr,  # () fp32, nonzero: a skipped step keeps its counts; read when HAS_FOUND_INF
+    HAS_FOUND_INF: tl.constexpr,
+):
+    """One program per tensor: its step count + 1, after the update read it. (A separate launch:
+    inside the update kernel, the programs of one tensor would race on the count.)"""
+    if HAS_FOUND_INF:
+        if tl.load(FOUND_INF_ptr) != 0:
+            return
+    step_ptr = tl.load(STEP_PTRS + tl.program_id(0)).to(tl.pointer_type(tl.float32), bitcast=True)
+    tl.store(step_ptr, tl.load(step_ptr) + 1.0)
+
+
+# -- launchers ------------------------------------------------------------------------------------
+
+BLOCK = 4096  # elements per program: 16 KB of each of the five streams, enough to keep HBM busy
+
+
+def launch_params() -> dict:
+    """One block size for every tensor: 4096 fp32 elements with 8 warps (16 per thread)."""
+    return {"BLOCK": BLOCK, "num_warps": 8}
+
+
+def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(T,) int64 device tensor of the tensors' addresses, copied from pinned memory without a
+    host sync (a plain .to(device) of CPU memory would wait for the GPU)."""
+    host = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _check(tensors: list[torch.Tensor], numels: list[int], device: torch.device, what: str) -> None:
+    for t, n in zip(tensors, numels):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device != device or t.numel() != n:
+            raise ValueError(f"adamw_step_: {what} must be contiguous fp32 tensors of their parameter's size ({n}) "
+                             f"on {device}, got {t.dtype} {tuple(t.shape)} on {t.device} "
+                             f"(contiguous={t.is_contiguous()})")
+        if t.data_ptr() % 16:
+            raise ValueError(f"adamw_step_: {what} must start on a 16-byte boundary (a view at an odd offset?); "
+                             "use optimizer.implementation: torch for such tensors")
+
+
+class AdamWTables:
+    """The device tables of one list of tensors: addresses of parameters, moments and step counts
+    and the block table, built once; the gradients' addresses, checked and re-sent only when they
+    change (the caching allocator usually hands every step's gradients the same memory)."""
+
+    def __init__(self, params: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                 steps: list[torch.Tensor]):
+        device = params[0].device
+        numels = [t.numel() for t in params]
+        _check(params, numels, device, "parameters")
+        _check(exp_avgs, numels, device, "exp_avg")
+        _check(exp_avg_sqs, numels, device, "exp_avg_sq")
+        self.device = device
+        self.numel_list = numels
+        self.params = _addresses(params, device)
+        self.exp_avgs = _addresses(exp_avgs, device)
+        self.exp_avg_sqs = _addresses(exp_avg_sqs, device)
+        self.steps = _addresses(steps, device)
+        self.numels = torch.tensor(numels, dtype=torch.int64).to(device)
+        blocks = [(i, start) for i, n in enumerate(numels) for start in range(0, n, BLOCK)]
+        self.block_tensor = torch.tensor([i for i, _ in blocks], dtype=torch.int32).to(device)
+        self.block_start = torch.tensor([s for _, s in blocks], dtype=torch.int64).to(device)
+        self.n_blocks = len(blocks)
+        self._grad_key: list[int] | None = None
+        self.grads: torch.Tensor | None = None
+
+    def grad_addresses(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        key = [g.data_ptr() for g in grads]
+        if key != self._grad_key:
+            if len(grads) != len(self.numel_list):
+                raise ValueError(f"adamw_step_: {len(grads)} gradients for {len(self.numel_list)} parameters")
+            _check(grads, self.numel_list, self.device, "gradients")
+            self.grads, self._grad_key = _addresses(grads, self.device), key
+        return self.grads
+
+
+def adamw_step_(
+    tables: AdamWTables,
+    grads: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """One AdamW update of the tensors in `tables`, their step counts included, in place and
+    without a host sync."""
+    grad_table = tables.grad_addresses(grads)
+    dummy = tables.numels  # any device tensor: an unread pointer argument
+    _adamw_kernel[(tables.n_blocks,)](
+        tables.params, grad_table, tables.exp_avgs, tables.exp_avg_sqs, tables.steps,
+        tables.numels, tables.block_tensor, tables.block_start,
+        grad_scale if grad_scale is not None else dummy,
+        found_inf if found_inf is not None else dummy,
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+        HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, **launch_params(),
+    )  # fmt: skip
+    _adamw_count_kernel[(len(tables.numel_list),)](
+        tables.steps, found_inf if found_inf is not None else dummy, HAS_FOUND_INF=found_inf is not None, num_warps=1
+    )

@@ -1,0 +1,138 @@
+"""The Triton AdamW (`TritonAdamW`, kernels/adamw.py) against torch.optim.AdamW: the same updates
+over several steps, the clip coefficient applied in the update, the on-device skip, state dicts
+that move between the two, and the errors for what it does not take."""
+
+import pytest
+import torch
+
+from kernels.adamw import BLOCK
+from src.trainer.optimizer import TritonAdamW
+
+from .helpers import DEVICE, needs_triton
+
+pytestmark = needs_triton
+
+# Odd sizes: a single element, a partial block, more than one block.
+SHAPES = [(1,), (7, 33), (BLOCK + 5,), (3, 123)]
+HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+
+
+def make_params() -> list[torch.Tensor]:
+    return [torch.randn(s, device=DEVICE).requires_grad_(True) for s in SHAPES]
+
+
+def groups(params: list[torch.Tensor]) -> list[dict]:
+    return [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
+
+
+def twins():
+    ours = make_params()
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    return ours, theirs, TritonAdamW(groups(ours), **HYPER), torch.optim.AdamW(groups(theirs), foreach=True, **HYPER)
+
+
+def set_grads(a: list[torch.Tensor], b: list[torch.Tensor], seed: int, scale_b: float = 1.0) -> None:
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    for p, q in zip(a, b):
+        g = torch.randn(p.shape, device=DEVICE, generator=gen)
+        p.grad, q.grad = g.clone(), g * scale_b
+
+
+def assert_same(ours: list[torch.Tensor], theirs: list[torch.Tensor], opt_a, opt_b) -> None:
+    for i, (p, q) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=f"param {i}")
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-7, msg=f"{key} {i}")  # torch lerps m
+        assert float(sa["step"]) == float(sb["step"]), i
+
+
+def test_matches_torch_adamw_over_steps():
+    ours, theirs, opt_a, opt_b = twins()
+    for step in range(4):
+        set_grads(ours, theirs, seed=step)
+        opt_a.step()
+        opt_b.step()
+        assert_same(ours, theirs, opt_a, opt_b)
+    assert opt_a.state[ours[0]]["step"].dtype == torch.float32
+
+
+def test_grad_scale_is_the_clip_coefficient_applied_in_the_update():
+    ours, theirs, opt_a, opt_b = twins()
+    for step in range(3):
+        coefficient = 0.25 + 0.25 * step
+        set_grads(ours, theirs, seed=step, scale_b=coefficient)  # torch gets gradients clipped beforehand
+        opt_a.grad_scale = torch.tensor(coefficient, device=DEVICE)
+        opt_a.step()
+        opt_b.step()
+        assert_same(ours, theirs, opt_a, opt_b)
+    # the gradients themselves are read, never written
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    torch.testing.assert_close(ours[0].grad, torch.randn(SHAPES[0], device=DEVICE, generator=gen))
+
+
+def test_found_inf_skips_everything_on_the_device():
+    ours, theirs, opt_a, opt_b = twins()
+    set_grads(ours, theirs, seed=0)
+    opt_a.found_inf = torch.zeros((), device=DEVICE)
+    opt_a.step()
+    opt_b.step()
+    before = [p.detach().clone() for p in ours]
+    states = [{k: v.clone() for k, v in opt_a.state[p].items()} for p in ours]
+    set_grads(ours, theirs, seed=1)
+    ours[1].grad[0, 0] = float("nan")  # what the trainer's non-finite norm reports
+    opt_a.found_inf = torch.ones((), device=DEVICE)
+    opt_a.step()
+    for p, b, s in zip(ours, before, states):
+        assert torch.equal(p.detach(), b)
+        for key, value in s.items():
+            assert torch.equal(opt_a.state[p][key], value), key
+    # and the next finite step continues exactly as torch's would from the same point
+    set_grads(ours, theirs, seed=2)
+    opt_a.found_inf = torch.zeros((), device=DEVICE)
+    opt_a.step()
+    opt_b.step()
+    assert_same(ours, theirs, opt_a, opt_b)
+
+
+def test_state_dicts_move_between_torch_and_triton_adamw():
+    ours, theirs, opt_a, opt_b = twins()
+    for step in range(2):
+        set_grads(ours, theirs, seed=step)
+        opt_a.step()
+        opt_b.step()
+    # torch's state into ours (a checkpoint of the other implementation), and ours into torch's
+    fresh_a = TritonAdamW(groups(ours), **HYPER)
+    fresh_a.load_state_dict(opt_b.state_dict())
+    fresh_b = torch.optim.AdamW(groups(theirs), foreach=True, **HYPER)
+    fresh_b.load_state_dict(opt_a.state_dict())
+    set_grads(ours, theirs, seed=5)
+    fresh_a.step()
+    fresh_b.step()
+    assert_same(ours, theirs, fresh_a, fresh_b)
+
+
+def test_a_parameter_without_gradient_is_left_alone():
+    ours, theirs, opt_a, opt_b = twins()
+    for step in range(3):
+        set_grads(ours, theirs, seed=step)
+        if step == 1:  # e.g. an unused parameter in this step
+            ours[2].grad, theirs[2].grad = None, None
+        opt_a.step()
+        opt_b.step()
+        assert_same(ours, theirs, opt_a, opt_b)
+
+
+def test_what_it_does_not_take_is_refused():
+    p = torch.randn(8, device=DEVICE, dtype=torch.bfloat16).requires_grad_(True)
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        TritonAdamW([p], **HYPER).step()
+    q = torch.randn(8, device=DEVICE).requires_grad_(True)
+    q.grad = torch.randn(16, device=DEVICE)[::2]  # a strided gradient
+    with pytest.raises(ValueError, match="gradients must be contiguous fp32"):
+        TritonAdamW([q], **HYPER).step()
+    with pytest.raises(ValueError, match="amsgrad"):
+        TritonAdamW([{"params": [q], "amsgrad": True}], **HYPER).step()
+    with pytest.raises(ValueError, match="closure"):
+        TritonAdamW([q], **HYPER).step(lambda: 0.0)
