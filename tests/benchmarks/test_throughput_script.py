@@ -24,11 +24,14 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
         assert others, op
         for other in others:
             assert f"optimized {op}={other}" in names
-    assert names[-5:] == ["optimized +selective AC", "optimized +CUDA graphs", "reference+compile whole model",
-                          "optimized +whole-model compile", "optimized +whole-model +CUDA graphs"]
+    assert "optimized optimizer=torch" in names
+    assert names[-6:] == ["optimized +selective AC", "optimized +CUDA graphs", "reference+compile whole model",
+                          "optimized +whole-model compile", "optimized +whole-model +CUDA graphs",
+                          "optimized +whole-model +CUDA graphs optimizer=torch"]
     assert len(set(names)) == len(names)
     sharded = [v.name for v in throughput.our_variants(family, "none", sharded=True)]
     assert not {"optimized +CUDA graphs", "optimized +whole-model compile"} & set(sharded)  # not with FSDP2
+    assert "optimized optimizer=torch" not in sharded  # under FSDP2 `auto` is torch's AdamW already
     accumulating = [v.name for v in throughput.our_variants(family, "none", grad_accum=2)]
     assert "optimized +whole-model compile" in accumulating
     assert "optimized +whole-model +CUDA graphs" in accumulating  # the trainer keeps persistent .grad buffers
