@@ -10,6 +10,8 @@ Every implementation of one op has the reference's signature:
     layernorm      (x, weight, bias, eps) -> y
     rope           (q, k, cos, sin) -> (q, k)        q: (B, T, Hq, D), k: (B, T, Hkv, D), cos/sin: (B|1, T, D)
     swiglu         (gate, up) -> silu(gate) * up
+    swiglu_packed  (gate_up (..., 2H), gate first) -> silu(gate) * up   (the SwiGLU module's layout, used
+                   with `kernels.swiglu: triton`: its backward writes the gradient of gate_up whole)
     cross_entropy  (logits (N, V), labels (N,), ignore_index, label_smoothing) -> summed loss (fp32 scalar)
     fused_linear_cross_entropy (hidden (N, H), weight (V, H), labels (N,), ignore_index, label_smoothing)
                    -> summed loss (fp32 scalar), never materialising (N, V) logits
@@ -50,6 +52,10 @@ _REGISTRY: dict[str, dict[str, str]] = {
         "torch": "src.models.components.mlp:swiglu_ref",
         "triton": "kernels.swiglu:swiglu",
         "liger": "liger_kernel.ops.swiglu:LigerSiLUMulFunction",
+    },
+    "swiglu_packed": {
+        "torch": "src.models.components.mlp:swiglu_packed_ref",
+        "triton": "kernels.swiglu:swiglu_packed",
     },
     "cross_entropy": {
         "torch": "src.models.components.loss:cross_entropy_ref",

@@ -1,6 +1,7 @@
 """Feed-forward blocks: the GELU MLP of GPT-2 and the gated SwiGLU of Qwen2 / Llama.
 
-`swiglu_ref` is the pure-PyTorch reference of `kernels/swiglu.py`.
+`swiglu_ref` (and `swiglu_packed_ref`, the same on one [gate | up] tensor) is the pure-PyTorch
+reference of `kernels/swiglu.py`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_packed_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """`swiglu_ref` of the two halves of gate_up (..., 2H), the gate first."""
+    return swiglu_ref(*gate_up.chunk(2, dim=-1))
+
+
 class GeluMLP(nn.Module):
     """x -> fc (dim -> hidden) -> activation -> proj (hidden -> dim) -> dropout."""
 
@@ -60,7 +66,9 @@ class SwiGLU(nn.Module):
     """x -> [gate | up] = gate_up(x) -> act(gate) * up -> down.
 
     gate and up share one (dim -> 2 * hidden) matmul; the first half of its output is the gate.
-    With `activation: silu` the product runs through the `swiglu` kernel toggle.
+    With `activation: silu` the product runs through the `swiglu` kernel toggle; `triton` takes the
+    projection's output whole (`swiglu_packed`), so that backward writes the gradient of gate_up in
+    one piece instead of autograd concatenating the gradients of two halves.
     """
 
     def __init__(
@@ -80,15 +88,20 @@ class SwiGLU(nn.Module):
         if activation in ("silu", "swish"):
             self.impl = impl
             self._glu = get_kernel("swiglu", impl)
+            self._glu_packed = get_kernel("swiglu_packed", impl) if impl == "triton" else None
         else:
             if impl != "torch":
                 raise ValueError(f"kernels.swiglu={impl} fuses silu only; the activation here is '{activation}'")
             act = get_activation(activation)
             self.impl = "torch"
             self._glu = lambda gate, up: act(gate) * up
+            self._glu_packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # each (..., hidden_dim), strided views
+        gate_up = self.gate_up(x)  # (..., 2 * hidden_dim): [gate | up]
+        if self._glu_packed is not None:
+            return self.dropout(self.down(self._glu_packed(gate_up)))
+        gate, up = gate_up.chunk(2, dim=-1)  # each (..., hidden_dim), strided views
         return self.dropout(self.down(self._glu(gate, up)))
 
 
