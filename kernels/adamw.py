@@ -87,12 +87,8 @@ def _adamw_kernel(
     if HAS_FOUND_INF:
         if tl.load(FOUND_INF_ptr) != 0:  # a non-finite step: leave everything as it is
             return
-    # Inductor may pass Python floats as fp64: compute in fp32 like the eager kernels.
-    lr = tl.cast(lr, tl.float32)
-    beta1 = tl.cast(beta1, tl.float32)
-    beta2 = tl.cast(beta2, tl.float32)
-    eps = tl.cast(eps, tl.float32)
-    weight_decay = tl.cast(weight_decay, tl.float32)
+    # lr, betas, eps and weight decay arrive as fp32 (Triton's launcher types Python floats so; the
+    # optimizer step runs eagerly, never inside an Inductor graph that could pass fp64).
     block = tl.program_id(0)
     t = tl.load(BLOCK_TENSOR + block)
     start = tl.multiple_of(tl.load(BLOCK_START + block), BLOCK)
