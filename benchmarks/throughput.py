@@ -119,23 +119,21 @@ def our_variants(
         for budget in memory_budgets:  # the compiler's own recompute choice under a memory budget
             variants.append(Variant(f"optimized +memory budget {budget:g}", "ours", dict(optimized), compile=True,
                                     memory_budget=budget))
-    cuda_graphs = not sharded  # not with FSDP2's all-gathers
-    if cuda_graphs:  # CUDA graphs per compiled block
+    if not sharded:  # CUDA graphs and the whole-model graph do not work with FSDP2's per-block all-gathers
         variants.append(Variant("optimized +CUDA graphs", "ours", dict(optimized), compile=True,
                                 activation_checkpointing=ac, compile_mode="reduce-overhead"))
-    if not sharded:  # the whole forward as one graph (nanoGPT's way), ours and the reference
+        # the whole forward as one graph (nanoGPT's way), ours and the reference
         variants.append(Variant("reference+compile whole model", "ours", ref, compile=True,
                                 activation_checkpointing=ac, compile_scope="model", optimizer="torch"))
         variants.append(Variant("optimized +whole-model compile", "ours", dict(optimized), compile=True,
                                 activation_checkpointing=ac, compile_scope="model"))
-        if cuda_graphs:
-            variants.append(Variant("optimized +whole-model +CUDA graphs", "ours", dict(optimized), compile=True,
-                                    activation_checkpointing=ac, compile_scope="model", compile_mode="reduce-overhead"))
-            # the fastest configuration with torch's fused AdamW: our optimizer's share, without the
-            # host noise of per-block compilation
-            variants.append(Variant("optimized +whole-model +CUDA graphs optimizer=torch", "ours", dict(optimized),
-                                    compile=True, activation_checkpointing=ac, compile_scope="model",
-                                    compile_mode="reduce-overhead", optimizer="torch"))
+        variants.append(Variant("optimized +whole-model +CUDA graphs", "ours", dict(optimized), compile=True,
+                                activation_checkpointing=ac, compile_scope="model", compile_mode="reduce-overhead"))
+        # the fastest configuration with torch's fused AdamW: our optimizer's share, without the
+        # host noise of per-block compilation
+        variants.append(Variant("optimized +whole-model +CUDA graphs optimizer=torch", "ours", dict(optimized),
+                                compile=True, activation_checkpointing=ac, compile_scope="model",
+                                compile_mode="reduce-overhead", optimizer="torch"))
     return variants
 
 

@@ -74,6 +74,11 @@ class TrainerConfig:
             raise ConfigError(f"trainer.gc_every must be >= 0 (0 keeps Python's automatic collection), got {self.gc_every}")
 
 
+# Raised by the config check and by build_optimizer (for callers that skip the config).
+TRITON_ADAMW_FSDP2_ERROR = ("optimizer.implementation=triton updates plain tensors, not FSDP2's sharded DTensors; "
+                            "use optimizer.implementation: torch (or auto) with parallel.strategy fsdp2")
+
+
 @dataclass
 class OptimizerConfig:
     """AdamW; weight decay applies to matrices only (not norms, biases, embeddings)."""
@@ -194,8 +199,7 @@ class TrainConfig:
                               "all-gathers; use compile_mode: default or max-autotune-no-cudagraphs, or "
                               "parallel.strategy ddp / none")
         if self.optimizer.implementation == "triton" and self.parallel.strategy == "fsdp2":
-            raise ConfigError("optimizer.implementation=triton updates plain tensors, not FSDP2's sharded DTensors; "
-                              "use optimizer.implementation: torch (or auto) with parallel.strategy fsdp2")
+            raise ConfigError(TRITON_ADAMW_FSDP2_ERROR)
         if self.compile_scope != "blocks" and not self.compile:
             raise ConfigError(f"compile_scope={self.compile_scope} says what torch.compile compiles; "
                               "set compile: true as well")

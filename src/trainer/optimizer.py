@@ -27,7 +27,7 @@ from torch import nn
 from kernels.adamw import AdamWTables, adamw_step_
 from src.utils.config import ConfigError
 
-from .config import OptimizerConfig, ScheduleConfig
+from .config import TRITON_ADAMW_FSDP2_ERROR, OptimizerConfig, ScheduleConfig
 
 
 def is_embedding(module: nn.Module) -> bool:
@@ -128,8 +128,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device
     groups = param_groups(model, cfg.weight_decay)
     if resolve_implementation(cfg, device, sharded) == "triton":
         if sharded:
-            raise ConfigError("optimizer.implementation=triton updates plain tensors, not FSDP2's sharded DTensors; "
-                              "use optimizer.implementation: torch (or auto) with parallel.strategy fsdp2")
+            raise ConfigError(TRITON_ADAMW_FSDP2_ERROR)
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError(f"optimizer.implementation=triton needs a CUDA device (this run is on {device.type}); "
                               "use optimizer.implementation: torch (or auto)")

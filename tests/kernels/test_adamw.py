@@ -38,6 +38,13 @@ def set_grads(a: list[torch.Tensor], b: list[torch.Tensor], seed: int, scale_b: 
         p.grad, q.grad = g.clone(), g * scale_b
 
 
+def step_both(ours, theirs, opt_a, opt_b, seed: int, scale_b: float = 1.0) -> None:
+    """Fresh gradients (torch's multiplied by scale_b), then one step of each optimizer."""
+    set_grads(ours, theirs, seed, scale_b)
+    opt_a.step()
+    opt_b.step()
+
+
 def assert_same(ours: list[torch.Tensor], theirs: list[torch.Tensor], opt_a, opt_b) -> None:
     for i, (p, q) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=f"param {i}")
@@ -50,9 +57,7 @@ def assert_same(ours: list[torch.Tensor], theirs: list[torch.Tensor], opt_a, opt
 def test_matches_torch_adamw_over_steps():
     ours, theirs, opt_a, opt_b = twins()
     for step in range(4):
-        set_grads(ours, theirs, seed=step)
-        opt_a.step()
-        opt_b.step()
+        step_both(ours, theirs, opt_a, opt_b, seed=step)
         assert_same(ours, theirs, opt_a, opt_b)
     assert opt_a.state[ours[0]]["step"].dtype == torch.float32
 
@@ -61,10 +66,9 @@ def test_grad_scale_is_the_clip_coefficient_applied_in_the_update():
     ours, theirs, opt_a, opt_b = twins()
     for step in range(3):
         coefficient = 0.25 + 0.25 * step
-        set_grads(ours, theirs, seed=step, scale_b=coefficient)  # torch gets gradients clipped beforehand
         opt_a.grad_scale = torch.tensor(coefficient, device=DEVICE)
-        opt_a.step()
-        opt_b.step()
+        # torch gets the gradients clipped beforehand
+        step_both(ours, theirs, opt_a, opt_b, seed=step, scale_b=coefficient)
         assert_same(ours, theirs, opt_a, opt_b)
     # the gradients themselves are read, never written
     gen = torch.Generator(device=DEVICE).manual_seed(2)
@@ -73,10 +77,8 @@ def test_grad_scale_is_the_clip_coefficient_applied_in_the_update():
 
 def test_found_inf_skips_everything_on_the_device():
     ours, theirs, opt_a, opt_b = twins()
-    set_grads(ours, theirs, seed=0)
     opt_a.found_inf = torch.zeros((), device=DEVICE)
-    opt_a.step()
-    opt_b.step()
+    step_both(ours, theirs, opt_a, opt_b, seed=0)
     before = [p.detach().clone() for p in ours]
     states = [{k: v.clone() for k, v in opt_a.state[p].items()} for p in ours]
     set_grads(ours, theirs, seed=1)
@@ -88,27 +90,21 @@ def test_found_inf_skips_everything_on_the_device():
         for key, value in s.items():
             assert torch.equal(opt_a.state[p][key], value), key
     # and the next finite step continues exactly as torch's would from the same point
-    set_grads(ours, theirs, seed=2)
     opt_a.found_inf = torch.zeros((), device=DEVICE)
-    opt_a.step()
-    opt_b.step()
+    step_both(ours, theirs, opt_a, opt_b, seed=2)
     assert_same(ours, theirs, opt_a, opt_b)
 
 
 def test_state_dicts_move_between_torch_and_triton_adamw():
     ours, theirs, opt_a, opt_b = twins()
     for step in range(2):
-        set_grads(ours, theirs, seed=step)
-        opt_a.step()
-        opt_b.step()
+        step_both(ours, theirs, opt_a, opt_b, seed=step)
     # torch's state into ours (a checkpoint of the other implementation), and ours into torch's
     fresh_a = TritonAdamW(groups(ours), **HYPER)
     fresh_a.load_state_dict(opt_b.state_dict())
     fresh_b = torch.optim.AdamW(groups(theirs), foreach=True, **HYPER)
     fresh_b.load_state_dict(opt_a.state_dict())
-    set_grads(ours, theirs, seed=5)
-    fresh_a.step()
-    fresh_b.step()
+    step_both(ours, theirs, fresh_a, fresh_b, seed=5)
     assert_same(ours, theirs, fresh_a, fresh_b)
 
 

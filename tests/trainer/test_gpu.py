@@ -36,17 +36,23 @@ def test_bf16_training_on_gpu(tmp_path, compile_):
     assert all(r["mem_gib"] > 0 for r in trainer.history)
 
 
-def test_cuda_graph_compile_mode_trains_like_the_default_mode(tmp_path):
-    """compile_mode: reduce-overhead (CUDA graphs per compiled block) gives the same losses."""
+def assert_cuda_graphs_train_like_the_default_mode(tmp_path, batch: int, trainer_changes: dict, **changes):
+    """Train compiled with compile_mode default and reduce-overhead: the same losses, falling."""
     losses = {}
     for mode in ("default", "reduce-overhead"):
         torch._dynamo.reset()
-        cfg = replace(cuda_config(tmp_path / mode), compile=True, compile_mode=mode)
-        trainer = Trainer(cfg, tiny_model(), SyntheticLoader(8), None, gpu_info())
+        torch.manual_seed(0)
+        cfg = replace(cuda_config(tmp_path / mode, **trainer_changes), compile=True, compile_mode=mode, **changes)
+        trainer = Trainer(cfg, tiny_model(), SyntheticLoader(batch), None, gpu_info())
         trainer.fit()
         losses[mode] = torch.tensor([r["loss"] for r in trainer.history if r["split"] == "train"])
     torch.testing.assert_close(losses["reduce-overhead"], losses["default"], rtol=2e-2, atol=2e-2)
     assert losses["reduce-overhead"][-1] < losses["reduce-overhead"][0] - 0.5
+
+
+def test_cuda_graph_compile_mode_trains_like_the_default_mode(tmp_path):
+    """compile_mode: reduce-overhead (CUDA graphs per compiled block) gives the same losses."""
+    assert_cuda_graphs_train_like_the_default_mode(tmp_path, 8, {})
 
 
 @pytest.mark.parametrize("scope", ["blocks", "model"])
@@ -54,17 +60,9 @@ def test_cuda_graphs_with_gradient_accumulation_train_like_the_default_mode(tmp_
     """CUDA graphs with two micro-batches per step: the trainer's persistent .grad buffers keep the
     first micro-batch's gradients from being overwritten by the second replay (which raised
     "accessing tensor output of CUDAGraphs that has been overwritten" before)."""
-    losses = {}
-    for mode in ("default", "reduce-overhead"):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        cfg = replace(cuda_config(tmp_path / f"{scope}_{mode}", micro_batch_size=4, grad_accum_steps=2),
-                      compile=True, compile_scope=scope, compile_mode=mode)
-        trainer = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, gpu_info())
-        trainer.fit()
-        losses[mode] = torch.tensor([r["loss"] for r in trainer.history if r["split"] == "train"])
-    torch.testing.assert_close(losses["reduce-overhead"], losses["default"], rtol=2e-2, atol=2e-2)
-    assert losses["reduce-overhead"][-1] < losses["reduce-overhead"][0] - 0.5
+    assert_cuda_graphs_train_like_the_default_mode(
+        tmp_path, 4, {"micro_batch_size": 4, "grad_accum_steps": 2}, compile_scope=scope
+    )
 
 
 @pytest.mark.parametrize("cross_entropy", ["triton", "fused_linear"])
