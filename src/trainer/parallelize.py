@@ -131,7 +131,13 @@ def apply_compile(
 def apply_fsdp2(model: nn.Module, info: DistInfo, bf16: bool, reshard_after_forward: bool) -> None:
     """Shard parameters, gradients and optimizer state over all ranks: each block is one
     all-gather unit; the root holds the embeddings, final norm and head (tied weights stay in one
-    unit). bf16 compute with fp32 gradient reduction when `bf16`."""
+    unit). bf16 compute with fp32 gradient reduction when `bf16`.
+
+    `reshard_after_forward` applies to the blocks. The root never reshards after forward: its
+    head is the first thing backward needs, so freeing it would only cost a second all-gather
+    (FSDP2's own choice for a root left at its default). Passing True to the root as well made
+    the first backward fail on an H100 (torch 2.11, CUDA): the head's gathered weight had been
+    freed ("setStorage: ... out of bounds for storage of size 0"); gloo on the CPU did not show it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = build_device_mesh(info)
@@ -142,7 +148,7 @@ def apply_fsdp2(model: nn.Module, info: DistInfo, bf16: bool, reshard_after_forw
     )
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
 
 
 def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
