@@ -19,8 +19,10 @@ block) and tables of the tensors' addresses let one launch cover all the paramet
 however many tensors and of whatever sizes. Reference: torch.optim.AdamW, whose state (step,
 exp_avg, exp_avg_sq) and state_dict `TritonAdamW` (src/trainer/optimizer.py) keeps.
 
-Limits: fp32 parameters, gradients and moments, contiguous, on one device; lr, betas, eps and
-weight decay are Python floats (the same for the whole list).
+Limits: fp32 parameters, gradients and moments, contiguous, on one device (under FSDP2 the
+caller passes each DTensor's local shard); lr, betas, eps and weight decay are Python floats (the
+same for the whole list). Tensors that all start on 16 bytes get vectorised accesses; any other
+start (a view into a flat buffer at an odd offset) takes the same kernel without that hint.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def _adamw_kernel(
     weight_decay,
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every tensor starts on 16 bytes (checked by the launcher)
     BLOCK: tl.constexpr,
 ):
     if HAS_FOUND_INF:
@@ -93,12 +96,17 @@ def _adamw_kernel(
     t = tl.load(BLOCK_TENSOR + block)
     start = tl.multiple_of(tl.load(BLOCK_START + block), BLOCK)
     n = tl.load(NUMELS + t)
-    # Addresses read from memory carry no alignment the compiler can see; the launcher checked
-    # that every tensor starts on 16 bytes, which lets full blocks use 16-byte vector accesses.
-    p_ptr = tl.multiple_of(tl.load(PARAM_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True), 16)
-    g_ptr = tl.multiple_of(tl.load(GRAD_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True), 16)
-    m_ptr = tl.multiple_of(tl.load(EXP_AVG_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True), 16)
-    v_ptr = tl.multiple_of(tl.load(EXP_AVG_SQ_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True), 16)
+    p_ptr = tl.load(PARAM_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True)
+    g_ptr = tl.load(GRAD_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True)
+    m_ptr = tl.load(EXP_AVG_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True)
+    v_ptr = tl.load(EXP_AVG_SQ_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True)
+    if ALIGNED:
+        # Addresses read from memory carry no alignment the compiler can see; the launcher checked
+        # that every tensor starts on 16 bytes, which lets full blocks use 16-byte vector accesses.
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
     step = tl.load(tl.load(STEP_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True)) + 1.0
     scale = tl.load(SCALE_ptr) if HAS_SCALE else 1.0
     bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))
@@ -146,15 +154,16 @@ def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _check(tensors: list[torch.Tensor], numels: list[int], device: torch.device, what: str) -> None:
+def _check(tensors: list[torch.Tensor], numels: list[int], device: torch.device, what: str) -> bool:
+    """Raises unless every tensor is a contiguous fp32 tensor of its parameter's size on `device`;
+    returns whether all of them start on 16 bytes (the vectorised kernel)."""
     for t, n in zip(tensors, numels):
         if t.dtype != torch.float32 or not t.is_contiguous() or t.device != device or t.numel() != n:
             raise ValueError(f"adamw_step_: {what} must be contiguous fp32 tensors of their parameter's size ({n}) "
                              f"on {device}, got {t.dtype} {tuple(t.shape)} on {t.device} "
-                             f"(contiguous={t.is_contiguous()})")
-        if t.data_ptr() % 16:
-            raise ValueError(f"adamw_step_: {what} must start on a 16-byte boundary (a view at an odd offset?); "
-                             "use optimizer.implementation: torch for such tensors")
+                             f"(contiguous={t.is_contiguous()}); use optimizer.implementation: torch for "
+                             "other parameters (e.g. bf16 ones)")
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 class AdamWTables:
@@ -166,9 +175,9 @@ class AdamWTables:
                  steps: list[torch.Tensor]):
         device = params[0].device
         numels = [t.numel() for t in params]
-        _check(params, numels, device, "parameters")
-        _check(exp_avgs, numels, device, "exp_avg")
-        _check(exp_avg_sqs, numels, device, "exp_avg_sq")
+        aligned = [_check(params, numels, device, "parameters"), _check(exp_avgs, numels, device, "exp_avg"),
+                   _check(exp_avg_sqs, numels, device, "exp_avg_sq")]
+        self.aligned = all(aligned)  # and the gradients' (grads_aligned)
         self.device = device
         self.numel_list = numels
         self.params = _addresses(params, device)
@@ -182,13 +191,14 @@ class AdamWTables:
         self.n_blocks = len(blocks)
         self._grad_key: list[int] | None = None
         self.grads: torch.Tensor | None = None
+        self.grads_aligned = False
 
     def grad_addresses(self, grads: list[torch.Tensor]) -> torch.Tensor:
         key = [g.data_ptr() for g in grads]
         if key != self._grad_key:
             if len(grads) != len(self.numel_list):
                 raise ValueError(f"adamw_step_: {len(grads)} gradients for {len(self.numel_list)} parameters")
-            _check(grads, self.numel_list, self.device, "gradients")
+            self.grads_aligned = _check(grads, self.numel_list, self.device, "gradients")
             self.grads, self._grad_key = _addresses(grads, self.device), key
         return self.grads
 
@@ -209,14 +219,16 @@ def adamw_step_(
     without a host sync."""
     grad_table = tables.grad_addresses(grads)
     dummy = tables.numels  # any device tensor: an unread pointer argument
-    _adamw_kernel[(tables.n_blocks,)](
-        tables.params, grad_table, tables.exp_avgs, tables.exp_avg_sqs, tables.steps,
-        tables.numels, tables.block_tensor, tables.block_start,
-        grad_scale if grad_scale is not None else dummy,
-        found_inf if found_inf is not None else dummy,
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-        HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, **launch_params(),
-    )  # fmt: skip
+    if tables.n_blocks:  # none when every tensor is empty (an FSDP2 rank can hold no elements of a small one)
+        _adamw_kernel[(tables.n_blocks,)](
+            tables.params, grad_table, tables.exp_avgs, tables.exp_avg_sqs, tables.steps,
+            tables.numels, tables.block_tensor, tables.block_start,
+            grad_scale if grad_scale is not None else dummy,
+            found_inf if found_inf is not None else dummy,
+            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            ALIGNED=tables.aligned and tables.grads_aligned, **launch_params(),
+        )  # fmt: skip
     _adamw_count_kernel[(len(tables.numel_list),)](
         tables.steps, found_inf if found_inf is not None else dummy, HAS_FOUND_INF=found_inf is not None, num_warps=1
     )

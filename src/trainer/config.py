@@ -74,11 +74,6 @@ class TrainerConfig:
             raise ConfigError(f"trainer.gc_every must be >= 0 (0 keeps Python's automatic collection), got {self.gc_every}")
 
 
-# Raised by the config check and by build_optimizer (for callers that skip the config).
-TRITON_ADAMW_FSDP2_ERROR = ("optimizer.implementation=triton updates plain tensors, not FSDP2's sharded DTensors; "
-                            "use optimizer.implementation: torch (or auto) with parallel.strategy fsdp2")
-
-
 @dataclass
 class OptimizerConfig:
     """AdamW; weight decay applies to matrices only (not norms, biases, embeddings)."""
@@ -88,8 +83,8 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
-    # auto: our Triton AdamW (kernels/adamw.py, the clip coefficient applied inside the update) on
-    # CUDA unless FSDP2 shards the parameters or `fused` is set; torch: torch.optim.AdamW.
+    # auto: our Triton AdamW (kernels/adamw.py, the clip coefficient applied inside the update;
+    # under FSDP2 on each rank's shards) on CUDA unless `fused` is set; torch: torch.optim.AdamW.
     implementation: Literal["auto", "torch", "triton"] = "auto"
     fused: bool | None = None  # torch's AdamW: None = fused on CUDA, foreach on the CPU
 
@@ -151,7 +146,9 @@ class LoggingConfig:
 @dataclass
 class ParallelConfig:
     strategy: Literal["none", "ddp", "fsdp2"] = "none"
-    reshard_after_forward: bool = True  # fsdp2: free gathered block parameters after forward (ZeRO-3)
+    # fsdp2: free each block's gathered parameters after forward (ZeRO-3); the root's (embeddings,
+    # final norm, head) stay gathered until backward, which needs them first
+    reshard_after_forward: bool = True
 
 
 @dataclass
@@ -198,8 +195,6 @@ class TrainConfig:
             raise ConfigError(f"compile_mode={self.compile_mode} (CUDA graphs) does not work with FSDP2's per-block "
                               "all-gathers; use compile_mode: default or max-autotune-no-cudagraphs, or "
                               "parallel.strategy ddp / none")
-        if self.optimizer.implementation == "triton" and self.parallel.strategy == "fsdp2":
-            raise ConfigError(TRITON_ADAMW_FSDP2_ERROR)
         if self.compile_scope != "blocks" and not self.compile:
             raise ConfigError(f"compile_scope={self.compile_scope} says what torch.compile compiles; "
                               "set compile: true as well")

@@ -4,7 +4,10 @@ Two implementations of the same AdamW (`optimizer.implementation`): torch.optim.
 CUDA, foreach on the CPU), and `TritonAdamW`, torch's class with its step replaced by one Triton
 launch per parameter group (kernels/adamw.py) that applies the gradient-clipping coefficient
 while it reads the gradients, instead of the separate read-and-write pass of clip_grad_norm_.
-Both keep the same state and state_dict, so a checkpoint of one resumes with the other.
+Both keep the same state and state_dict, so a checkpoint of one resumes with the other. Under
+FSDP2 the parameters, gradients and moments are DTensors: TritonAdamW updates each rank's local
+shards (AdamW is elementwise, so the shards need nothing from each other) and keeps the moments
+as DTensors, so that distributed checkpoints save them sharded as they do torch's.
 
 Weight decay pulls weights towards zero; on gains of norms, biases and embedding tables it only
 hurts (it shrinks the scale a norm is supposed to learn, and rows of rare tokens decay towards
@@ -24,10 +27,12 @@ import os
 import torch
 from torch import nn
 
+from torch.distributed.tensor import DTensor
+
 from kernels.adamw import AdamWTables, adamw_step_
 from src.utils.config import ConfigError
 
-from .config import TRITON_ADAMW_FSDP2_ERROR, OptimizerConfig, ScheduleConfig
+from .config import OptimizerConfig, ScheduleConfig
 
 
 def is_embedding(module: nn.Module) -> bool:
@@ -64,14 +69,15 @@ class TritonAdamW(torch.optim.AdamW):
     Before `step()` the caller may set two 0-d fp32 device tensors: `grad_scale`, multiplied
     into every gradient as it is read (the clip coefficient), and `found_inf`, nonzero to skip
     the whole update and keep the step counts. Neither is read on the host. Step counts are fp32
-    device tensors, as torch's fused AdamW keeps them. Parameters must be plain contiguous fp32
-    tensors on one device (not FSDP2's DTensors)."""
+    device tensors, as torch's fused AdamW keeps them. Parameters must be contiguous fp32 tensors
+    on one device, or FSDP2's DTensors whose local shards are."""
 
     def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float):
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
         self.grad_scale: torch.Tensor | None = None
         self.found_inf: torch.Tensor | None = None
-        self._tables: dict[int, tuple[list, list, AdamWTables]] = {}  # per group: (params, steps, tables)
+        # per group: (params, their local shards' addresses, step tensors, tables)
+        self._tables: dict[int, tuple[list, list, list, AdamWTables]] = {}
 
     def _state_of(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -97,38 +103,43 @@ class TritonAdamW(torch.optim.AdamW):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            # Tables of addresses, rebuilt when the set of parameters with a gradient changes
-            # (usually never after the first step) or a state dict was loaded.
+            # Tables of addresses, rebuilt when the set of parameters with a gradient or their
+            # storage changes (usually never after the first step) or a state dict was loaded.
+            addresses = [local(p).data_ptr() for p in params]
             cached = self._tables.get(index)
-            if cached is None or len(cached[0]) != len(params) or any(a is not b for a, b in zip(cached[0], params)):
+            if cached is None or cached[1] != addresses or any(a is not b for a, b in zip(cached[0], params)):
                 states = [self._state_of(p) for p in params]
                 steps = [s["step"] for s in states]
-                tables = AdamWTables(params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], steps)
-                cached = (params, steps, tables)  # the step tensors are kept alive with their addresses
+                tables = AdamWTables([local(p) for p in params], [local(s["exp_avg"]) for s in states],
+                                     [local(s["exp_avg_sq"]) for s in states], steps)
+                cached = (params, addresses, steps, tables)  # the step tensors are kept alive with their addresses
                 self._tables[index] = cached
-            tables = cached[2]
+            tables = cached[3]
             beta1, beta2 = group["betas"]
-            adamw_step_(tables, [p.grad for p in params], lr=group["lr"], beta1=beta1, beta2=beta2,
+            adamw_step_(tables, [local(p.grad) for p in params], lr=group["lr"], beta1=beta1, beta2=beta2,
                         eps=group["eps"], weight_decay=group["weight_decay"], grad_scale=self.grad_scale,
                         found_inf=self.found_inf)
 
 
-def resolve_implementation(cfg: OptimizerConfig, device: torch.device, sharded: bool) -> str:
-    """`auto`: our Triton AdamW on CUDA unless FSDP2 shards the parameters (DTensors) or
-    `optimizer.fused` asks for torch's; torch.optim.AdamW otherwise."""
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor (the same memory); a plain tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def resolve_implementation(cfg: OptimizerConfig, device: torch.device) -> str:
+    """`auto`: our Triton AdamW on CUDA unless `optimizer.fused` asks for torch's;
+    torch.optim.AdamW otherwise."""
     if cfg.implementation != "auto":
         return cfg.implementation
-    return "triton" if device.type == "cuda" and not sharded and cfg.fused is None else "torch"
+    return "triton" if device.type == "cuda" and cfg.fused is None else "torch"
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device,
-                    sharded: bool = False) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW: `TritonAdamW` or torch's (fused on CUDA, multi-tensor `foreach` on the CPU), as
-    `resolve_implementation` says."""
+    `resolve_implementation` says. Build it after FSDP2 has sharded the model, so that it holds
+    the sharded parameters."""
     groups = param_groups(model, cfg.weight_decay)
-    if resolve_implementation(cfg, device, sharded) == "triton":
-        if sharded:
-            raise ConfigError(TRITON_ADAMW_FSDP2_ERROR)
+    if resolve_implementation(cfg, device) == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError(f"optimizer.implementation=triton needs a CUDA device (this run is on {device.type}); "
                               "use optimizer.implementation: torch (or auto)")

@@ -82,7 +82,7 @@ class Trainer:
         self.bf16 = resolve_precision(t.precision, info.device) == "bf16"
         self.sharded = cfg.parallel.strategy == "fsdp2"
         self.model, self.bare = prepare_model(model, cfg, info, bf16=self.bf16)
-        self.optimizer = build_optimizer(self.bare, cfg.optimizer, self.device, sharded=self.sharded)
+        self.optimizer = build_optimizer(self.bare, cfg.optimizer, self.device)
         # Optimizers that read `found_inf` on the device (no host sync to skip a non-finite step);
         # ours also takes the clip coefficient as `grad_scale` instead of a clipping pass.
         self.scales_grads = isinstance(self.optimizer, TritonAdamW)
@@ -213,15 +213,16 @@ class Trainer:
                 self.step_metrics[name] = self.step_metrics.get(name, 0.0) + value.detach().float() * weight
 
         max_norm = self.cfg.optimizer.grad_clip if self.cfg.optimizer.grad_clip > 0 else float("inf")
-        if self.scales_grads:  # clip_grad_norm_'s coefficient, multiplied in by the optimizer's read
+        if self.scales_grads:  # the norm only: the optimizer multiplies the coefficient in as it reads
             grad_norm = torch.nn.utils.get_total_norm(
                 [p.grad for p in self.bare.parameters() if p.grad is not None], foreach=True
             )
-            self.optimizer.grad_scale = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.bare.parameters(), max_norm, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of this rank's partial norm
             grad_norm = grad_norm.full_tensor()
+        if self.scales_grads:  # clip_grad_norm_'s coefficient
+            self.optimizer.grad_scale = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
         finite = torch.isfinite(grad_norm)  # the same on every rank: gradients are reduced
         if self.fused_optimizer:
             # The fused kernel skips the whole update (and the step count) when found_inf != 0,

@@ -2,6 +2,8 @@
 over several steps, the clip coefficient applied in the update, the on-device skip, state dicts
 that move between the two, and the errors for what it does not take."""
 
+import math
+
 import pytest
 import torch
 
@@ -117,6 +119,34 @@ def test_a_parameter_without_gradient_is_left_alone():
         opt_a.step()
         opt_b.step()
         assert_same(ours, theirs, opt_a, opt_b)
+
+
+def test_tensors_at_odd_offsets_take_the_unvectorised_kernel():
+    """Views into flat buffers that do not start on 16 bytes (as FSDP2 can hand out gradients):
+    the same updates as torch's, through the kernel without the alignment hint."""
+    flat = [torch.randn(sum(math.prod(s) for s in SHAPES) + 1, device=DEVICE) for _ in range(2)]
+
+    def views(buffer):
+        out, offset = [], 1  # 4 bytes in: not a multiple of 16
+        for shape in SHAPES:
+            n = math.prod(shape)
+            out.append(buffer[offset:offset + n].view(shape))
+            offset += n
+        return out
+
+    ours = [v.requires_grad_(True) for v in views(flat[0].clone())]
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    opt_a, opt_b = TritonAdamW(groups(ours), **HYPER), torch.optim.AdamW(groups(theirs), foreach=True, **HYPER)
+    for step in range(3):
+        set_grads(ours, theirs, seed=step)
+        for p, g in zip(ours, views(flat[1])):  # gradients at odd offsets as well
+            g.copy_(p.grad)
+            p.grad = g
+        opt_a.step()
+        opt_b.step()
+        assert_same(ours, theirs, opt_a, opt_b)
+    tables = opt_a._tables[0][3]
+    assert not (tables.aligned and tables.grads_aligned)
 
 
 def test_what_it_does_not_take_is_refused():

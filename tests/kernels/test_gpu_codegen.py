@@ -29,6 +29,10 @@ def p(t):
 def sig(names, kind):
     return {n: kind for n in names.split()}
 
+ADAMW = {**sig("PARAM_PTRS GRAD_PTRS EXP_AVG_PTRS EXP_AVG_SQ_PTRS STEP_PTRS NUMELS", p("i64")),
+         "BLOCK_TENSOR": p("i32"), "BLOCK_START": p("i64"), **sig("SCALE_ptr FOUND_INF_ptr", p("fp32")),
+         **sig("lr beta1 beta2 eps weight_decay", "fp32")}  # launched eagerly (the optimizer), never by Inductor
+
 CASES = [
     (R._rms_norm_fwd_kernel, {**sig("X_ptr R_ptr S_ptr W_ptr Y_ptr", p("bf16")), "RSTD_ptr": p("fp32"),
         **sig("stride_xm stride_rm stride_sm stride_ym M H", "i32"), "eps": "fp64"},
@@ -68,10 +72,8 @@ CASES = [
         "stride_lm": "i64", **sig("N V ignore_index", "i32"), **sig("label_smoothing z_loss", "fp64")},
         {"HAS_SMOOTHING": True, "BLOCK_V": 8192}),
     (FL._scale_kernel, {"X_ptr": p("bf16"), "G_ptr": p("fp32"), "n": "i32"}, {"BLOCK": 2048}),
-    (A._adamw_kernel, {**sig("PARAM_PTRS GRAD_PTRS EXP_AVG_PTRS EXP_AVG_SQ_PTRS STEP_PTRS NUMELS", p("i64")),
-        "BLOCK_TENSOR": p("i32"), "BLOCK_START": p("i64"), **sig("SCALE_ptr FOUND_INF_ptr", p("fp32")),
-        **sig("lr beta1 beta2 eps weight_decay", "fp32")},  # launched eagerly (the optimizer), never by Inductor
-        {"HAS_SCALE": True, "HAS_FOUND_INF": True, "BLOCK": 4096}),
+    (A._adamw_kernel, {**ADAMW}, {"HAS_SCALE": True, "HAS_FOUND_INF": True, "ALIGNED": True, "BLOCK": 4096}),
+    (A._adamw_kernel, {**ADAMW}, {"HAS_SCALE": False, "HAS_FOUND_INF": False, "ALIGNED": False, "BLOCK": 4096}),
     (A._adamw_count_kernel, {"STEP_PTRS": p("i64"), "FOUND_INF_ptr": p("fp32")}, {"HAS_FOUND_INF": True}),
 ]
 for fn, signature, constexprs in CASES:

@@ -4,8 +4,9 @@
 
 DDP runs (eager, and compiled whole through its wrapper with persistent gradient buffers) and
 FSDP2 runs (2 micro-steps of 2 sequences per rank), and an FSDP2 run split by a checkpoint at
-step 2 and resumed. Rank 0 writes OUT_DIR/results.json and the gathered FSDP2
-weights at step 2 (OUT_DIR/fsdp2_step2.pt) for the single-process checks.
+step 2 and resumed; the same FSDP2 runs with our Triton AdamW on the local shards (through the
+Triton interpreter: the caller sets TRITON_INTERPRET=1). Rank 0 writes OUT_DIR/results.json and
+the gathered FSDP2 weights at step 2 (OUT_DIR/fsdp2_step2.pt) for the single-process checks.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import sys
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from src.trainer import CheckpointConfig, Trainer
+from src.trainer.optimizer import TritonAdamW
 from src.utils.distributed import init_distributed, shutdown_distributed
 
 from .helpers import SyntheticLoader, make_config, replace, tiny_model
@@ -70,8 +73,27 @@ def run(out_dir: str) -> None:
     second.fit()
     results["fsdp2_split"] = losses(first) + losses(second)
     split_state = full_state(second)
+
+    # Our AdamW on each rank's shards: torch's losses, moments kept as DTensors, an exact resume.
+    triton_adamw = dict(optimizer=replace(first.cfg.optimizer, implementation="triton"))
+    ours = trainer("fsdp2_triton_adamw", "fsdp2", **triton_adamw)
+    assert isinstance(ours.optimizer, TritonAdamW)
+    ours.fit()
+    results["fsdp2_triton_adamw"] = losses(ours)
+    moments = [s["exp_avg"] for s in ours.optimizer.state.values()]
+    results["fsdp2_triton_adamw_dtensor_moments"] = bool(moments) and all(isinstance(m, DTensor) for m in moments)
+    ours_state = full_state(ours)
+    first = trainer("fsdp2_triton_adamw_split", "fsdp2", **triton_adamw)
+    first.fit(until_step=SPLIT_AT)
+    second = trainer("fsdp2_triton_adamw_split", "fsdp2", **triton_adamw,
+                     checkpoint=CheckpointConfig(resume="auto", save_final=False, export_hf=False))
+    second.fit()
+    results["fsdp2_triton_adamw_split"] = losses(first) + losses(second)
+    ours_split_state = full_state(second)
     if rank == 0:
         results["fsdp2_split_bitwise"] = all(torch.equal(split_state[k], v) for k, v in straight_state.items())
+        results["fsdp2_triton_adamw_split_bitwise"] = all(
+            torch.equal(ours_split_state[k], v) for k, v in ours_state.items())
         torch.save(step2_state, os.path.join(out_dir, "fsdp2_step2.pt"))
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(results, f)

@@ -67,7 +67,6 @@ def test_missing_model_yaml_lists_what_exists(tmp_path):
         (["compile=true", "compile_mode=reduce-overhead", "parallel.strategy=fsdp2"], "does not work with FSDP2"),
         (["compile=true", "compile_mode=max-autotune", "parallel.strategy=fsdp2"], "does not work with FSDP2"),
         (["compile=true", "compile_mode=fastest"], "compile_mode"),
-        (["optimizer.implementation=triton", "parallel.strategy=fsdp2"], "not FSDP2's sharded DTensors"),
         (["optimizer.implementation=triton", "optimizer.fused=true"],
          "does not apply to optimizer.implementation=triton"),
         (["optimizer.implementation=cuda"], "optimizer.implementation"),

@@ -1,5 +1,6 @@
 """2 ranks through torchrun with gloo on the CPU: DDP and FSDP2 match one process with the same
-global batch; FSDP2 resumes exactly; a 2-rank checkpoint resumes in one process."""
+global batch; FSDP2 resumes exactly, with torch's AdamW and with ours on the local shards; a 2-rank
+checkpoint resumes in one process."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), b
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    # TRITON_INTERPRET: the FSDP2 runs with our Triton AdamW run its kernels on the CPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "tests.trainer.dist_worker", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
@@ -55,6 +57,14 @@ def test_fsdp2_exact_resume(two_ranks):
     assert results["fsdp2_split_bitwise"] is True
 
 
+def test_triton_adamw_on_fsdp2_shards_matches_torch_and_resumes_exactly(two_ranks):
+    _, results = two_ranks
+    assert results["fsdp2_triton_adamw"] == pytest.approx(results["fsdp2"], rel=1e-5)
+    assert results["fsdp2_triton_adamw_dtensor_moments"] is True  # saved sharded, like torch's
+    assert results["fsdp2_triton_adamw_split"] == results["fsdp2_triton_adamw"]  # bitwise
+    assert results["fsdp2_triton_adamw_split_bitwise"] is True
+
+
 def test_two_rank_checkpoint_resumes_in_one_process(two_ranks, tmp_path):
     out, results = two_ranks
     ckpt = out / "fsdp2_split" / "checkpoints" / f"step_{SPLIT_AT:08d}"
@@ -71,3 +81,20 @@ def test_two_rank_checkpoint_resumes_in_one_process(two_ranks, tmp_path):
     trainer.fit()
     losses = [r["loss"] for r in trainer.history if r["split"] == "train"]
     assert losses == pytest.approx(results["fsdp2"][SPLIT_AT:], rel=1e-5)
+
+
+def test_fsdp2_root_keeps_its_parameters_gathered_after_forward(monkeypatch):
+    """The blocks follow parallel.reshard_after_forward; the root (embeddings, head) never
+    reshards after forward (freeing it crashed the first backward on an H100 with torch 2.11)."""
+    import torch.distributed.fsdp as fsdp
+
+    from src.trainer import parallelize
+
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append((module, kw["reshard_after_forward"])))
+    monkeypatch.setattr(parallelize, "build_device_mesh", lambda info: None)
+    model = tiny_model()
+    parallelize.apply_fsdp2(model, CPU, bf16=False, reshard_after_forward=True)
+    blocks = list(parallelize.transformer_blocks(model))
+    assert [m for m, _ in calls] == [*blocks, model]
+    assert [r for _, r in calls] == [True] * len(blocks) + [False]

@@ -131,3 +131,44 @@ def test_selective_activation_checkpointing_on_gpu(tmp_path):
     a = [r["loss"] for r in plain.history]
     b = [r["loss"] for r in ac.history]
     assert b == pytest.approx(a, rel=2e-2)
+
+
+@pytest.fixture
+def nccl_world_of_one():
+    """An NCCL process group of one rank in this process: FSDP2 on the one GPU (its DTensors and
+    mixed precision; sharding over one rank keeps each parameter whole)."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
+    try:
+        yield gpu_info()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_triton_adamw_under_fsdp2_trains_like_torch_adamw(tmp_path, nccl_world_of_one):
+    """`optimizer.implementation: auto` takes our AdamW under FSDP2 too: it updates the DTensors'
+    local shards (moments kept as DTensors) and trains as torch's fused AdamW does."""
+    from torch.distributed.tensor import DTensor
+
+    from src.trainer.optimizer import TritonAdamW
+
+    losses = {}
+    for implementation in ("auto", "torch"):
+        torch.manual_seed(0)
+        cfg = cuda_config(tmp_path / implementation, strategy="fsdp2")
+        cfg = replace(cfg, optimizer=replace(cfg.optimizer, implementation=implementation))
+        trainer = Trainer(cfg, tiny_model(), SyntheticLoader(8), None, nccl_world_of_one)
+        assert isinstance(trainer.optimizer, TritonAdamW) == (implementation == "auto")
+        trainer.fit()
+        losses[implementation] = torch.tensor([r["loss"] for r in trainer.history if r["split"] == "train"])
+        if implementation == "auto":
+            assert all(isinstance(s["exp_avg"], DTensor) for s in trainer.optimizer.state.values())
+    torch.testing.assert_close(losses["auto"], losses["torch"], rtol=2e-2, atol=2e-2)
+    assert losses["auto"][-1] < losses["auto"][0] - 0.5

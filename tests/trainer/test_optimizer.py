@@ -86,16 +86,13 @@ def test_constant_schedule_and_no_warmup():
 
 def test_optimizer_implementation_auto_takes_triton_on_cuda_only_where_it_applies(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert resolve_implementation(OptimizerConfig(), cuda, sharded=False) == "triton"
-    assert resolve_implementation(OptimizerConfig(), cuda, sharded=True) == "torch"  # FSDP2's DTensors
-    assert resolve_implementation(OptimizerConfig(fused=True), cuda, sharded=False) == "torch"
-    assert resolve_implementation(OptimizerConfig(), cpu, sharded=False) == "torch"
-    assert resolve_implementation(OptimizerConfig(implementation="torch"), cuda, sharded=False) == "torch"
+    assert resolve_implementation(OptimizerConfig(), cuda) == "triton"  # FSDP2 included: it updates local shards
+    assert resolve_implementation(OptimizerConfig(fused=True), cuda) == "torch"
+    assert resolve_implementation(OptimizerConfig(), cpu) == "torch"
+    assert resolve_implementation(OptimizerConfig(implementation="torch"), cuda) == "torch"
     model = tiny_model()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert isinstance(build_optimizer(model, OptimizerConfig(implementation="triton"), cpu), TritonAdamW)
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         build_optimizer(model, OptimizerConfig(implementation="triton"), cpu)
-    with pytest.raises(ConfigError, match="not FSDP2's sharded DTensors"):
-        build_optimizer(model, OptimizerConfig(implementation="triton"), cpu, sharded=True)
