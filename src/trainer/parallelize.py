@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from src.utils.distributed import DistInfo, build_device_mesh
+from src.utils.distributed import DistInfo, build_device_mesh, ensure_process_group
 
 from .config import TrainConfig
 
@@ -170,6 +170,8 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool
             f"{info.world_size} processes were started but parallel.strategy is none; "
             "set parallel.strategy=ddp or fsdp2 (or start a single process)"
         )
+    if strategy != "none":
+        ensure_process_group(info)  # FSDP2 and DDP in one plain `python` process: a group of one
     model.to(info.device)
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     whole_model_ddp = cfg.compile and cfg.compile_scope == "model" and strategy == "ddp"

@@ -1,7 +1,8 @@
 """Process-group setup from torchrun's environment, the device mesh, rank-0 helpers, shutdown.
 
 One process per device. Under `torchrun` the environment holds RANK, LOCAL_RANK and WORLD_SIZE;
-plain `python` is a world of one and needs no process group at all.
+plain `python` is a world of one and needs no process group, unless FSDP2 or DDP is asked for
+(`ensure_process_group` then makes a group of one).
 
     dist_info = init_distributed("auto")      # picks cuda:<local_rank> or cpu, nccl or gloo
     ...
@@ -85,6 +86,25 @@ def init_distributed(device_preference: str = "auto", timeout_minutes: float = 3
             dist.init_process_group(backend, timeout=timeout)
     control_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     return DistInfo(rank, local_rank, world_size, device, backend, control_group)
+
+
+def ensure_process_group(info: DistInfo) -> None:
+    """A process group of this one process when there is none (plain `python`, not torchrun):
+    FSDP2 and DDP need one even for a world of one, which then runs as on N ranks (DTensors,
+    FSDP2's mixed precision) with nothing to communicate. Without it torch's env:// rendezvous
+    fails deep inside the wrapper asking for RANK."""
+    if dist.is_initialized():
+        return
+    if info.world_size != 1:
+        raise RuntimeError(f"a world of {info.world_size} ranks without a process group: start it with torchrun")
+    import socket
+
+    with socket.socket() as sock:  # a free local port for the one-rank rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = "nccl" if info.device.type == "cuda" else "gloo"
+    kwargs = {"device_id": info.device} if info.device.type == "cuda" else {}
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, **kwargs)
 
 
 def build_device_mesh(info: DistInfo):

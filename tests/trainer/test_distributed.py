@@ -98,3 +98,23 @@ def test_fsdp2_root_keeps_its_parameters_gathered_after_forward(monkeypatch):
     blocks = list(parallelize.transformer_blocks(model))
     assert [m for m, _ in calls] == [*blocks, model]
     assert [r for _, r in calls] == [True] * len(blocks) + [False]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_fsdp2_and_ddp_in_one_plain_process_train_like_no_strategy(tmp_path, strategy):
+    """Without torchrun the trainer makes a process group of one (torch's env:// rendezvous
+    failed asking for RANK before): the losses of parallel.strategy none."""
+    import torch.distributed as dist
+
+    single = single_process_losses(tmp_path)
+    assert not dist.is_initialized()
+    try:
+        cfg = make_config(tmp_path / strategy, max_steps=MAX_STEPS, micro_batch_size=4, grad_accum_steps=2,
+                          strategy=strategy)
+        trainer = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
+        trainer.fit()
+        assert dist.get_world_size() == 1
+        assert [r["loss"] for r in trainer.history if r["split"] == "train"] == pytest.approx(single, rel=1e-5)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -135,17 +135,14 @@ def test_selective_activation_checkpointing_on_gpu(tmp_path):
 
 @pytest.fixture
 def nccl_world_of_one():
-    """An NCCL process group of one rank in this process: FSDP2 on the one GPU (its DTensors and
-    mixed precision; sharding over one rank keeps each parameter whole)."""
-    import socket
-
+    """An NCCL process group of one rank in this process (what the trainer makes for FSDP2 under
+    plain `python`), destroyed afterwards: FSDP2 on the one GPU, with its DTensors and mixed
+    precision; sharding over one rank keeps each parameter whole."""
     import torch.distributed as dist
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            device_id=torch.device("cuda", 0))
+    from src.utils.distributed import ensure_process_group
+
+    ensure_process_group(gpu_info())
     try:
         yield gpu_info()
     finally:
