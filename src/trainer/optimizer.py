@@ -26,7 +26,6 @@ import os
 
 import torch
 from torch import nn
-
 from torch.distributed.tensor import DTensor
 
 from kernels.adamw import AdamWTables, adamw_step_
