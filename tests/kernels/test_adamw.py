@@ -149,6 +149,23 @@ def test_tensors_at_odd_offsets_take_the_unvectorised_kernel():
     assert not (tables.aligned and tables.grads_aligned)
 
 
+def test_empty_tensors_count_their_steps_and_move_nothing():
+    """An FSDP2 rank can hold no elements of a small parameter: its local shard is empty. The
+    update skips it (and its launch when the whole group is empty); the step count advances as
+    torch's does."""
+    ours = [torch.empty(0, device=DEVICE).requires_grad_(True), torch.randn(5, device=DEVICE).requires_grad_(True),
+            torch.empty(0, 3, device=DEVICE).requires_grad_(True)]
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    opt_a = TritonAdamW([{"params": ours[:2]}, {"params": ours[2:]}], **HYPER)  # the second group: all empty
+    opt_b = torch.optim.AdamW([{"params": theirs[:2]}, {"params": theirs[2:]}], foreach=True, **HYPER)
+    for step in range(2):
+        set_grads(ours, theirs, seed=step)
+        opt_a.step()
+        opt_b.step()
+        assert_same(ours, theirs, opt_a, opt_b)
+    assert opt_a._tables[1][3].n_blocks == 0
+
+
 def test_what_it_does_not_take_is_refused():
     p = torch.randn(8, device=DEVICE, dtype=torch.bfloat16).requires_grad_(True)
     p.grad = torch.randn_like(p)
