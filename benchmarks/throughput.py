@@ -5,7 +5,7 @@ Every variant of ours is built and prepared exactly as a training run does it: t
 model YAML with the variant's `kernels:` block, then `Trainer` (activation checkpointing ->
 torch.compile per block or of the whole model -> FSDP2 / DDP / nothing, AdamW, bf16 autocast,
 clipping; the references keep torch's fused AdamW, the others take `optimizer.implementation:
-auto`, i.e. our Triton AdamW with the clipping folded in, except under FSDP2), and the timed
+auto`, i.e. our Triton AdamW with the clipping folded in, under FSDP2 on the local shards), and the timed
 unit is `Trainer.train_step` (forward and backward of each of `--grad-accum` micro-batches,
 clip, optimizer step) on random tokens of one fixed batch shape. Warm-up steps (compilation
 included) are excluded; compile time is reported separately. MFU = tokens/s x FLOPs per token /
@@ -16,6 +16,7 @@ peak FLOP/s (DESIGN.md), FLOPs per token = 6N + 12 L H Q T from `model.flops_per
     python benchmarks/throughput.py --model configs/model/gpt_125m.yaml --loss-check 200   # same math?
     python benchmarks/throughput.py --model configs/model/gpt_125m.yaml --grad-accum 4     # 4 micro-batches a step
     python benchmarks/throughput.py --nproc 8 --model configs/model/qwen2_0.5b.yaml --variants optimized
+    python benchmarks/throughput.py --strategy fsdp2 --variants optimized "optimized optimizer=torch"  # FSDP2, one GPU
     python benchmarks/throughput.py --help
 
 Writes benchmarks/results/throughput_<model>_<device>[_loss][_accumN].json and a PNG beside it; prints a
