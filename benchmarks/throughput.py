@@ -94,6 +94,12 @@ class Variant:
     optimizer: str = "auto"  # optimizer.implementation: the reference keeps torch's AdamW
 
 
+def kernel_flips(optimized: dict) -> list[tuple[str, dict]]:
+    """Each op of the optimized set switched alone to each other value: ("op=value", kernels)."""
+    return [(f"{op}={other}", dict(optimized, **{op: other}))
+            for op, value in optimized.items() for other in ALTERNATIVES[op] if other != value]
+
+
 def our_variants(
     family: str, ac: str, sharded: bool = False, memory_budgets: tuple[float, ...] = (), grad_accum: int = 1
 ) -> list[Variant]:
@@ -104,18 +110,15 @@ def our_variants(
         Variant("reference+compile", "ours", ref, compile=True, activation_checkpointing=ac, optimizer="torch"),
         Variant("optimized", "ours", dict(optimized), compile=True, activation_checkpointing=ac),
     ]
-    for op, value in optimized.items():
-        for other in ALTERNATIVES[op]:
-            if other != value:
-                kernels = dict(optimized, **{op: other})
-                variants.append(Variant(f"optimized {op}={other}", "ours", kernels, compile=True, activation_checkpointing=ac))
+    for flip, kernels in kernel_flips(optimized):
+        variants.append(Variant(f"optimized {flip}", "ours", kernels, compile=True, activation_checkpointing=ac))
     variants.append(Variant("optimized optimizer=torch", "ours", dict(optimized), compile=True,
                             activation_checkpointing=ac, optimizer="torch"))
-    if ac == "none":  # the memory-lean configuration: recompute elementwise ops in backward
+    if ac == "none":
+        # the memory-lean configuration: recompute elementwise ops in backward
         variants.append(
             Variant("optimized +selective AC", "ours", dict(optimized), compile=True, activation_checkpointing="selective")
         )
-    if ac == "none":
         for budget in memory_budgets:  # the compiler's own recompute choice under a memory budget
             variants.append(Variant(f"optimized +memory budget {budget:g}", "ours", dict(optimized), compile=True,
                                     memory_budget=budget))
@@ -127,26 +130,19 @@ def our_variants(
                                 activation_checkpointing=ac, compile_scope="model", optimizer="torch"))
         variants.append(Variant("optimized +whole-model compile", "ours", dict(optimized), compile=True,
                                 activation_checkpointing=ac, compile_scope="model"))
-        variants.append(Variant("optimized +whole-model +CUDA graphs", "ours", dict(optimized), compile=True,
-                                activation_checkpointing=ac, compile_scope="model", compile_mode="reduce-overhead"))
-        # the fastest configuration with torch's fused AdamW: our optimizer's share, without the
-        # host noise of per-block compilation
-        variants.append(Variant("optimized +whole-model +CUDA graphs optimizer=torch", "ours", dict(optimized),
-                                compile=True, activation_checkpointing=ac, compile_scope="model",
-                                compile_mode="reduce-overhead", optimizer="torch"))
+        best = "optimized +whole-model +CUDA graphs"  # the fastest configuration
+        whole_graphs = dict(compile=True, compile_scope="model", compile_mode="reduce-overhead")
+        variants.append(Variant(best, "ours", dict(optimized), activation_checkpointing=ac, **whole_graphs))
+        # with torch's fused AdamW: our optimizer's share, without the host noise of per-block compilation
+        variants.append(Variant(f"{best} optimizer=torch", "ours", dict(optimized), activation_checkpointing=ac,
+                                optimizer="torch", **whole_graphs))
         # The ablations again on the fastest configuration: with the host out of the step a
         # Triton kernel's launch cost (the triton_op path) no longer hides its GPU time.
-        best = "optimized +whole-model +CUDA graphs"
-        for op, value in optimized.items():
-            for other in ALTERNATIVES[op]:
-                if other != value:
-                    variants.append(Variant(f"{best} {op}={other}", "ours", dict(optimized, **{op: other}), compile=True,
-                                            activation_checkpointing=ac, compile_scope="model",
-                                            compile_mode="reduce-overhead"))
+        for flip, kernels in kernel_flips(optimized):
+            variants.append(Variant(f"{best} {flip}", "ours", kernels, activation_checkpointing=ac, **whole_graphs))
         if ac == "none":
-            variants.append(Variant(f"{best} +selective AC", "ours", dict(optimized), compile=True,
-                                    activation_checkpointing="selective", compile_scope="model",
-                                    compile_mode="reduce-overhead"))
+            variants.append(Variant(f"{best} +selective AC", "ours", dict(optimized),
+                                    activation_checkpointing="selective", **whole_graphs))
     return variants
 
 

@@ -67,6 +67,17 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def _backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _init_process_group(device: torch.device, **kwargs) -> None:
+    """The main group: NCCL bound to this process's GPU, or gloo on the CPU."""
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group(_backend(device), **kwargs)
+
+
 def init_distributed(device_preference: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Create the process group described by torchrun's environment (if any) and pick the device."""
     rank = _env_int("RANK", 0)
@@ -77,13 +88,9 @@ def init_distributed(device_preference: str = "auto", timeout_minutes: float = 3
         torch.cuda.set_device(device)
     if world_size == 1:
         return DistInfo(rank=0, local_rank=0, world_size=1, device=device, backend=None)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = _backend(device)
     if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=timeout_minutes)
-        if device.type == "cuda":
-            dist.init_process_group(backend, timeout=timeout, device_id=device)
-        else:
-            dist.init_process_group(backend, timeout=timeout)
+        _init_process_group(device, timeout=datetime.timedelta(minutes=timeout_minutes))
     control_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     return DistInfo(rank, local_rank, world_size, device, backend, control_group)
 
@@ -102,9 +109,7 @@ def ensure_process_group(info: DistInfo) -> None:
     with socket.socket() as sock:  # a free local port for the one-rank rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    backend = "nccl" if info.device.type == "cuda" else "gloo"
-    kwargs = {"device_id": info.device} if info.device.type == "cuda" else {}
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, **kwargs)
+    _init_process_group(info.device, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def build_device_mesh(info: DistInfo):
