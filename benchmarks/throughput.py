@@ -92,6 +92,7 @@ class Variant:
     compile_scope: str = "blocks"
     memory_budget: float = 1.0
     optimizer: str = "auto"  # optimizer.implementation: the reference keeps torch's AdamW
+    reshard_after_forward: bool = True  # parallel.reshard_after_forward (FSDP2 only)
 
 
 def kernel_flips(optimized: dict) -> list[tuple[str, dict]]:
@@ -114,6 +115,9 @@ def our_variants(
         variants.append(Variant(f"optimized {flip}", "ours", kernels, compile=True, activation_checkpointing=ac))
     variants.append(Variant("optimized optimizer=torch", "ours", dict(optimized), compile=True,
                             activation_checkpointing=ac, optimizer="torch"))
+    if sharded:  # keep each block's gathered parameters from forward to backward: no second all-gather
+        variants.append(Variant("optimized reshard_after_forward=false", "ours", dict(optimized), compile=True,
+                                activation_checkpointing=ac, reshard_after_forward=False))
     if ac == "none":
         # the memory-lean configuration: recompute elementwise ops in backward
         variants.append(
@@ -248,7 +252,7 @@ def train_config(args, variant: Variant, steps: int, out_dir: str) -> TrainConfi
             "schedule": {"type": "cosine", "warmup_steps": min(20, steps // 10), "min_lr": args.lr / 10},
             "checkpoint": {"save_final": False, "export_hf": False},
             "logging": {"log_every": 10**9},
-            "parallel": {"strategy": args.strategy},
+            "parallel": {"strategy": args.strategy, "reshard_after_forward": variant.reshard_after_forward},
         },
         where="benchmarks/throughput.py",
     )

@@ -146,8 +146,8 @@ class LoggingConfig:
 @dataclass
 class ParallelConfig:
     strategy: Literal["none", "ddp", "fsdp2"] = "none"
-    # fsdp2: free each block's gathered parameters after forward (ZeRO-3); the root's (embeddings,
-    # final norm, head) stay gathered until backward, which needs them first
+    # fsdp2: free each block's gathered parameters after forward (ZeRO-3), but the last block's;
+    # the root's (embeddings, final norm, head) stay gathered until backward, which needs them first
     reshard_after_forward: bool = True
 
 

@@ -125,6 +125,34 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of `grads` (fp32 0-d tensor), as `torch.nn.utils.get_total_norm`.
+
+    FSDP2's gradients are DTensors sharded over one mesh dimension. Their norm is taken here from
+    each rank's local shards (one multi-tensor norm), squared, and summed over ranks by one
+    all-reduce. torch's own path dispatches the norm through DTensor: on an H100 host that cost
+    about 5 ms per step for Qwen2-0.5B's 170 gradients, against 1 ms without FSDP2."""
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+    meshes = {g.device_mesh for g in grads if isinstance(g, DTensor)}
+    if len(meshes) != 1 or not all(isinstance(g, DTensor) and g.device_mesh.ndim == 1 for g in grads):
+        raise ValueError("total_grad_norm: expected every gradient to be a DTensor on one 1-D device mesh "
+                         "(FSDP2 as apply_fsdp2 shards); got a mixture")
+    if not all(p.is_shard() for g in grads for p in g.placements):
+        raise ValueError(f"total_grad_norm: expected sharded gradients (FSDP2); got placements "
+                         f"{sorted({str(g.placements) for g in grads})}")
+    squared = torch.nn.utils.get_total_norm([local(g) for g in grads], foreach=True).float().square()
+    torch.distributed.all_reduce(squared, group=meshes.pop().get_group())
+    return squared.sqrt()
+
+
+def clip_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale `grads` in place by min(1, max_norm / (total_norm + 1e-6)), clip_grad_norm_'s
+    coefficient, on the device; DTensors through their local shards."""
+    coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    torch._foreach_mul_([local(g) for g in grads], coefficient)
+
+
 def resolve_implementation(cfg: OptimizerConfig, device: torch.device) -> str:
     """`auto`: our Triton AdamW on CUDA unless `optimizer.fused` asks for torch's;
     torch.optim.AdamW otherwise."""

@@ -39,7 +39,7 @@ from src.utils.misc import format_count, new_run_id, peak_flops, rng_state, seed
 
 from .checkpoint import CheckpointManager, export_hf
 from .config import TrainConfig
-from .optimizer import LRSchedule, TritonAdamW, build_optimizer, set_lr
+from .optimizer import LRSchedule, TritonAdamW, build_optimizer, clip_grads_, set_lr, total_grad_norm
 from .parallelize import prepare_model
 
 IGNORE_INDEX = -100
@@ -213,16 +213,12 @@ class Trainer:
                 self.step_metrics[name] = self.step_metrics.get(name, 0.0) + value.detach().float() * weight
 
         max_norm = self.cfg.optimizer.grad_clip if self.cfg.optimizer.grad_clip > 0 else float("inf")
-        if self.scales_grads:  # the norm only: the optimizer multiplies the coefficient in as it reads
-            grad_norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.bare.parameters() if p.grad is not None], foreach=True
-            )
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.bare.parameters(), max_norm, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of this rank's partial norm
-            grad_norm = grad_norm.full_tensor()
-        if self.scales_grads:  # clip_grad_norm_'s coefficient
+        grads = [p.grad for p in self.bare.parameters() if p.grad is not None]
+        grad_norm = total_grad_norm(grads)  # FSDP2: from the local shards, one all-reduce
+        if self.scales_grads:  # clip_grad_norm_'s coefficient, multiplied in as the optimizer reads
             self.optimizer.grad_scale = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
+        elif max_norm != float("inf"):
+            clip_grads_(grads, max_norm, grad_norm)
         finite = torch.isfinite(grad_norm)  # the same on every rank: gradients are reduced
         if self.fused_optimizer:
             # The fused kernel skips the whole update (and the step count) when found_inf != 0,

@@ -42,6 +42,12 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
     sharded = [v.name for v in throughput.our_variants(family, "none", sharded=True)]
     assert not {"optimized +CUDA graphs", "optimized +whole-model compile"} & set(sharded)  # not with FSDP2
     assert "optimized optimizer=torch" in sharded  # our AdamW updates FSDP2's local shards too
+    keep_gathered = {v.name: v for v in throughput.our_variants(family, "none", sharded=True)}[
+        "optimized reshard_after_forward=false"]
+    assert not keep_gathered.reshard_after_forward
+    cfg = throughput.train_config(throughput.parse_args(["--strategy", "fsdp2"]), keep_gathered, 10, "unused")
+    assert (cfg.parallel.strategy, cfg.parallel.reshard_after_forward) == ("fsdp2", False)
+    assert "optimized reshard_after_forward=false" not in names  # an FSDP2 choice only
     accumulating = [v.name for v in throughput.our_variants(family, "none", grad_accum=2)]
     assert "optimized +whole-model compile" in accumulating
     assert "optimized +whole-model +CUDA graphs" in accumulating  # the trainer keeps persistent .grad buffers

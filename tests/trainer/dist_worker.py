@@ -33,6 +33,10 @@ def losses(trainer: Trainer) -> list[float]:
     return [row["loss"] for row in trainer.history if row["split"] == "train"]
 
 
+def grad_norms(trainer: Trainer) -> list[float]:
+    return [row["grad_norm"] for row in trainer.history if row["split"] == "train"]
+
+
 def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -51,6 +55,7 @@ def run(out_dir: str) -> None:
     ddp = trainer("ddp", "ddp")
     ddp.fit()
     results["ddp"] = losses(ddp)
+    results["ddp_grad_norms"] = grad_norms(ddp)
     # The whole forward compiled through the DDP wrapper (Dynamo splits it at gradient buckets), in
     # the CUDA-graph mode: on the CPU Inductor runs no graphs, but the trainer's persistent .grad
     # buffers (kept for CUDA graphs with accumulation) go through DDP's no_sync and all-reduce.
@@ -63,6 +68,7 @@ def run(out_dir: str) -> None:
     straight = trainer("fsdp2", "fsdp2")
     straight.fit()
     results["fsdp2"] = losses(straight)
+    results["fsdp2_grad_norms"] = grad_norms(straight)  # from the local shards and one all-reduce
     straight_state = full_state(straight)
 
     first = trainer("fsdp2_split", "fsdp2")
@@ -80,6 +86,7 @@ def run(out_dir: str) -> None:
     assert isinstance(ours.optimizer, TritonAdamW)
     ours.fit()
     results["fsdp2_triton_adamw"] = losses(ours)
+    results["fsdp2_triton_adamw_grad_norms"] = grad_norms(ours)
     moments = [s["exp_avg"] for s in ours.optimizer.state.values()]
     results["fsdp2_triton_adamw_dtensor_moments"] = bool(moments) and all(isinstance(m, DTensor) for m in moments)
     ours_state = full_state(ours)

@@ -35,11 +35,15 @@ def two_ranks(tmp_path_factory):
         return out, json.load(f)
 
 
-def single_process_losses(tmp_path, steps=MAX_STEPS):
+def single_process_run(tmp_path, steps=MAX_STEPS) -> Trainer:
     cfg = make_config(tmp_path / "single", max_steps=steps, micro_batch_size=4, grad_accum_steps=2)
     trainer = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
     trainer.fit()
-    return [r["loss"] for r in trainer.history if r["split"] == "train"]
+    return trainer
+
+
+def single_process_losses(tmp_path, steps=MAX_STEPS):
+    return [r["loss"] for r in single_process_run(tmp_path, steps).history if r["split"] == "train"]
 
 
 def test_ddp_and_fsdp2_match_one_process(two_ranks, tmp_path):
@@ -48,6 +52,17 @@ def test_ddp_and_fsdp2_match_one_process(two_ranks, tmp_path):
     assert results["ddp"] == pytest.approx(single, rel=1e-5)
     assert results["ddp_compiled_model"] == pytest.approx(single, rel=1e-5)
     assert results["fsdp2"] == pytest.approx(single, rel=1e-5)
+
+
+def test_fsdp2_gradient_norm_from_local_shards_is_the_global_norm(two_ranks, tmp_path):
+    """Under FSDP2 the trainer takes the norm from each rank's shards and one all-reduce
+    (total_grad_norm); it must be the norm of the whole gradient, and clipping must be on."""
+    _, results = two_ranks
+    trainer = single_process_run(tmp_path)
+    single = [r["grad_norm"] for r in trainer.history if r["split"] == "train"]
+    assert max(single) > trainer.cfg.optimizer.grad_clip  # the clip coefficient was applied
+    for name in ("ddp_grad_norms", "fsdp2_grad_norms", "fsdp2_triton_adamw_grad_norms"):
+        assert results[name] == pytest.approx(single, rel=1e-5), name
 
 
 def test_fsdp2_exact_resume(two_ranks):
@@ -84,7 +99,7 @@ def test_two_rank_checkpoint_resumes_in_one_process(two_ranks, tmp_path):
 
 
 def test_fsdp2_root_keeps_its_parameters_gathered_after_forward(monkeypatch):
-    """The blocks follow parallel.reshard_after_forward; the root (embeddings, head) never
+    """The blocks but the last follow parallel.reshard_after_forward; the root (embeddings, head) never
     reshards after forward (freeing it crashed the first backward on an H100 with torch 2.11)."""
     import torch.distributed.fsdp as fsdp
 
@@ -97,7 +112,11 @@ def test_fsdp2_root_keeps_its_parameters_gathered_after_forward(monkeypatch):
     parallelize.apply_fsdp2(model, CPU, bf16=False, reshard_after_forward=True)
     blocks = list(parallelize.transformer_blocks(model))
     assert [m for m, _ in calls] == [*blocks, model]
-    assert [r for _, r in calls] == [True] * len(blocks) + [False]
+    # the last block's backward runs first: it keeps its parameters gathered too
+    assert [r for _, r in calls] == [True] * (len(blocks) - 1) + [False, False]
+    calls.clear()
+    parallelize.apply_fsdp2(tiny_model(), CPU, bf16=False, reshard_after_forward=False)
+    assert [r for _, r in calls] == [False] * (len(blocks) + 1)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])

@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the learning-rate schedules."""
+"""AdamW parameter groups, the gradient norm and clipping, and the learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import torch
 
 from src.models import AutoModelForCausalLM, KernelConfig, Qwen2Config
 from src.trainer.config import OptimizerConfig, ScheduleConfig
-from src.trainer.optimizer import LRSchedule, TritonAdamW, build_optimizer, param_groups, resolve_implementation
+from src.trainer.optimizer import (
+    LRSchedule, TritonAdamW, build_optimizer, clip_grads_, param_groups, resolve_implementation, total_grad_norm,
+)
 from src.utils.config import ConfigError
 
 from .helpers import tiny_model
@@ -96,3 +98,38 @@ def test_optimizer_implementation_auto_takes_triton_on_cuda_only_where_it_applie
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         build_optimizer(model, OptimizerConfig(implementation="triton"), cpu)
+
+
+def test_total_grad_norm_and_clipping_match_torch_plain_and_sharded(tmp_path):
+    """Plain gradients: torch's norm. DTensors sharded on a 1-D mesh (FSDP2): the same norm from
+    the local shards; anything else is refused with a message. Clipping scales in place as
+    clip_grad_norm_ does (the 2-rank FSDP2 norms are checked in test_distributed.py)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    torch.manual_seed(0)
+    grads = [torch.randn(6, 4), torch.randn(5), torch.randn(0)]
+    expected = torch.nn.utils.get_total_norm(grads)
+    assert torch.allclose(total_grad_norm(grads), expected)
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, 0.5)
+    clipped = [g.clone() for g in grads]
+    clip_grads_(clipped, 0.5, total_grad_norm(clipped))
+    assert all(torch.allclose(c, p.grad) for c, p in zip(clipped, params))
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = [distribute_tensor(g, mesh, [Shard(0)]) for g in grads]
+        assert torch.allclose(total_grad_norm(sharded), expected)
+        clip_grads_(sharded, 0.5, total_grad_norm(sharded))
+        assert all(torch.allclose(s.to_local(), p.grad) for s, p in zip(sharded, params))
+        with pytest.raises(ValueError, match="one 1-D device mesh"):
+            total_grad_norm([sharded[0], grads[1]])
+        with pytest.raises(ValueError, match="sharded gradients"):
+            total_grad_norm([distribute_tensor(grads[0], mesh, [Replicate()])])
+    finally:
+        dist.destroy_process_group()
