@@ -17,6 +17,7 @@ peak FLOP/s (DESIGN.md), FLOPs per token = 6N + 12 L H Q T from `model.flops_per
     python benchmarks/throughput.py --model configs/model/gpt_125m.yaml --grad-accum 4     # 4 micro-batches a step
     python benchmarks/throughput.py --nproc 8 --model configs/model/qwen2_0.5b.yaml --variants optimized
     python benchmarks/throughput.py --strategy fsdp2 --variants optimized "optimized optimizer=torch"  # FSDP2, one GPU
+    python benchmarks/throughput.py --strategy ddp --variants optimized "optimized +whole-model +CUDA graphs"
     python benchmarks/throughput.py --help
 
 Writes benchmarks/results/throughput_<model>_<device>[_loss][_accumN].json and a PNG beside it; prints a
