@@ -176,6 +176,20 @@ def _liger_installed() -> bool:
 # Batches
 
 
+def host_cpu() -> str:
+    """The host CPU's model name (Linux /proc/cpuinfo; else what `platform` knows)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def random_batches(n: int, batch: int, seq_len: int, vocab: int, seed: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -549,7 +563,9 @@ def main(argv=None) -> None:
             "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "grad_accum": args.grad_accum,
             "steps": steps, "warmup": args.warmup,
             "peak_flops": peak, "activation_checkpointing": args.activation_checkpointing,
-            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "strategy": args.strategy,
+            # host-bound steps (per-block compile, FSDP2 hooks) move with the host's speed
+            "host_cpu": host_cpu(), "host_cores": os.cpu_count(),
         }
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         accum = f" x {args.grad_accum} micro-batches" if args.grad_accum > 1 else ""

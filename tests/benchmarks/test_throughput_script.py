@@ -76,7 +76,9 @@ def test_loss_check_smoke_run_on_cpu(tmp_path):
     out = tmp_path / "loss.json"
     throughput.main(["--model", "configs/model/gpt2_tiny.yaml", "--batch", "2", "--seq-len", "32",
                      "--loss-check", "4", "--warmup", "1", "--variants", "reference", "--out", str(out)])
-    rows = json.loads(out.read_text())["rows"]
+    written = json.loads(out.read_text())
+    rows = written["rows"]
+    assert written["meta"]["strategy"] == "none" and written["meta"]["host_cpu"]  # host speed moves host-bound rows
     assert [r["variant"] for r in rows] == ["reference"]
     assert len(rows[0]["losses"]) == 4 and all(l == l for l in rows[0]["losses"])
     assert rows[0]["losses"][0] > rows[0]["losses"][-1]  # the loss falls on the chain
