@@ -10,15 +10,25 @@ launch() {
   cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
   # The environment: PYTHON if given (an interpreter that already has the requirements), else
-  # .venv, created with requirements.txt installed on first use (as scripts/test.sh does).
+  # .venv with requirements.txt installed, (re)installed whenever requirements.txt changed since
+  # the last install that finished (the stamp scripts/test.sh keeps too). An install that fails
+  # (an offline machine) leaves no stamp, so the next run tries again instead of starting with a
+  # half-filled .venv.
   local python=${PYTHON:-}
   if [ -z "$python" ]; then
     VENV=${VENV:-.venv}
-    if [ ! -x "$VENV/bin/python" ]; then
-      echo "[run_$task] creating $VENV and installing requirements.txt (once)"
-      python3 -m venv "$VENV"
-      "$VENV/bin/python" -m pip install -q --upgrade pip
-      "$VENV/bin/python" -m pip install -q -r requirements.txt
+    local stamp="$VENV/.requirements.sha" want
+    want=$(sha256sum requirements.txt | cut -d' ' -f1)
+    if [ ! -x "$VENV/bin/python" ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+      echo "[run_$task] installing requirements.txt into $VENV (again only when it changes)"
+      [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+      "$VENV/bin/python" -m pip install -q --upgrade pip || echo "[run_$task] pip not upgraded; going on with $("$VENV/bin/python" -m pip --version | cut -d' ' -f1-2)"
+      if ! "$VENV/bin/python" -m pip install -q -r requirements.txt; then
+        echo "[run_$task] could not install requirements.txt into $VENV (no package index reachable?)." >&2
+        echo "[run_$task] Install it there yourself, or name an interpreter that has it: PYTHON=/path/to/python bash scripts/run_$task.sh ..." >&2
+        exit 1
+      fi
+      echo "$want" > "$stamp"
     fi
     python="$VENV/bin/python"
   fi
