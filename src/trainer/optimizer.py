@@ -147,11 +147,15 @@ def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return squared.sqrt()
 
 
+def clip_coefficient(max_norm: float, total_norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_'s scale, min(1, max_norm / (total_norm + 1e-6)), as a device tensor."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
 def clip_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale `grads` in place by min(1, max_norm / (total_norm + 1e-6)), clip_grad_norm_'s
-    coefficient, on the device; DTensors through their local shards."""
-    coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    torch._foreach_mul_([local(g) for g in grads], coefficient)
+    """Scale `grads` in place by `clip_coefficient`, on the device; DTensors through their local
+    shards."""
+    torch._foreach_mul_([local(g) for g in grads], clip_coefficient(max_norm, total_norm))
 
 
 def resolve_implementation(cfg: OptimizerConfig, device: torch.device) -> str:

@@ -39,7 +39,9 @@ from src.utils.misc import format_count, new_run_id, peak_flops, rng_state, seed
 
 from .checkpoint import CheckpointManager, export_hf
 from .config import TrainConfig
-from .optimizer import LRSchedule, TritonAdamW, build_optimizer, clip_grads_, set_lr, total_grad_norm
+from .optimizer import (
+    LRSchedule, TritonAdamW, build_optimizer, clip_coefficient, clip_grads_, set_lr, total_grad_norm,
+)
 from .parallelize import prepare_model
 
 IGNORE_INDEX = -100
@@ -215,8 +217,8 @@ class Trainer:
         max_norm = self.cfg.optimizer.grad_clip if self.cfg.optimizer.grad_clip > 0 else float("inf")
         grads = [p.grad for p in self.bare.parameters() if p.grad is not None]
         grad_norm = total_grad_norm(grads)  # FSDP2: from the local shards, one all-reduce
-        if self.scales_grads:  # clip_grad_norm_'s coefficient, multiplied in as the optimizer reads
-            self.optimizer.grad_scale = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
+        if self.scales_grads:  # multiplied in as the optimizer reads the gradients
+            self.optimizer.grad_scale = clip_coefficient(max_norm, grad_norm)
         elif max_norm != float("inf"):
             clip_grads_(grads, max_norm, grad_norm)
         finite = torch.isfinite(grad_norm)  # the same on every rank: gradients are reduced
