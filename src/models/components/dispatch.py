@@ -17,6 +17,8 @@ Every implementation of one op has the reference's signature:
                    -> summed loss (fp32 scalar), never materialising (N, V) logits
     token_logprobs (hidden (N, H), weight (V, H), labels (N,), ignore_index) -> (N,) fp32 log p(label),
                    0 at ignored labels (DPO), never materialising (N, V) logits
+    linear         (x, weight, bias) -> y       the projections inside blocks; `fp32_wgrad` takes the
+                   weight gradient from the matmul in fp32 under autocast (components/linear.py)
 
 A choice that cannot run (Triton without a GPU or the interpreter, Liger not installed, a kernel
 module missing) is an error naming the op, the choice and the fix.
@@ -71,6 +73,10 @@ _REGISTRY: dict[str, dict[str, str]] = {
         "torch": "src.models.components.loss:token_logprobs_ref",
         "triton": "kernels.token_logprobs:token_logprobs",
     },
+    "linear": {
+        "torch": "src.models.components.linear:linear_ref",
+        "fp32_wgrad": "src.models.components.linear:linear_fp32_wgrad",
+    },
 }
 
 # Adapters turn Liger's autograd Functions into our signatures (checked against liger-kernel 0.8.5:
@@ -107,11 +113,15 @@ class KernelConfig:
     rope: Literal["triton", "liger", "torch"] = "torch"
     swiglu: Literal["triton", "liger", "torch"] = "torch"
     cross_entropy: Literal["fused_linear", "triton", "liger", "torch"] = "torch"
+    linear: Literal["fp32_wgrad", "torch"] = "torch"
     attention: Literal["auto", "flash_attn", "sdpa", "flex", "eager"] = "auto"
 
     @classmethod
     def reference(cls) -> "KernelConfig":
-        return cls(rmsnorm="torch", layernorm="torch", rope="torch", swiglu="torch", cross_entropy="torch", attention="sdpa")
+        return cls(
+            rmsnorm="torch", layernorm="torch", rope="torch", swiglu="torch", cross_entropy="torch", linear="torch",
+            attention="sdpa",
+        )  # fmt: skip
 
     def replace(self, **changes) -> "KernelConfig":
         return dataclasses.replace(self, **changes)

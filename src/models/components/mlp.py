@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dispatch import get_kernel
+from .linear import Linear
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -51,10 +52,18 @@ def swiglu_packed_ref(gate_up: torch.Tensor) -> torch.Tensor:
 class GeluMLP(nn.Module):
     """x -> fc (dim -> hidden) -> activation -> proj (hidden -> dim) -> dropout."""
 
-    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu_new", bias: bool = True, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        activation: str = "gelu_new",
+        bias: bool = True,
+        dropout: float = 0.0,
+        linear_impl: str = "torch",
+    ):
         super().__init__()
-        self.fc = nn.Linear(dim, hidden_dim, bias=bias)
-        self.proj = nn.Linear(hidden_dim, dim, bias=bias)
+        self.fc = Linear(dim, hidden_dim, bias=bias, impl=linear_impl)
+        self.proj = Linear(hidden_dim, dim, bias=bias, impl=linear_impl)
         self.act = get_activation(activation)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -79,11 +88,12 @@ class SwiGLU(nn.Module):
         bias: bool = False,
         dropout: float = 0.0,
         impl: str = "torch",
+        linear_impl: str = "torch",
     ):
         super().__init__()
         self.hidden_dim = hidden_dim
-        self.gate_up = nn.Linear(dim, 2 * hidden_dim, bias=bias)
-        self.down = nn.Linear(hidden_dim, dim, bias=bias)
+        self.gate_up = Linear(dim, 2 * hidden_dim, bias=bias, impl=linear_impl)
+        self.down = Linear(hidden_dim, dim, bias=bias, impl=linear_impl)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if activation in ("silu", "swish"):
             self.impl = impl

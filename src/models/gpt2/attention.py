@@ -9,12 +9,13 @@ from .config import GPT2Config
 class GPT2Attention(MultiHeadAttention):
     """Causal multi-head attention with attention/residual dropout, as in GPT-2."""
 
-    def __init__(self, config: GPT2Config, layer_idx: int, backend: str = "auto"):
+    def __init__(self, config: GPT2Config, layer_idx: int, backend: str = "auto", linear_impl: str = "torch"):
         super().__init__(
             dim=config.n_embd,
             n_heads=config.n_head,
             bias=config.bias,
             dropout=config.dropout,
             backend=backend,
+            linear_impl=linear_impl,
             layer_idx=layer_idx,
         )

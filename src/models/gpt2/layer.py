@@ -15,9 +15,12 @@ class GPT2Block(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int, kernels: KernelConfig):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_eps, bias=config.bias, impl=kernels.layernorm)
-        self.attn = GPT2Attention(config, layer_idx, backend=kernels.attention)
+        self.attn = GPT2Attention(config, layer_idx, backend=kernels.attention, linear_impl=kernels.linear)
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, bias=config.bias, impl=kernels.layernorm)
-        self.mlp = GeluMLP(config.n_embd, config.ffn_dim, config.activation, bias=config.bias, dropout=config.dropout)
+        self.mlp = GeluMLP(
+            config.n_embd, config.ffn_dim, config.activation, bias=config.bias, dropout=config.dropout,
+            linear_impl=kernels.linear,
+        )  # fmt: skip
 
     def forward(
         self,

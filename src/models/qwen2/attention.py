@@ -19,5 +19,6 @@ class Qwen2Attention(GroupedQueryAttention):
             sliding_window=config.layer_windows[layer_idx],
             backend=kernels.attention,
             rope_impl=kernels.rope,
+            linear_impl=kernels.linear,
             layer_idx=layer_idx,
         )

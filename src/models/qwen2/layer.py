@@ -20,7 +20,9 @@ class Qwen2Block(nn.Module):
         self.input_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps, impl=kernels.rmsnorm)
         self.self_attn = Qwen2Attention(config, layer_idx, kernels)
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps, impl=kernels.rmsnorm)
-        self.mlp = SwiGLU(config.n_embd, config.ffn_dim, config.hidden_act, bias=False, impl=kernels.swiglu)
+        self.mlp = SwiGLU(
+            config.n_embd, config.ffn_dim, config.hidden_act, bias=False, impl=kernels.swiglu, linear_impl=kernels.linear
+        )
 
     def forward(
         self,

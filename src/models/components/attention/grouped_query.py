@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..dispatch import get_kernel
+from ..linear import Linear
 from .backends import attend
 from .documents import PackedDocuments
 from .kv_cache import KVCache
@@ -30,6 +31,7 @@ class GroupedQueryAttention(nn.Module):
         sliding_window: int | None = None,
         backend: str = "auto",
         rope_impl: str = "torch",
+        linear_impl: str = "torch",
         layer_idx: int = 0,
     ):
         super().__init__()
@@ -44,8 +46,8 @@ class GroupedQueryAttention(nn.Module):
         self.backend = backend
         self.dropout = dropout
         self.layer_idx = layer_idx
-        self.qkv = nn.Linear(dim, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, dim, bias=out_bias)
+        self.qkv = Linear(dim, self.q_size + 2 * self.kv_size, bias=qkv_bias, impl=linear_impl)
+        self.o_proj = Linear(self.q_size, dim, bias=out_bias, impl=linear_impl)
         self._rope = get_kernel("rope", rope_impl)
 
     def forward(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..linear import Linear
 from .backends import attend
 from .documents import PackedDocuments
 from .kv_cache import KVCache
@@ -23,6 +24,7 @@ class MultiHeadAttention(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         backend: str = "auto",
+        linear_impl: str = "torch",
         layer_idx: int = 0,
     ):
         super().__init__()
@@ -33,8 +35,8 @@ class MultiHeadAttention(nn.Module):
         self.backend = backend
         self.layer_idx = layer_idx
         self.dropout = dropout
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.qkv = Linear(dim, 3 * dim, bias=bias, impl=linear_impl)
+        self.proj = Linear(dim, dim, bias=bias, impl=linear_impl)
         self.resid_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(

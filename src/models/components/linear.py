@@ -1,0 +1,95 @@
+"""Linear layers, with an option for the weight gradient to come out of the matmul in fp32.
+
+With fp32 master weights under bf16 autocast, autograd computes a linear layer's weight gradient
+`dW = dY.T @ X` as a bf16 matmul and then casts it to fp32 in an elementwise kernel of its own:
+the matmul writes 2 bytes per weight, the cast reads them and writes 4. `kernels.linear:
+fp32_wgrad` asks the matmul for the fp32 gradient directly (`torch.mm(..., out_dtype=float32)`,
+cuBLAS with bf16 inputs, fp32 accumulation and an fp32 output): one 4-byte write per weight, one
+launch fewer per layer, and a gradient that is no longer rounded to bf16 on its way to the
+optimizer. On Qwen2-0.5B that is 1.4 GB less traffic per step (see benchmarks/README.md).
+
+The forward is autocast's: the input, weight and bias are cast to the autocast dtype and the
+matmul runs there; the input gradient is the bf16 matmul autocast computes, cast back to the
+input's dtype. Without autocast, or with weights that are not fp32 (bf16 parameters, FSDP2's
+bf16 mixed precision), `linear_fp32_wgrad` is `F.linear`.
+
+`Linear` is `nn.Linear` (same parameters, initialisation and state_dict) that calls the chosen
+implementation, so checkpoints and `isinstance(m, nn.Linear)` are unaffected.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dispatch import get_kernel
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear`: under autocast, autograd's bf16 weight gradient cast to the weight's dtype."""
+    return F.linear(x, weight, bias)
+
+
+class _LinearFp32WeightGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            x_c = x.to(dtype)
+            w_c = weight.to(dtype)
+            y = F.linear(x_c, w_c, bias.to(dtype) if bias is not None else None)
+        ctx.save_for_backward(x_c, w_c)
+        ctx.x_dtype = x.dtype
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_c, w_c = ctx.saved_tensors
+        dx = dw = db = None
+        with torch.autocast(dy.device.type, enabled=False):
+            dy2 = dy.to(w_c.dtype).reshape(-1, dy.shape[-1])  # (M, out); M = all leading dims
+            if ctx.needs_input_grad[0]:
+                dx = (dy2 @ w_c).view(x_c.shape).to(ctx.x_dtype)  # (M, in) -> x's shape
+            if ctx.needs_input_grad[1]:
+                x2 = x_c.reshape(-1, x_c.shape[-1])  # (M, in)
+                dw = _mm_fp32_out(dy2.t(), x2)  # (out, in) fp32
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                db = dy2.sum(0, dtype=torch.float32)  # (out,)
+        return dx, dw, db, None  # grads for (x, weight, bias, dtype)
+
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in fp32. CUDA: cuBLAS writes fp32 from bf16/fp16 operands.
+    Elsewhere (torch has no such kernel on the CPU): the same math on operands upcast to fp32,
+    whose products of bf16 values are exact."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def linear_fp32_wgrad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` whose weight (and bias) gradient leaves the matmul in fp32 when fp32 weights
+    run under autocast; plain `F.linear` otherwise."""
+    device = x.device.type
+    if weight.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+        return F.linear(x, weight, bias)
+    dtype = torch.get_autocast_dtype(device)
+    if dtype == torch.float32:
+        return F.linear(x, weight, bias)
+    return _LinearFp32WeightGrad.apply(x, weight, bias, dtype)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` through the `kernels.linear` choice (`torch` or `fp32_wgrad`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, impl: str = "torch"):
+        super().__init__(in_features, out_features, bias=bias)
+        self.impl = impl
+        self._linear = get_kernel("linear", impl)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, impl={self.impl}"

@@ -1,0 +1,128 @@
+"""`kernels.linear`: `fp32_wgrad` gives autocast's forward and input gradient, and the weight and
+bias gradients in fp32 from the matmul, against fp32 math of the same bf16 operands."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from src.models import AutoModelForCausalLM, KernelConfig
+from src.models.components.linear import Linear, linear_fp32_wgrad
+
+TINY = {
+    "gpt2": dict(model_family="gpt2", n_layer=2, n_head=2, n_embd=32, vocab_size=101, block_size=16),
+    "qwen2": dict(
+        model_family="qwen2", n_layer=2, n_head=4, num_kv_heads=2, n_embd=32, intermediate_size=48,
+        vocab_size=101, block_size=16, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+
+
+def _grads(impl, x, layer, device):
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, impl=impl).to(device)
+        y.load_state_dict(layer.state_dict())
+        out = y(x)
+    out.float().pow(2).sum().backward()
+    return out, x.grad, y.weight.grad, None if y.bias is None else y.bias.grad
+
+
+def _check_against_fp32_math(device):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 40, bias=True).to(device)
+    x = torch.randn(3, 5, 24, device=device)  # (B, T, in): leading dims are flattened in backward
+    out, dx, dw, db = _grads("fp32_wgrad", x, layer, device)
+    ref_out, ref_dx, ref_dw, ref_db = _grads("torch", x, layer, device)
+    # forward and input gradient: autocast's own bf16 math
+    assert out.dtype == torch.bfloat16 and dx.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(dx, ref_dx)
+    # weight / bias gradients: fp32, equal to fp32 math on the bf16 operands (autograd's path rounds
+    # them to bf16 first, so it is only bf16-close)
+    assert dw.dtype == torch.float32 and db.dtype == torch.float32
+    x_c, w_c = x.to(torch.bfloat16), layer.weight.to(torch.bfloat16)
+    dy = (2 * F.linear(x_c, w_c, layer.bias.to(torch.bfloat16)).float()).to(torch.bfloat16).reshape(-1, 40)
+    exact_dw = dy.float().t() @ x_c.reshape(-1, 24).float()
+    torch.testing.assert_close(dw, exact_dw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db, dy.float().sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw, ref_dw, rtol=1.6e-2, atol=1e-2)
+    assert (dw - exact_dw).abs().max() < (ref_dw - exact_dw).abs().max()  # closer than the bf16-rounded one
+
+
+def test_fp32_wgrad_matches_fp32_math_cpu():
+    _check_against_fp32_math("cpu")
+
+
+@pytest.mark.gpu
+def test_fp32_wgrad_matches_fp32_math_gpu():
+    _check_against_fp32_math("cuda")
+
+
+def test_fp32_wgrad_is_f_linear_without_autocast_or_fp32_weights():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(6, 8, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    torch.testing.assert_close(linear_fp32_wgrad(x, w, b), F.linear(x, w, b), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 parameters: nothing to cast, autocast's path
+        wb, bb = w.detach().bfloat16().requires_grad_(), b.detach().bfloat16().requires_grad_()
+        y = linear_fp32_wgrad(x, wb, bb)
+    assert y.grad_fn.name() != "_LinearFp32WeightGradBackward"
+    y.float().sum().backward()
+    assert wb.grad.dtype == torch.bfloat16
+
+
+def test_frozen_weight_and_no_bias():
+    torch.manual_seed(0)
+    layer = Linear(8, 6, bias=False, impl="fp32_wgrad")
+    layer.weight.requires_grad_(False)
+    x = torch.randn(2, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert layer.weight.grad is None and x.grad.shape == x.shape and x.grad.dtype == torch.float32
+
+
+def test_linear_is_nn_linear_with_the_same_state_dict():
+    layer = Linear(8, 6, impl="fp32_wgrad")
+    assert isinstance(layer, torch.nn.Linear)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    assert "impl=fp32_wgrad" in repr(layer)
+
+
+def test_unknown_linear_choice_names_the_options():
+    with pytest.raises(ValueError, match="kernels.linear: 'triton' is not available.*fp32_wgrad"):
+        Linear(8, 6, impl="triton")
+
+
+def _model_loss_and_grads(family, impl, device, compile=False):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(TINY[family], kernels=KernelConfig(attention="sdpa", linear=impl)).to(device)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 101, (2, 12), generator=g).to(device)
+    forward = torch.compile(model, fullgraph=True) if compile else model
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = forward(ids, labels=ids, return_logits=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _check_models(family, device, compile=False):
+    loss_ref, grads_ref = _model_loss_and_grads(family, "torch", device)
+    loss, grads = _model_loss_and_grads(family, "fp32_wgrad", device, compile=compile)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-2, atol=1e-2)
+    for name, g in grads.items():
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g, grads_ref[name], rtol=5e-2, atol=5e-3, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_models_with_fp32_wgrad_match_autocast_reference(family):
+    _check_models(family, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_models_with_fp32_wgrad_compiled_fullgraph_gpu(family):
+    torch._dynamo.reset()
+    _check_models(family, "cuda", compile=True)
