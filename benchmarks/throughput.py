@@ -73,6 +73,10 @@ OPTIMIZED = {
         attention="auto",
     ),
 }
+# The optimized rows also carry the residual stream in bf16 (trainer.residual_dtype; llm.c's and
+# Megatron-LM's choice): every norm and residual add moves half the bytes. The references keep
+# autocast's fp32 stream; `residual=fp32` is the ablation.
+OPTIMIZED_RESIDUAL = "bf16"
 # The ablations: each op of the optimized default set, alone, to each other value listed here.
 ALTERNATIVES = {
     "layernorm": ["torch", "triton"],
@@ -99,6 +103,7 @@ class Variant:
     memory_budget: float = 1.0
     optimizer: str = "auto"  # optimizer.implementation: the reference keeps torch's AdamW
     reshard_after_forward: bool = True  # parallel.reshard_after_forward (FSDP2 only)
+    residual_dtype: str = "fp32"  # trainer.residual_dtype
 
 
 def kernel_flips(optimized: dict) -> list[tuple[str, dict]]:
@@ -112,47 +117,54 @@ def our_variants(
 ) -> list[Variant]:
     ref = dataclass_dict(KernelConfig.reference())
     optimized = OPTIMIZED[family]
+    res = OPTIMIZED_RESIDUAL
     variants = [
         Variant("reference", "ours", ref, compile=False, activation_checkpointing=ac, optimizer="torch"),
         Variant("reference+compile", "ours", ref, compile=True, activation_checkpointing=ac, optimizer="torch"),
-        Variant("optimized", "ours", dict(optimized), compile=True, activation_checkpointing=ac),
+        Variant("optimized", "ours", dict(optimized), compile=True, activation_checkpointing=ac, residual_dtype=res),
     ]
     for flip, kernels in kernel_flips(optimized):
-        variants.append(Variant(f"optimized {flip}", "ours", kernels, compile=True, activation_checkpointing=ac))
+        variants.append(Variant(f"optimized {flip}", "ours", kernels, compile=True, activation_checkpointing=ac,
+                                residual_dtype=res))
+    variants.append(Variant("optimized residual=fp32", "ours", dict(optimized), compile=True,
+                            activation_checkpointing=ac))
     variants.append(Variant("optimized optimizer=torch", "ours", dict(optimized), compile=True,
-                            activation_checkpointing=ac, optimizer="torch"))
+                            activation_checkpointing=ac, optimizer="torch", residual_dtype=res))
     if sharded:  # keep each block's gathered parameters from forward to backward: no second all-gather
         variants.append(Variant("optimized reshard_after_forward=false", "ours", dict(optimized), compile=True,
-                                activation_checkpointing=ac, reshard_after_forward=False))
+                                activation_checkpointing=ac, reshard_after_forward=False, residual_dtype=res))
     if ac == "none":
         # the memory-lean configuration: recompute elementwise ops in backward
-        variants.append(
-            Variant("optimized +selective AC", "ours", dict(optimized), compile=True, activation_checkpointing="selective")
-        )
+        variants.append(Variant("optimized +selective AC", "ours", dict(optimized), compile=True,
+                                activation_checkpointing="selective", residual_dtype=res))
         for budget in memory_budgets:  # the compiler's own recompute choice under a memory budget
             variants.append(Variant(f"optimized +memory budget {budget:g}", "ours", dict(optimized), compile=True,
-                                    memory_budget=budget))
+                                    memory_budget=budget, residual_dtype=res))
     if not sharded:  # CUDA graphs and the whole-model graph do not work with FSDP2's per-block all-gathers
         variants.append(Variant("optimized +CUDA graphs", "ours", dict(optimized), compile=True,
-                                activation_checkpointing=ac, compile_mode="reduce-overhead"))
+                                activation_checkpointing=ac, compile_mode="reduce-overhead", residual_dtype=res))
         # the whole forward as one graph (nanoGPT's way), ours and the reference
         variants.append(Variant("reference+compile whole model", "ours", ref, compile=True,
                                 activation_checkpointing=ac, compile_scope="model", optimizer="torch"))
         variants.append(Variant("optimized +whole-model compile", "ours", dict(optimized), compile=True,
-                                activation_checkpointing=ac, compile_scope="model"))
+                                activation_checkpointing=ac, compile_scope="model", residual_dtype=res))
         best = "optimized +whole-model +CUDA graphs"  # the fastest configuration
         whole_graphs = dict(compile=True, compile_scope="model", compile_mode="reduce-overhead")
-        variants.append(Variant(best, "ours", dict(optimized), activation_checkpointing=ac, **whole_graphs))
+        variants.append(Variant(best, "ours", dict(optimized), activation_checkpointing=ac, residual_dtype=res,
+                                **whole_graphs))
         # with torch's fused AdamW: our optimizer's share, without the host noise of per-block compilation
         variants.append(Variant(f"{best} optimizer=torch", "ours", dict(optimized), activation_checkpointing=ac,
-                                optimizer="torch", **whole_graphs))
+                                optimizer="torch", residual_dtype=res, **whole_graphs))
         # The ablations again on the fastest configuration: with the host out of the step a
         # Triton kernel's launch cost (the triton_op path) no longer hides its GPU time.
         for flip, kernels in kernel_flips(optimized):
-            variants.append(Variant(f"{best} {flip}", "ours", kernels, activation_checkpointing=ac, **whole_graphs))
+            variants.append(Variant(f"{best} {flip}", "ours", kernels, activation_checkpointing=ac, residual_dtype=res,
+                                    **whole_graphs))
+        variants.append(Variant(f"{best} residual=fp32", "ours", dict(optimized), activation_checkpointing=ac,
+                                **whole_graphs))
         if ac == "none":
             variants.append(Variant(f"{best} +selective AC", "ours", dict(optimized),
-                                    activation_checkpointing="selective", **whole_graphs))
+                                    activation_checkpointing="selective", residual_dtype=res, **whole_graphs))
     return variants
 
 
@@ -266,6 +278,7 @@ def train_config(args, variant: Variant, steps: int, out_dir: str) -> TrainConfi
                 "precision": "bf16",
                 "activation_checkpointing": variant.activation_checkpointing,
                 "activation_memory_budget": variant.memory_budget,
+                "residual_dtype": variant.residual_dtype,
                 "seed": args.seed,
             },
             "optimizer": {"lr": args.lr, "implementation": variant.optimizer},

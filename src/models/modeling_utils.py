@@ -159,6 +159,16 @@ class CausalLM(nn.Module):
     head_dim: int
     n_kv_heads: int
     uses_learned_positions: ClassVar[bool] = False
+    # The residual stream's dtype under autocast; None keeps the embeddings' dtype. Set by the
+    # trainer (`parallelize.apply_residual_dtype`, from trainer.residual_dtype).
+    residual_dtype: torch.dtype | None = None
+
+    def residual_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """The embeddings' output (B, T, C) as the residual stream: cast to `residual_dtype` under
+        autocast, unchanged otherwise (without autocast the fp32 weights need fp32 activations)."""
+        if self.residual_dtype is not None and torch.is_autocast_enabled(x.device.type):
+            return x.to(self.residual_dtype)
+        return x
 
     # -- sizes ---------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Preparing a built model for the hardware: functions applied to the model, in this order.
 
+    0. the residual stream's dtype under autocast (trainer.residual_dtype)
     1. activation checkpointing per transformer block (none | full | selective)
     2. torch.compile per transformer block, and of the loss head (lm_head + cross-entropy)
     3. FSDP2 `fully_shard` per block and at the root, or DDP, or nothing
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from src.models.modeling_utils import CausalLM
 from src.utils.distributed import DistInfo, build_device_mesh, ensure_process_group
 
 from .config import TrainConfig
@@ -53,6 +55,14 @@ def _checkpointed(forward, selective: bool):
         return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
     return run
+
+
+def apply_residual_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Carry the residual stream in `dtype` under autocast, in every model inside `model` (the
+    policy and the reference of DPO included); None keeps the embeddings' dtype."""
+    for module in model.modules():
+        if isinstance(module, CausalLM):
+            module.residual_dtype = dtype
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -181,6 +191,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool
     if strategy != "none":
         ensure_process_group(info)  # FSDP2 and DDP in one plain `python` process: a group of one
     model.to(info.device)
+    apply_residual_dtype(model, torch.bfloat16 if bf16 and cfg.trainer.residual_dtype == "bf16" else None)
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     whole_model_ddp = cfg.compile and cfg.compile_scope == "model" and strategy == "ddp"
     if cfg.compile and not whole_model_ddp:

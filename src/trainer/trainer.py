@@ -138,9 +138,12 @@ class Trainer:
             compiled += ", whole model"
         if cfg.compile and cfg.trainer.activation_memory_budget < 1.0:
             compiled += f", memory budget {cfg.trainer.activation_memory_budget:g}"
+        precision = "bf16" if self.bf16 else "fp32"
+        if self.bf16 and cfg.trainer.residual_dtype == "bf16":
+            precision += ", bf16 residual stream"
         self.logger.info(
             f"model {type(self.bare).__name__} {format_count(n_params)} parameters | {info.world_size} x {self.device.type} | "
-            f"strategy {cfg.parallel.strategy} | {'bf16' if self.bf16 else 'fp32'} | compile {compiled} | "
+            f"strategy {cfg.parallel.strategy} | {precision} | compile {compiled} | "
             f"{self.total_steps} steps x {self.nominal_tokens_per_step} tokens | run {cfg.run_dir} (id {self.run_id})"
         )
         if resumed_from:

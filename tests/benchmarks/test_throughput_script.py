@@ -26,7 +26,8 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
             assert f"optimized {op}={other}" in names
     assert "optimized optimizer=torch" in names
     best = "optimized +whole-model +CUDA graphs"
-    n_best_ablations = sum(len(throughput.ALTERNATIVES[op]) - 1 for op in optimized) + 1  # + selective AC
+    # + the residual stream in fp32, + selective AC
+    n_best_ablations = sum(len(throughput.ALTERNATIVES[op]) - 1 for op in optimized) + 2
     assert names[-6 - n_best_ablations:-n_best_ablations] == [
         "optimized +selective AC", "optimized +CUDA graphs", "reference+compile whole model",
         "optimized +whole-model compile", best, f"{best} optimizer=torch"]
@@ -38,6 +39,13 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
             assert variant.kernels == dict(optimized, **{op: other})
             assert (variant.compile_scope, variant.compile_mode) == ("model", "reduce-overhead")
     assert by_name[f"{best} +selective AC"].activation_checkpointing == "selective"
+    # the optimized rows carry the residual stream in bf16, the references and the ablation in fp32
+    for v in by_name.values():
+        expected = "fp32" if v.name.startswith("reference") or v.name.endswith("residual=fp32") else "bf16"
+        assert v.residual_dtype == expected, v.name
+    assert {"optimized residual=fp32", f"{best} residual=fp32"} <= set(names)
+    cfg = throughput.train_config(throughput.parse_args([]), by_name["optimized"], 10, "unused")
+    assert cfg.trainer.residual_dtype == "bf16"
     assert len(set(names)) == len(names)
     sharded = [v.name for v in throughput.our_variants(family, "none", sharded=True)]
     assert not {"optimized +CUDA graphs", "optimized +whole-model compile"} & set(sharded)  # not with FSDP2

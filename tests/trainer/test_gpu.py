@@ -65,23 +65,27 @@ def test_cuda_graphs_with_gradient_accumulation_train_like_the_default_mode(tmp_
     )
 
 
-@pytest.mark.parametrize("cross_entropy", ["triton", "fused_linear"])
-def test_whole_model_compile_with_every_kernel_trains_like_per_block(tmp_path, cross_entropy):
+@pytest.mark.parametrize(
+    "cross_entropy, linear, residual_dtype",
+    [("triton", "torch", "fp32"), ("fused_linear", "torch", "fp32"), ("triton", "fp32_wgrad", "bf16")],
+)
+def test_whole_model_compile_with_every_kernel_trains_like_per_block(tmp_path, cross_entropy, linear, residual_dtype):
     """compile_scope: model (one graph; the in-place Triton loss head stays eager behind a graph
     break) and the same with CUDA graphs give the training and evaluation losses of per-block
-    compilation, with our Triton kernels on."""
+    compilation, with our Triton kernels on (and the optimized settings: fp32 weight gradients
+    from cuBLAS, the residual stream in bf16)."""
     from src.models import AutoModelForCausalLM, KernelConfig
 
     from .helpers import tiny_model_config
 
-    kernels = KernelConfig(layernorm="triton", cross_entropy=cross_entropy, attention="auto")
+    kernels = KernelConfig(layernorm="triton", cross_entropy=cross_entropy, linear=linear, attention="auto")
     losses = {}
     for scope, mode in (("blocks", "default"), ("model", "default"), ("model", "reduce-overhead")):
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(tiny_model_config(), kernels=kernels)
-        cfg = replace(cuda_config(tmp_path / f"{scope}_{mode}", eval_every=15), compile=True, compile_scope=scope,
-                      compile_mode=mode, kernels=kernels)
+        cfg = replace(cuda_config(tmp_path / f"{scope}_{mode}", eval_every=15, residual_dtype=residual_dtype),
+                      compile=True, compile_scope=scope, compile_mode=mode, kernels=kernels)
         val = SyntheticLoader(8, seed=1, num_batches=2)  # evaluation: the same forward without grad
         trainer = Trainer(cfg, model, SyntheticLoader(8), val, gpu_info())
         trainer.fit()

@@ -70,6 +70,7 @@ class GPT2LMHeadModel(CausalLM):
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         x = self.wte(input_ids) + self.wpe(position_ids, seq_len=T, offset=past)  # (B, T, C)
+        x = self.residual_stream(x)
         x = self.drop(x)
         mask = None
         if attention_mask is not None:  # padding: explicit (B, 1, T, past + T) keep-mask

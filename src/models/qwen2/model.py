@@ -65,7 +65,7 @@ class Qwen2ForCausalLM(CausalLM):
         their own document."""
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
-        x = self.embed_tokens(input_ids)  # (B, T, C)
+        x = self.residual_stream(self.embed_tokens(input_ids))  # (B, T, C)
         cos, sin = self.rotary(position_ids, seq_len=T, offset=past)  # (B|1, T, head_dim), fp32
         masks: dict[int | None, torch.Tensor | None] = {}
         for window in set(self.config.layer_windows):
