@@ -5,7 +5,8 @@ Every variant of ours is built and prepared exactly as a training run does it: t
 model YAML with the variant's `kernels:` block, then `Trainer` (activation checkpointing ->
 torch.compile per block or of the whole model -> FSDP2 / DDP / nothing, AdamW, bf16 autocast,
 clipping; the references keep torch's fused AdamW, the others take `optimizer.implementation:
-auto`, i.e. our Triton AdamW with the clipping folded in, under FSDP2 on the local shards), and the timed
+auto`, i.e. our Triton AdamW with the clipping folded in, under FSDP2 on the local shards; the
+optimized rows also carry the residual stream in bf16, `trainer.residual_dtype`), and the timed
 unit is `Trainer.train_step` (forward and backward of each of `--grad-accum` micro-batches,
 clip, optimizer step) on random tokens of one fixed batch shape. Warm-up steps (compilation
 included) are excluded; compile time is reported separately. MFU = tokens/s x FLOPs per token /
