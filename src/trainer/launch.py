@@ -167,11 +167,15 @@ def _save_reference_table(table: dict[str, torch.Tensor], path: str, fingerprint
     os.replace(tmp, path)
 
 
-def _reference_precision(cfg: TrainConfig, info: DistInfo):
-    """The precision the live reference would run in: bf16 autocast on CUDA (trainer.precision auto)."""
+def _reference_precision(cfg: TrainConfig, reference: CausalLM, info: DistInfo):
+    """The precision the live reference would run in: bf16 autocast on CUDA (trainer.precision
+    auto), with the residual stream trainer.residual_dtype asks for."""
+    from .parallelize import apply_residual_dtype, residual_dtype
     from .trainer import resolve_precision
 
-    if resolve_precision(cfg.trainer.precision, info.device) == "bf16":
+    bf16 = resolve_precision(cfg.trainer.precision, info.device) == "bf16"
+    apply_residual_dtype(reference, residual_dtype(cfg, bf16))
+    if bf16:
         return torch.autocast(info.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -180,7 +184,7 @@ def _compute_split(cfg: TrainConfig, reference: CausalLM, source, info: DistInfo
     """This rank's block of the split through the reference, gathered over ranks: the whole table."""
     batches = (to_tensors(b, pin=False) for b in
                source.in_order(cfg.trainer.micro_batch_size, rank=info.rank, world_size=info.world_size))
-    with _reference_precision(cfg, info):
+    with _reference_precision(cfg, reference, info):
         table = precompute_reference_logps(reference, batches, chunk_size=cfg.dpo.chunk_size, device=info.device)
     if info.distributed:
         import torch.distributed as dist

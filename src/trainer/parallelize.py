@@ -57,6 +57,12 @@ def _checkpointed(forward, selective: bool):
     return run
 
 
+def residual_dtype(cfg: TrainConfig, bf16: bool) -> torch.dtype | None:
+    """The residual stream's dtype that trainer.residual_dtype asks for at this precision (None:
+    the embeddings' own)."""
+    return torch.bfloat16 if bf16 and cfg.trainer.residual_dtype == "bf16" else None
+
+
 def apply_residual_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
     """Carry the residual stream in `dtype` under autocast, in every model inside `model` (the
     policy and the reference of DPO included); None keeps the embeddings' dtype."""
@@ -191,7 +197,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool
     if strategy != "none":
         ensure_process_group(info)  # FSDP2 and DDP in one plain `python` process: a group of one
     model.to(info.device)
-    apply_residual_dtype(model, torch.bfloat16 if bf16 and cfg.trainer.residual_dtype == "bf16" else None)
+    apply_residual_dtype(model, residual_dtype(cfg, bf16))
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     whole_model_ddp = cfg.compile and cfg.compile_scope == "model" and strategy == "ddp"
     if cfg.compile and not whole_model_ddp:

@@ -88,3 +88,18 @@ def test_trainer_trains_with_a_bf16_residual_stream_on_the_cpu(tmp_path):
     trainer.fit()
     last = trainer.train_step([next(iter(SyntheticLoader(4, seed=3)))])[0]
     assert torch.isfinite(torch.as_tensor(last)) and float(last) < float(first)
+
+
+def test_precomputed_dpo_reference_runs_like_the_live_one(tmp_path):
+    """The stored reference log-probs of DPO come from the precision the live reference would run
+    in, the residual stream included."""
+    from src.trainer.launch import _reference_precision
+
+    reference = tiny_model()
+    cfg = make_config(tmp_path / "run", precision="bf16", residual_dtype="bf16")
+    with _reference_precision(cfg, reference, CPU):
+        assert torch.is_autocast_enabled("cpu")
+    assert reference.residual_dtype == torch.bfloat16
+    with _reference_precision(make_config(tmp_path / "run2"), reference, CPU):  # auto: fp32 on the CPU
+        assert not torch.is_autocast_enabled("cpu")
+    assert reference.residual_dtype is None
