@@ -34,8 +34,8 @@ class TrainerConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on the CPU
     # The residual stream under bf16 autocast. fp32: autocast's own (the fp32 embeddings' output is
     # carried through every residual add, as nanoGPT does). bf16: cast once after the embeddings, as
-    # llm.c and Megatron-LM do: every norm and residual add then moves half the bytes (+5.8%
-    # gpt_125m, +2.6% Qwen2-0.5B tokens/s on an H100; the loss after 200 steps +0.45% / -0.12%).
+    # llm.c and Megatron-LM do: every norm and residual add then moves half the bytes (+5.4%
+    # gpt_125m, +2.4% Qwen2-0.5B tokens/s on an H100; the loss after 200 steps +0.60% / +0.20%).
     # The weights stay fp32. Under FSDP2's bf16 parameters the stream is bf16 either way.
     residual_dtype: Literal["fp32", "bf16"] = "fp32"
     device: Literal["auto", "cuda", "cpu"] = "auto"
