@@ -23,7 +23,7 @@ from src.trainer import CheckpointConfig, Trainer
 from src.trainer.optimizer import TritonAdamW
 from src.utils.distributed import init_distributed, shutdown_distributed
 
-from .helpers import SyntheticLoader, make_config, replace, tiny_model
+from .helpers import BF16_OPTIMIZED, SyntheticLoader, make_config, replace, tiny_model
 
 MAX_STEPS = 4
 SPLIT_AT = 2
@@ -45,11 +45,11 @@ def run(out_dir: str) -> None:
     info = init_distributed("cpu")
     rank, world = info.rank, info.world_size
 
-    def trainer(name: str, strategy: str, **changes) -> Trainer:
+    def trainer(name: str, strategy: str, kernels=None, trainer_changes=None, **changes) -> Trainer:
         cfg = make_config(os.path.join(out_dir, name), max_steps=MAX_STEPS, micro_batch_size=2, grad_accum_steps=2,
-                          strategy=strategy)
+                          strategy=strategy, **(trainer_changes or {}))
         cfg = replace(cfg, **changes)
-        return Trainer(cfg, tiny_model(), SyntheticLoader(2, rank, world), None, info)
+        return Trainer(cfg, tiny_model(kernels=kernels), SyntheticLoader(2, rank, world), None, info)
 
     results = {}
     ddp = trainer("ddp", "ddp")
@@ -64,6 +64,13 @@ def run(out_dir: str) -> None:
     assert ddp_compiled.persistent_grads
     ddp_compiled.fit()
     results["ddp_compiled_model"] = losses(ddp_compiled)
+
+    # DDP with the optimized run's precision settings (bf16 autocast on the CPU)
+    ddp_bf16 = trainer("ddp_bf16_optimized", "ddp", kernels=BF16_OPTIMIZED["kernels"],
+                       trainer_changes=BF16_OPTIMIZED["trainer"])
+    assert ddp_bf16.bare.residual_dtype == torch.bfloat16
+    ddp_bf16.fit()
+    results["ddp_bf16_optimized"] = losses(ddp_bf16)
 
     straight = trainer("fsdp2", "fsdp2")
     straight.fit()

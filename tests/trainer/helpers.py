@@ -28,9 +28,15 @@ def tiny_model_config(**changes) -> GPT2Config:
     return GPT2Config(**base)
 
 
-def tiny_model(seed: int = 0, **changes):
+def tiny_model(seed: int = 0, kernels: KernelConfig | None = None, **changes):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_model_config(**changes), kernels=KernelConfig.reference())
+    return AutoModelForCausalLM.from_config(tiny_model_config(**changes), kernels=kernels or KernelConfig.reference())
+
+
+# The optimized run's precision settings, on the CPU: bf16 autocast, the projections' weight
+# gradients in fp32 from the matmul, the residual stream in bf16.
+BF16_OPTIMIZED = dict(kernels=KernelConfig.reference().replace(linear="fp32_wgrad"),
+                      trainer=dict(precision="bf16", residual_dtype="bf16"))
 
 
 class SyntheticLoader:
