@@ -126,3 +126,9 @@ def test_models_with_fp32_wgrad_match_autocast_reference(family):
 def test_models_with_fp32_wgrad_compiled_fullgraph_gpu(family):
     torch._dynamo.reset()
     _check_models(family, "cuda", compile=True)
+
+
+def test_fp32_wgrad_traced_by_torch_compile_on_the_cpu():
+    """Dynamo and AOTAutograd trace the custom autograd Function (fullgraph: no graph break)."""
+    torch._dynamo.reset()
+    _check_models("qwen2", "cpu", compile=True)
