@@ -14,13 +14,7 @@ from src.utils.distributed import DistInfo
 
 from .helpers import SyntheticLoader, make_config, tiny_model
 
-TINY = {
-    "gpt2": dict(model_family="gpt2", n_layer=2, n_head=2, n_embd=32, vocab_size=101, block_size=16),
-    "qwen2": dict(
-        model_family="qwen2", n_layer=2, n_head=4, num_kv_heads=2, n_embd=32, intermediate_size=48,
-        vocab_size=101, block_size=16, tie_word_embeddings=True,
-    ),
-}  # fmt: skip
+TINY = {"gpt2": "configs/model/gpt2_tiny.yaml", "qwen2": "configs/model/qwen2_tiny.yaml"}  # the shipped tiny models
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
 
 
@@ -31,7 +25,7 @@ def _block_input_dtypes_and_loss(family, residual_dtype, autocast):
     seen = []
     for block in model.layers:
         block.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
-    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = model(ids, labels=ids, return_logits=False).loss
     loss.backward()

@@ -8,13 +8,7 @@ import torch.nn.functional as F
 from src.models import AutoModelForCausalLM, KernelConfig
 from src.models.components.linear import Linear, linear_fp32_wgrad
 
-TINY = {
-    "gpt2": dict(model_family="gpt2", n_layer=2, n_head=2, n_embd=32, vocab_size=101, block_size=16),
-    "qwen2": dict(
-        model_family="qwen2", n_layer=2, n_head=4, num_kv_heads=2, n_embd=32, intermediate_size=48,
-        vocab_size=101, block_size=16, tie_word_embeddings=True,
-    ),
-}  # fmt: skip
+TINY = {"gpt2": "configs/model/gpt2_tiny.yaml", "qwen2": "configs/model/qwen2_tiny.yaml"}  # the shipped tiny models
 
 
 def _grads(impl, x, layer, device):
@@ -99,7 +93,7 @@ def _model_loss_and_grads(family, impl, device, compile=False):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(TINY[family], kernels=KernelConfig(attention="sdpa", linear=impl)).to(device)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 101, (2, 12), generator=g).to(device)
+    ids = torch.randint(0, 320, (2, 12), generator=g).to(device)
     forward = torch.compile(model, fullgraph=True) if compile else model
     with torch.autocast(device, dtype=torch.bfloat16):
         loss = forward(ids, labels=ids, return_logits=False).loss
