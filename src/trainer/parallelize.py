@@ -37,8 +37,14 @@ _SAVED_OPS = {
 }
 
 
+# Our ops that run a matmul, saved like aten's. By name: a kernel module registers its ops when it
+# is imported, which only happens when a config chooses it.
+_SAVED_KERNEL_OPS = {"kernels::swiglu_linear_fwd"}
+
+
 def _selective_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    saved = op in _SAVED_OPS or getattr(op, "name", lambda: "")() in _SAVED_KERNEL_OPS
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _checkpointed(forward, selective: bool):

@@ -6,7 +6,7 @@ import torch
 
 from src.models import AutoModelForCausalLM, KernelConfig
 
-from .helpers import DEVICE, assert_close, needs_triton
+from .helpers import DEVICE, INTERPRET, assert_close, needs_triton
 
 pytestmark = needs_triton
 
@@ -34,7 +34,7 @@ def _batch(vocab, B=2, T=8, device=DEVICE):
     return input_ids, labels
 
 
-def _compare(family, cross_entropy, dtype=torch.float32, device=DEVICE, compile=False, tol_dtype=None, **batch_kw):
+def _compare(family, cross_entropy, dtype=torch.float32, device=DEVICE, compile=False, tol_dtype=None, swiglu="triton", **batch_kw):
     input_ids, labels = _batch(family["vocab_size"], device=device, **batch_kw)
     position_ids = None
     if family["model_family"] == "qwen2":  # two packed documents in row 1
@@ -42,7 +42,7 @@ def _compare(family, cross_entropy, dtype=torch.float32, device=DEVICE, compile=
         position_ids = torch.arange(T, device=device).repeat(input_ids.shape[0], 1)
         position_ids[1, T // 2 :] -= T // 2
     off = KernelConfig(attention="sdpa")
-    on = KernelConfig(attention="sdpa", cross_entropy=cross_entropy, **ALL_ON)
+    on = KernelConfig(attention="sdpa", cross_entropy=cross_entropy, **dict(ALL_ON, swiglu=swiglu))
     loss_ref, grads_ref = _loss_and_grads(family, off, input_ids, labels, position_ids, dtype)
     loss, grads = _loss_and_grads(family, on, input_ids, labels, position_ids, dtype, compile=compile)
     tol_dtype = tol_dtype or dtype
@@ -76,3 +76,18 @@ def test_compiled_model_all_kernels_fullgraph_gpu(family, cross_entropy):
     torch._dynamo.reset()
     # Inductor fuses the surrounding fp32 ops in another order: compare at fp16's tolerance.
     _compare(family, cross_entropy, device="cuda", compile=True, tol_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16 if INTERPRET else torch.bfloat16])
+def test_tiny_qwen2_swiglu_fused_linear_matches_reference(dtype):
+    """`swiglu: fused_linear` (the SwiGLU backward inside the down projection's GEMM; the fused
+    kernel runs in half precision, fp32 takes the unfused backward)."""
+    family = dict(TINY_QWEN2, intermediate_size=64)  # widths of 8k: the fused kernel's TMA rows
+    _compare(family, "fused_linear", dtype=dtype, swiglu="fused_linear")
+
+
+@pytest.mark.gpu
+def test_compiled_qwen2_swiglu_fused_linear_fullgraph_gpu():
+    torch._dynamo.reset()
+    family = dict(TINY_QWEN2, n_embd=64, intermediate_size=128)
+    _compare(family, "fused_linear", dtype=torch.bfloat16, device="cuda", compile=True, swiglu="fused_linear")

@@ -12,6 +12,8 @@ Every implementation of one op has the reference's signature:
     swiglu         (gate, up) -> silu(gate) * up
     swiglu_packed  (gate_up (..., 2H), gate first) -> silu(gate) * up   (the SwiGLU module's layout, used
                    with `kernels.swiglu: triton`: its backward writes the gradient of gate_up whole)
+    swiglu_linear  (gate_up (..., 2H), weight (D, H)) -> swiglu_packed(gate_up) @ weight.T   (used with
+                   `kernels.swiglu: fused_linear`: the SwiGLU backward runs in the down projection's GEMM)
     cross_entropy  (logits (N, V), labels (N,), ignore_index, label_smoothing) -> summed loss (fp32 scalar)
     fused_linear_cross_entropy (hidden (N, H), weight (V, H), labels (N,), ignore_index, label_smoothing)
                    -> summed loss (fp32 scalar), never materialising (N, V) logits
@@ -58,6 +60,10 @@ _REGISTRY: dict[str, dict[str, str]] = {
     "swiglu_packed": {
         "torch": "src.models.components.mlp:swiglu_packed_ref",
         "triton": "kernels.swiglu:swiglu_packed",
+    },
+    "swiglu_linear": {
+        "torch": "src.models.components.mlp:swiglu_linear_ref",
+        "triton": "kernels.swiglu_linear:swiglu_linear",
     },
     "cross_entropy": {
         "torch": "src.models.components.loss:cross_entropy_ref",
@@ -111,7 +117,7 @@ class KernelConfig:
     rmsnorm: Literal["triton", "liger", "torch"] = "torch"
     layernorm: Literal["triton", "torch"] = "torch"
     rope: Literal["triton", "liger", "torch"] = "torch"
-    swiglu: Literal["triton", "liger", "torch"] = "torch"
+    swiglu: Literal["fused_linear", "triton", "liger", "torch"] = "torch"
     cross_entropy: Literal["fused_linear", "triton", "liger", "torch"] = "torch"
     linear: Literal["fp32_wgrad", "torch"] = "torch"
     attention: Literal["auto", "flash_attn", "sdpa", "flex", "eager"] = "auto"

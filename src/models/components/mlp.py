@@ -1,7 +1,8 @@
 """Feed-forward blocks: the GELU MLP of GPT-2 and the gated SwiGLU of Qwen2 / Llama.
 
 `swiglu_ref` (and `swiglu_packed_ref`, the same on one [gate | up] tensor) is the pure-PyTorch
-reference of `kernels/swiglu.py`.
+reference of `kernels/swiglu.py`; `swiglu_linear_ref` (the product, then the down projection) that
+of `kernels/swiglu_linear.py`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def swiglu_packed_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return swiglu_ref(*gate_up.chunk(2, dim=-1))
 
 
+def swiglu_linear_ref(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`swiglu_packed_ref(gate_up) @ weight.T`: the SwiGLU product and the down projection (no bias)."""
+    return F.linear(swiglu_packed_ref(gate_up), weight)
+
+
 class GeluMLP(nn.Module):
     """x -> fc (dim -> hidden) -> activation -> proj (hidden -> dim) -> dropout."""
 
@@ -77,7 +83,10 @@ class SwiGLU(nn.Module):
     gate and up share one (dim -> 2 * hidden) matmul; the first half of its output is the gate.
     With `activation: silu` the product runs through the `swiglu` kernel toggle; `triton` takes the
     projection's output whole (`swiglu_packed`), so that backward writes the gradient of gate_up in
-    one piece instead of autograd concatenating the gradients of two halves.
+    one piece instead of autograd concatenating the gradients of two halves. `fused_linear` runs the
+    product and the down projection as one op (`swiglu_linear`), whose backward computes the SwiGLU
+    gradient in the epilogue of the down projection's input-gradient GEMM; the down projection's
+    weight gradient then leaves its matmul in the weight's dtype, as with `linear: fp32_wgrad`.
     """
 
     def __init__(
@@ -95,7 +104,12 @@ class SwiGLU(nn.Module):
         self.gate_up = Linear(dim, 2 * hidden_dim, bias=bias, impl=linear_impl)
         self.down = Linear(hidden_dim, dim, bias=bias, impl=linear_impl)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if activation in ("silu", "swish"):
+        self._glu_linear = None
+        if activation in ("silu", "swish") and impl == "fused_linear":
+            self.impl = impl
+            self._glu_linear = get_kernel("swiglu_linear", "triton")
+            self._glu = self._glu_packed = None
+        elif activation in ("silu", "swish"):
             self.impl = impl
             self._glu = get_kernel("swiglu", impl)
             self._glu_packed = get_kernel("swiglu_packed", impl) if impl == "triton" else None
@@ -109,6 +123,11 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)  # (..., 2 * hidden_dim): [gate | up]
+        if self._glu_linear is not None:
+            y = self._glu_linear(gate_up, self.down.weight)  # (..., dim), in gate_up's dtype
+            if self.down.bias is not None:
+                y = y + self.down.bias.to(y.dtype)
+            return self.dropout(y)
         if self._glu_packed is not None:
             return self.dropout(self.down(self._glu_packed(gate_up)))
         gate, up = gate_up.chunk(2, dim=-1)  # each (..., hidden_dim), strided views

@@ -1,0 +1,155 @@
+"""SwiGLU + down projection (`swiglu_linear`) against `swiglu_linear_ref`.
+
+On the CPU the fused backward GEMM runs through the interpreter in fp16 (the interpreter's bf16
+`tl.dot` is wrong); fp32 and bf16 take the unfused backward, which must give the same results.
+"""
+
+import pytest
+import torch
+
+import kernels.swiglu_linear as swiglu_linear_module
+from kernels.swiglu_linear import fused_backward_supported, swiglu_linear
+from src.models.components.mlp import swiglu_linear_ref
+
+from .helpers import DEVICE, INTERPRET, TOLERANCE, assert_close, leaf, needs_triton
+
+pytestmark = needs_triton
+
+# Operands of the fused path: fp16 on the CPU interpreter, bf16 on a GPU.
+FUSED_DTYPE = torch.float16 if INTERPRET else torch.bfloat16
+
+
+def _run(fn, gate_up, weight, dy):
+    gate_up, weight = leaf(gate_up), leaf(weight)
+    y = fn(gate_up, weight)
+    y.backward(dy)
+    return y, gate_up.grad, weight.grad
+
+
+def _inputs(tokens, D, H, dtype, weight_dtype=None):
+    gate_up = torch.randn(*tokens, 2 * H, device=DEVICE, dtype=dtype) * 2
+    weight = (torch.randn(D, H, device=DEVICE) * H**-0.5).to(weight_dtype or dtype)
+    dy = torch.randn(*tokens, D, device=DEVICE, dtype=dtype)
+    return gate_up, weight, dy
+
+
+def _compare(gate_up, weight, dy, tol_dtype):
+    got = _run(swiglu_linear, gate_up, weight, dy)
+    want = _run(swiglu_linear_ref, gate_up, weight, dy)
+    for name, g, w in zip(("y", "dgate_up", "dweight"), got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, w.shape, g.dtype, w.dtype)
+        assert_close(g, w, tol_dtype, name)
+
+
+@pytest.mark.parametrize(
+    "tokens, D, H",
+    [((2, 64), 32, 48), ((1,), 64, 40), ((3, 50), 24, 200), ((4, 96), 136, 128)],
+    ids=["batch", "single-row", "H-not-a-tile-multiple", "D-over-one-K-step"],
+)
+def test_fused_backward_matches_reference(tokens, D, H):
+    gate_up, weight, dy = _inputs(tokens, D, H, FUSED_DTYPE)
+    assert fused_backward_supported(gate_up, weight)
+    _compare(gate_up, weight, dy, FUSED_DTYPE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unfused_backward_matches_reference(dtype):
+    gate_up, weight, dy = _inputs((2, 20), 24, 40, dtype)
+    if dtype == torch.float32 or INTERPRET:
+        assert not fused_backward_supported(gate_up, weight)
+    _compare(gate_up, weight, dy, dtype)
+
+
+def test_widths_that_tma_cannot_take_fall_back():
+    gate_up, weight, dy = _inputs((2, 9), 20, 37, FUSED_DTYPE)  # H = 37: rows of 74 bytes
+    assert not fused_backward_supported(gate_up, weight)
+    _compare(gate_up, weight, dy, FUSED_DTYPE)
+
+
+def test_fp32_weight_gradient_in_fp32_from_half_activations():
+    """The autocast layout: fp32 master weight, half-precision activations. The weight gradient
+    comes back fp32 (unrounded), the forward uses the weight cast to the activations' dtype."""
+    gate_up, weight, dy = _inputs((2, 32), 32, 64, FUSED_DTYPE, weight_dtype=torch.float32)
+    y, dgate_up, dweight = _run(swiglu_linear, gate_up, weight, dy)
+    assert y.dtype == dgate_up.dtype == FUSED_DTYPE and dweight.dtype == torch.float32
+    ref = _run(swiglu_linear_ref, gate_up, weight.to(FUSED_DTYPE), dy)
+    assert_close(y, ref[0], FUSED_DTYPE, "y")
+    assert_close(dgate_up, ref[1], FUSED_DTYPE, "dgate_up")
+    h = torch.nn.functional.silu(gate_up[..., :64].float()) * gate_up[..., 64:].float()
+    exact = dy.float().reshape(-1, 32).t() @ h.to(FUSED_DTYPE).float().reshape(-1, 64)  # fp32 accumulation
+    assert_close(dweight, exact, torch.float32, "dweight")
+
+
+def test_expanded_gradient_from_sum():
+    gate_up, weight, _ = _inputs((3, 16), 16, 24, FUSED_DTYPE)
+    a, b = leaf(gate_up), leaf(weight)
+    swiglu_linear(a, b).float().sum().backward()  # an expanded, stride-0 gradient reaches backward
+    c, d = leaf(gate_up), leaf(weight)
+    swiglu_linear_ref(c, d).float().sum().backward()
+    assert_close(a.grad, c.grad, FUSED_DTYPE, "dgate_up")
+    assert_close(b.grad, d.grad, FUSED_DTYPE, "dweight")
+
+
+def test_bad_shapes_name_the_problem():
+    with pytest.raises(ValueError, match=r"gate_up \(\.\.\., 2H\) and weight \(D, H\) disagree"):
+        swiglu_linear(torch.randn(2, 10, device=DEVICE), torch.randn(4, 6, device=DEVICE))
+
+
+def test_fused_kernel_settings_fit_the_tiles():
+    """Blocks the TMA boxes accept (powers of two, at least 16 bytes in the last dimension)."""
+    m = swiglu_linear_module
+    for block in (m.BLOCK_M, m.BLOCK_N, m.BLOCK_K):
+        assert block & (block - 1) == 0 and block * 2 >= 16
+
+
+@pytest.mark.gpu
+def test_real_size_gpu():
+    """Qwen2-0.5B's MLP at 4 x 2048 tokens, bf16 activations and an fp32 weight (autocast)."""
+    gate_up, weight, dy = _inputs((4, 2048), 896, 4864, torch.bfloat16, weight_dtype=torch.float32)
+    assert fused_backward_supported(gate_up, weight)
+    y, dgate_up, dweight = _run(swiglu_linear, gate_up, weight, dy)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = _run(swiglu_linear_ref, gate_up, weight, dy)
+    assert_close(y, ref[0], torch.bfloat16, "y")
+    assert_close(dgate_up, ref[1], torch.bfloat16, "dgate_up")
+    # autograd's weight gradient is a bf16 matmul cast to fp32; ours is the fp32 accumulator
+    atol, rtol = TOLERANCE[torch.bfloat16]
+    torch.testing.assert_close(dweight, ref[2], atol=atol * ref[2].abs().max().item(), rtol=rtol)
+
+
+def test_selective_checkpointing_saves_the_op_and_recomputes_the_product():
+    """Under `activation_checkpointing: selective` the op (it runs the down projection's matmul) is
+    saved like aten's matmuls, while the SwiGLU product before it is recomputed, as the reference's
+    silu * up is; the gradients are those without checkpointing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from src.models import AutoModelForCausalLM, KernelConfig
+    from src.trainer.parallelize import apply_activation_checkpointing
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[func.name()] = self.calls.get(func.name(), 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    family = dict(model_family="qwen2", n_layer=2, n_head=4, num_kv_heads=2, n_embd=32, intermediate_size=64,
+                  vocab_size=101, block_size=16)  # fmt: skip
+    kernels = KernelConfig(attention="sdpa", swiglu="fused_linear")
+    ids = torch.randint(0, 101, (2, 8), device=DEVICE)
+    grads, counts = [], []
+    for mode in ("none", "selective"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(family, kernels=kernels).to(DEVICE)
+        apply_activation_checkpointing(model, mode)
+        with CountOps() as ops:
+            model(ids, labels=ids, return_logits=False).loss.backward()
+        counts.append(ops.calls)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    plain, selective = counts
+    assert plain["kernels::swiglu_linear_fwd"] == selective["kernels::swiglu_linear_fwd"] == 2  # once per block
+    assert selective["kernels::swiglu_packed_fwd"] == 2 * plain["kernels::swiglu_packed_fwd"] == 4  # recomputed
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], torch.float32, name)
