@@ -34,7 +34,10 @@ def _batch(vocab, B=2, T=8, device=DEVICE):
     return input_ids, labels
 
 
-def _compare(family, cross_entropy, dtype=torch.float32, device=DEVICE, compile=False, tol_dtype=None, swiglu="triton", **batch_kw):
+def _compare(
+    family, cross_entropy, dtype=torch.float32, device=DEVICE, compile=False, tol_dtype=None, swiglu="triton", gelu="torch",
+    **batch_kw,
+):
     input_ids, labels = _batch(family["vocab_size"], device=device, **batch_kw)
     position_ids = None
     if family["model_family"] == "qwen2":  # two packed documents in row 1
@@ -42,7 +45,7 @@ def _compare(family, cross_entropy, dtype=torch.float32, device=DEVICE, compile=
         position_ids = torch.arange(T, device=device).repeat(input_ids.shape[0], 1)
         position_ids[1, T // 2 :] -= T // 2
     off = KernelConfig(attention="sdpa")
-    on = KernelConfig(attention="sdpa", cross_entropy=cross_entropy, **dict(ALL_ON, swiglu=swiglu))
+    on = KernelConfig(attention="sdpa", cross_entropy=cross_entropy, gelu=gelu, **dict(ALL_ON, swiglu=swiglu))
     loss_ref, grads_ref = _loss_and_grads(family, off, input_ids, labels, position_ids, dtype)
     loss, grads = _loss_and_grads(family, on, input_ids, labels, position_ids, dtype, compile=compile)
     tol_dtype = tol_dtype or dtype
@@ -91,3 +94,62 @@ def test_compiled_qwen2_swiglu_fused_linear_fullgraph_gpu():
     torch._dynamo.reset()
     family = dict(TINY_QWEN2, n_embd=64, intermediate_size=128)
     _compare(family, "fused_linear", dtype=torch.bfloat16, device="cuda", compile=True, swiglu="fused_linear")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16 if INTERPRET else torch.bfloat16])
+def test_tiny_gpt2_gelu_fused_linear_matches_reference(dtype):
+    """`gelu: fused_linear` (the GELU backward and the fc bias gradient inside the projection's
+    GEMM; the fused kernel runs in half precision, fp32 takes the unfused backward)."""
+    _compare(TINY_GPT2, "triton", dtype=dtype, gelu="fused_linear")
+
+
+@pytest.mark.gpu
+def test_compiled_gpt2_gelu_fused_linear_fullgraph_gpu():
+    torch._dynamo.reset()
+    family = dict(TINY_GPT2, n_embd=64)
+    _compare(family, "fused_linear", dtype=torch.bfloat16, device="cuda", compile=True, gelu="fused_linear")
+
+
+@pytest.mark.parametrize(
+    "family, kernels, fused_op, product_op",
+    [
+        (dict(TINY_QWEN2, intermediate_size=64), dict(swiglu="fused_linear"), "kernels::swiglu_linear_fwd",
+         "kernels::swiglu_packed_fwd"),
+        (TINY_GPT2, dict(gelu="fused_linear"), "kernels::gelu_linear_fwd", "aten::gelu"),
+    ],
+    ids=["qwen2-swiglu", "gpt2-gelu"],
+)  # fmt: skip
+def test_selective_checkpointing_saves_the_fused_mlp_op_and_recomputes_the_activation(
+    family, kernels, fused_op, product_op
+):
+    """Under `activation_checkpointing: selective` the fused MLP ops (they run the projection's
+    matmul) are saved like aten's matmuls, while the activation before them is recomputed, as the
+    reference's is; the gradients are those without checkpointing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from src.trainer.parallelize import apply_activation_checkpointing
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[func.name()] = self.calls.get(func.name(), 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(0, family["vocab_size"], (2, 8), device=DEVICE)
+    grads, counts = [], []
+    for mode in ("none", "selective"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(family, kernels=KernelConfig(attention="sdpa", **kernels)).to(DEVICE)
+        apply_activation_checkpointing(model, mode)
+        with CountOps() as ops:
+            model(ids, labels=ids, return_logits=False).loss.backward()
+        counts.append(ops.calls)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    plain, selective = counts
+    assert plain[fused_op] == selective[fused_op] == 2  # once per block
+    assert selective[product_op] == 2 * plain[product_op] == 4  # recomputed
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], torch.float32, name)
