@@ -15,6 +15,9 @@ the GELU into one kernel), then y = h @ weight.T + bias (cuBLAS). Backward, give
 epilogue loads the pre0 tile, writes dpre, and writes the tile's column sums of dpre to an
 fp32 (row tiles, H) buffer that one small reduction turns into dfc_bias. Unfused, dh goes to
 memory and comes back for the GELU backward, and dpre is read once more for the bias gradient.
+Measured per gpt_125m layer (16384 tokens, H = 3072) on an H100: 273 us against 408 us for cuBLAS
+plus eager PyTorch's GELU backward and bias sum; inside a compiled step, where Inductor fuses the
+GELU backward with the bias reduction, the step was 1.4% slower with it (README.md).
 
 dh and dpre are rounded to the activation dtype where the unfused path stores them, so both paths
 compute the same function of the same values (pre = pre0 + fc_bias is formed in fp32 here, where
