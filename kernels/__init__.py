@@ -5,7 +5,6 @@
     rope.py                        apply_rotary
     swiglu.py                      swiglu, swiglu_packed
     swiglu_linear.py               swiglu_linear (the SwiGLU backward inside the down projection's GEMM)
-    gelu_linear.py                 gelu_linear (GPT-2's GELU backward inside the projection's GEMM)
     cross_entropy.py               cross_entropy (+ the row kernels the two ops below reuse)
     fused_linear_cross_entropy.py  fused_linear_cross_entropy
     token_logprobs.py              token_logprobs (per-token log-probabilities for DPO)

@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import kernels.cross_entropy as C, kernels.fused_linear_cross_entropy as FL, kernels.layernorm as L, kernels.rmsnorm as R, kernels.rope as P, kernels.swiglu as S
-import kernels.adamw as A, kernels.swiglu_linear as SL, kernels.gelu_linear as GL
+import kernels.adamw as A, kernels.swiglu_linear as SL
 
 def p(t):
     return "*" + t
@@ -77,10 +77,6 @@ CASES = [
     (SL._dgate_up_kernel, {"dy_desc": "tensordesc<bf16[128, 64]>", "w_desc": "tensordesc<bf16[64, 128]>",
         **sig("gate_desc up_desc dgate_desc dup_desc", "tensordesc<bf16[128, 128]>"), **sig("M H D", "i32")},
         {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "NUM_PROGRAMS": 132}),
-    (GL._dpre_kernel, {"dy_desc": "tensordesc<bf16[128, 64]>", "w_desc": "tensordesc<bf16[64, 128]>",
-        **sig("pre_desc dpre_desc", "tensordesc<bf16[128, 128]>"), "FC_BIAS_ptr": p("bf16"), "PARTIAL_ptr": p("fp32"),
-        **sig("M H D", "i32")},
-        {"HAS_FC_BIAS": True, "BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "NUM_PROGRAMS": 132}),
     (A._adamw_count_kernel, {"STEP_PTRS": p("i64"), "FOUND_INF_ptr": p("fp32")}, {"HAS_FOUND_INF": True}),
 ]
 for fn, signature, constexprs in CASES:

@@ -34,10 +34,7 @@ def _batch(vocab, B=2, T=8, device=DEVICE):
     return input_ids, labels
 
 
-def _compare(
-    family, cross_entropy, dtype=torch.float32, device=DEVICE, compile=False, tol_dtype=None, swiglu="triton", gelu="torch",
-    **batch_kw,
-):
+def _compare(family, cross_entropy, dtype=torch.float32, device=DEVICE, compile=False, tol_dtype=None, swiglu="triton", **batch_kw):
     input_ids, labels = _batch(family["vocab_size"], device=device, **batch_kw)
     position_ids = None
     if family["model_family"] == "qwen2":  # two packed documents in row 1
@@ -45,7 +42,7 @@ def _compare(
         position_ids = torch.arange(T, device=device).repeat(input_ids.shape[0], 1)
         position_ids[1, T // 2 :] -= T // 2
     off = KernelConfig(attention="sdpa")
-    on = KernelConfig(attention="sdpa", cross_entropy=cross_entropy, gelu=gelu, **dict(ALL_ON, swiglu=swiglu))
+    on = KernelConfig(attention="sdpa", cross_entropy=cross_entropy, **dict(ALL_ON, swiglu=swiglu))
     loss_ref, grads_ref = _loss_and_grads(family, off, input_ids, labels, position_ids, dtype)
     loss, grads = _loss_and_grads(family, on, input_ids, labels, position_ids, dtype, compile=compile)
     tol_dtype = tol_dtype or dtype
@@ -96,35 +93,10 @@ def test_compiled_qwen2_swiglu_fused_linear_fullgraph_gpu():
     _compare(family, "fused_linear", dtype=torch.bfloat16, device="cuda", compile=True, swiglu="fused_linear")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16 if INTERPRET else torch.bfloat16])
-def test_tiny_gpt2_gelu_fused_linear_matches_reference(dtype):
-    """`gelu: fused_linear` (the GELU backward and the fc bias gradient inside the projection's
-    GEMM; the fused kernel runs in half precision, fp32 takes the unfused backward)."""
-    _compare(TINY_GPT2, "triton", dtype=dtype, gelu="fused_linear")
-
-
-@pytest.mark.gpu
-def test_compiled_gpt2_gelu_fused_linear_fullgraph_gpu():
-    torch._dynamo.reset()
-    family = dict(TINY_GPT2, n_embd=64)
-    _compare(family, "fused_linear", dtype=torch.bfloat16, device="cuda", compile=True, gelu="fused_linear")
-
-
-@pytest.mark.parametrize(
-    "family, kernels, fused_op, product_op",
-    [
-        (dict(TINY_QWEN2, intermediate_size=64), dict(swiglu="fused_linear"), "kernels::swiglu_linear_fwd",
-         "kernels::swiglu_packed_fwd"),
-        (TINY_GPT2, dict(gelu="fused_linear"), "kernels::gelu_linear_fwd", "aten::gelu"),
-    ],
-    ids=["qwen2-swiglu", "gpt2-gelu"],
-)  # fmt: skip
-def test_selective_checkpointing_saves_the_fused_mlp_op_and_recomputes_the_activation(
-    family, kernels, fused_op, product_op
-):
-    """Under `activation_checkpointing: selective` the fused MLP ops (they run the projection's
-    matmul) are saved like aten's matmuls, while the activation before them is recomputed, as the
-    reference's is; the gradients are those without checkpointing."""
+def test_selective_checkpointing_saves_swiglu_fused_linear_and_recomputes_the_product():
+    """Under `activation_checkpointing: selective` the `swiglu: fused_linear` op (it runs the down
+    projection's matmul) is saved like aten's matmuls, while the SwiGLU product before it is
+    recomputed, as the reference's silu * up is; the gradients are those without checkpointing."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from src.trainer.parallelize import apply_activation_checkpointing
@@ -138,6 +110,8 @@ def test_selective_checkpointing_saves_the_fused_mlp_op_and_recomputes_the_activ
             self.calls[func.name()] = self.calls.get(func.name(), 0) + 1
             return func(*args, **(kwargs or {}))
 
+    family = dict(TINY_QWEN2, intermediate_size=64)
+    kernels, fused_op, product_op = dict(swiglu="fused_linear"), "kernels::swiglu_linear_fwd", "kernels::swiglu_packed_fwd"
     ids = torch.randint(0, family["vocab_size"], (2, 8), device=DEVICE)
     grads, counts = [], []
     for mode in ("none", "selective"):

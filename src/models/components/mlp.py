@@ -2,8 +2,7 @@
 
 `swiglu_ref` (and `swiglu_packed_ref`, the same on one [gate | up] tensor) is the pure-PyTorch
 reference of `kernels/swiglu.py`; `swiglu_linear_ref` (the product, then the down projection) that
-of `kernels/swiglu_linear.py`, and `gelu_linear_ref` (GELU, then the projection) that of
-`kernels/gelu_linear.py`.
+of `kernels/swiglu_linear.py`.
 """
 
 from __future__ import annotations
@@ -51,31 +50,13 @@ def swiglu_packed_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return swiglu_ref(*gate_up.chunk(2, dim=-1))
 
 
-def gelu_linear_ref(
-    pre0: torch.Tensor, fc_bias: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """`gelu_tanh(pre0 + fc_bias) @ weight.T + bias`: the fc layer's bias, GPT-2's GELU and the projection."""
-    return F.linear(gelu_tanh(pre0 if fc_bias is None else pre0 + fc_bias), weight, bias)
-
-
 def swiglu_linear_ref(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`swiglu_packed_ref(gate_up) @ weight.T`: the SwiGLU product and the down projection (no bias)."""
     return F.linear(swiglu_packed_ref(gate_up), weight)
 
 
-# The activations `kernels.gelu: fused_linear` computes: the tanh approximation of GELU.
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-
-
 class GeluMLP(nn.Module):
-    """x -> fc (dim -> hidden) -> activation -> proj (hidden -> dim) -> dropout.
-
-    `impl` is the `kernels.gelu` choice. `fused_linear` runs the fc layer's matmul without its bias
-    and hands the bias, the GELU and the projection to one op (`gelu_linear`), whose backward
-    computes the GELU gradient and the fc bias gradient in the epilogue of the projection's
-    input-gradient GEMM; the projection's weight gradient then leaves its matmul in the weight's
-    dtype, as with `linear: fp32_wgrad`. The parameters (and checkpoints) are the same.
-    """
+    """x -> fc (dim -> hidden) -> activation -> proj (hidden -> dim) -> dropout."""
 
     def __init__(
         self,
@@ -85,29 +66,14 @@ class GeluMLP(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         linear_impl: str = "torch",
-        impl: str = "torch",
     ):
         super().__init__()
         self.fc = Linear(dim, hidden_dim, bias=bias, impl=linear_impl)
         self.proj = Linear(hidden_dim, dim, bias=bias, impl=linear_impl)
         self.act = get_activation(activation)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.impl = impl
-        self._act_linear = None
-        if impl == "fused_linear":
-            if activation not in TANH_GELUS:
-                raise ValueError(
-                    f"kernels.gelu=fused_linear computes the tanh-approximated GELU ({', '.join(TANH_GELUS)}); "
-                    f"this model's activation is '{activation}': set kernels.gelu=torch"
-                )
-            self._act_linear = get_kernel("gelu_linear", "triton")
-        elif impl != "torch":
-            raise ValueError(f"kernels.gelu: '{impl}' is not available; choose fused_linear or torch")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._act_linear is not None:
-            pre0 = self.fc._linear(x, self.fc.weight, None)  # (..., hidden): the op adds the fc bias
-            return self.dropout(self._act_linear(pre0, self.fc.bias, self.proj.weight, self.proj.bias))
         return self.dropout(self.proj(self.act(self.fc(x))))
 
 
