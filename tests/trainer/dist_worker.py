@@ -23,7 +23,7 @@ from src.trainer import CheckpointConfig, Trainer
 from src.trainer.optimizer import TritonAdamW
 from src.utils.distributed import init_distributed, shutdown_distributed
 
-from .helpers import BF16_OPTIMIZED, SyntheticLoader, make_config, replace, tiny_model
+from .helpers import BF16_OPTIMIZED, SWIGLU_FUSED, SyntheticLoader, make_config, replace, tiny_model, tiny_qwen2_model
 
 MAX_STEPS = 4
 SPLIT_AT = 2
@@ -45,11 +45,11 @@ def run(out_dir: str) -> None:
     info = init_distributed("cpu")
     rank, world = info.rank, info.world_size
 
-    def trainer(name: str, strategy: str, kernels=None, trainer_changes=None, **changes) -> Trainer:
+    def trainer(name: str, strategy: str, kernels=None, trainer_changes=None, model_fn=tiny_model, **changes) -> Trainer:
         cfg = make_config(os.path.join(out_dir, name), max_steps=MAX_STEPS, micro_batch_size=2, grad_accum_steps=2,
                           strategy=strategy, **(trainer_changes or {}))
         cfg = replace(cfg, **changes)
-        return Trainer(cfg, tiny_model(kernels=kernels), SyntheticLoader(2, rank, world), None, info)
+        return Trainer(cfg, model_fn(kernels=kernels), SyntheticLoader(2, rank, world), None, info)
 
     results = {}
     ddp = trainer("ddp", "ddp")
@@ -71,6 +71,12 @@ def run(out_dir: str) -> None:
     assert ddp_bf16.bare.residual_dtype == torch.bfloat16
     ddp_bf16.fit()
     results["ddp_bf16_optimized"] = losses(ddp_bf16)
+
+    # Qwen2 with the fused SwiGLU + down projection op, under both strategies
+    for strategy in ("ddp", "fsdp2"):
+        fused = trainer(f"{strategy}_qwen2_swiglu_fused", strategy, kernels=SWIGLU_FUSED, model_fn=tiny_qwen2_model)
+        fused.fit()
+        results[f"{strategy}_qwen2_swiglu_fused"] = losses(fused)
 
     straight = trainer("fsdp2", "fsdp2")
     straight.fit()

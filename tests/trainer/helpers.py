@@ -33,6 +33,20 @@ def tiny_model(seed: int = 0, kernels: KernelConfig | None = None, **changes):
     return AutoModelForCausalLM.from_config(tiny_model_config(**changes), kernels=kernels or KernelConfig.reference())
 
 
+def tiny_qwen2_model(seed: int = 0, kernels: KernelConfig | None = None):
+    """A tiny Qwen2 (RoPE, GQA, SwiGLU, tied embeddings) over the same vocabulary; MLP widths are
+    multiples of 8, as the fused SwiGLU kernel's TMA rows need."""
+    torch.manual_seed(seed)
+    family = dict(model_family="qwen2", n_layer=2, n_head=4, num_kv_heads=2, n_embd=32, intermediate_size=64,
+                  vocab_size=VOCAB, block_size=32, tie_word_embeddings=True)  # fmt: skip
+    return AutoModelForCausalLM.from_config(family, kernels=kernels or KernelConfig.reference())
+
+
+# Qwen2's fused MLP kernel (`swiglu: fused_linear`): on the CPU in fp32 it runs its unfused backward
+# through the interpreter, with the op's own autograd, which DDP and FSDP2 must reduce like any other.
+SWIGLU_FUSED = KernelConfig.reference().replace(swiglu="fused_linear")
+
+
 # The optimized run's precision settings, on the CPU: bf16 autocast, the projections' weight
 # gradients in fp32 from the matmul, the residual stream in bf16.
 BF16_OPTIMIZED = dict(kernels=KernelConfig.reference().replace(linear="fp32_wgrad"),

@@ -16,7 +16,7 @@ from src.trainer import CheckpointConfig, Trainer
 from src.utils.distributed import DistInfo
 
 from .dist_worker import MAX_STEPS, SPLIT_AT
-from .helpers import BF16_OPTIMIZED, SyntheticLoader, make_config, tiny_model
+from .helpers import BF16_OPTIMIZED, SWIGLU_FUSED, SyntheticLoader, make_config, tiny_model, tiny_qwen2_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
@@ -35,9 +35,9 @@ def two_ranks(tmp_path_factory):
         return out, json.load(f)
 
 
-def single_process_run(tmp_path, steps=MAX_STEPS, kernels=None, **trainer_changes) -> Trainer:
+def single_process_run(tmp_path, steps=MAX_STEPS, kernels=None, model_fn=tiny_model, **trainer_changes) -> Trainer:
     cfg = make_config(tmp_path / "single", max_steps=steps, micro_batch_size=4, grad_accum_steps=2, **trainer_changes)
-    trainer = Trainer(cfg, tiny_model(kernels=kernels), SyntheticLoader(4), None, CPU)
+    trainer = Trainer(cfg, model_fn(kernels=kernels), SyntheticLoader(4), None, CPU)
     trainer.fit()
     return trainer
 
@@ -63,6 +63,17 @@ def test_ddp_with_the_optimized_precision_settings_matches_one_process(two_ranks
     assert results["ddp_bf16_optimized"] == pytest.approx(single, rel=2e-5)
     # and it is not the fp32 run: bf16 rounding moves the losses (by 5e-4 over the 4 steps here)
     assert sum(abs(a - b) for a, b in zip(results["ddp_bf16_optimized"], results["ddp"])) > 1e-4
+
+
+def test_qwen2_with_the_fused_swiglu_op_matches_one_process_under_ddp_and_fsdp2(two_ranks, tmp_path):
+    """`swiglu: fused_linear` returns the down projection's weight gradient from its own autograd
+    (a custom op): DDP's hooks and FSDP2's reduce-scatter must still reduce it."""
+    _, results = two_ranks
+    trainer = single_process_run(tmp_path, kernels=SWIGLU_FUSED, model_fn=tiny_qwen2_model)
+    single = [r["loss"] for r in trainer.history if r["split"] == "train"]
+    assert single[-1] < single[0]  # it trains
+    assert results["ddp_qwen2_swiglu_fused"] == pytest.approx(single, rel=1e-5)
+    assert results["fsdp2_qwen2_swiglu_fused"] == pytest.approx(single, rel=1e-5)
 
 
 def test_fsdp2_gradient_norm_from_local_shards_is_the_global_norm(two_ranks, tmp_path):
