@@ -12,9 +12,10 @@ Backward, given dy (M, D):
 epilogue of each (128 x 128) tile, loads the matching gate and up tiles and writes dgate and dup.
 Unfused, dh goes to memory and a second kernel reads it back with gate and up: per Qwen2-0.5B
 layer (8192 tokens, H = 4864) the fused kernel took 225 us against 126 us (cuBLAS dh) + 139 us
-(the SwiGLU backward kernel) on an H100. The forward has no such fusion: a Triton GEMM with the
-SwiGLU in its epilogue measured 315-331 us against 318 us for cuBLAS + the row kernel
-(README.md, "SwiGLU + down projection").
+(the SwiGLU backward kernel) on an H100; in the compiled Qwen2-0.5B step, where cuBLAS's dh ran
+faster, the step gained 0.7-1.4%. The forward has no such fusion: a Triton GEMM with the SwiGLU in
+its epilogue measured 312-331 us against 318 us for cuBLAS + the row kernel (README.md, "The fused
+MLP backward GEMMs").
 
 dh is rounded to the activation dtype before the SwiGLU gradient, as the unfused path rounds it
 when it stores dh, so both paths compute the same function of the same bf16 values.
@@ -24,7 +25,7 @@ the activations' dtype for its matmuls (as autocast would) and returns the weigh
 weight's dtype straight from the matmul's fp32 accumulator (as `kernels.linear: fp32_wgrad`).
 
 Where the fused kernel runs: fp16 / bf16 activations on a GPU with TMA (compute capability 9.0+),
-H and D multiples of 8 (16-byte rows for TMA), and fp16 under the CPU interpreter (whose `tl.dot`
+H and D multiples of 8 and 16-byte-aligned tensors (TMA's rows and bases), and fp16 under the CPU interpreter (whose `tl.dot`
 of bf16 operands is wrong in Triton 3.7.1). Everywhere else (fp32, older GPUs, odd widths) the
 backward is the unfused pair, cuBLAS dh then the SwiGLU row kernel: the same results, slower.
 
@@ -112,11 +113,14 @@ BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, WARPS = 128, 128, 64, 8, 5, 8
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def fused_backward_supported(gate_up: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `_dgate_up_kernel` runs for these tensors (the module docstring says when)."""
+def fused_backward_supported(gate_up: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether `_dgate_up_kernel` runs for these tensors and `others` (the module docstring says
+    when)."""
     if TensorDescriptor is None or gate_up.dtype not in (torch.float16, torch.bfloat16):
         return False
     if weight.shape[0] % 8 or weight.shape[1] % 8:  # 16-byte rows for TMA
+        return False
+    if any(t.data_ptr() % 16 for t in (gate_up, weight, *others)):  # TMA reads from 16-byte-aligned bases
         return False
     if _INTERPRET:
         return gate_up.dtype == torch.float16
@@ -184,7 +188,7 @@ def _swiglu_linear_bwd_launch(
         h2 = h.reshape(-1, h.shape[-1])  # (M, H)
         dy2 = dy.reshape(-1, weight.shape[0]).to(gu.dtype).contiguous()  # (M, D); an expanded gradient is copied
         w = weight.to(gu.dtype).contiguous()  # (D, H)
-        if fused_backward_supported(gu, w):
+        if fused_backward_supported(gu, w, dy2):
             dgu = _dgate_up_fused(dy2, w, gu)
         else:
             dgu = _swiglu_packed_bwd_launch(torch.mm(dy2, w), gu)
