@@ -66,9 +66,9 @@ from src.utils.misc import peak_flops  # noqa: E402
 # `layernorm` and `rmsnorm` set to torch. The packed Triton SwiGLU beats Inductor's (its backward
 # writes the gate/up gradient whole; +0.6% per block, +1.5% whole-model with CUDA graphs), and
 # `fused_linear` (its backward inside the down projection's input-gradient GEMM) beats that by
-# 0.7-1.4% whole-model. The
-# loss is ours: the Triton cross-entropy for GPT-2's 50K vocabulary (fastest; its bf16 logits
-# cost 1.4 GiB at 16x1024), the fused linear+CE for Qwen2's 152K (no logits; 2.3 GiB less, 2% slower).
+# 0.7-1.4% whole-model. The loss is ours: the Triton cross-entropy for GPT-2's 50K vocabulary
+# (fastest; its bf16 logits cost 1.4 GiB at 16x1024), the fused linear+CE for Qwen2's 152K (no
+# logits; 2.3 GiB less, 2% slower).
 OPTIMIZED = {
     "gpt2": dict(layernorm="torch", cross_entropy="triton", linear="fp32_wgrad", attention="auto"),
     "qwen2": dict(

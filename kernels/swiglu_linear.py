@@ -25,9 +25,10 @@ the activations' dtype for its matmuls (as autocast would) and returns the weigh
 weight's dtype straight from the matmul's fp32 accumulator (as `kernels.linear: fp32_wgrad`).
 
 Where the fused kernel runs: fp16 / bf16 activations on a GPU with TMA (compute capability 9.0+),
-H and D multiples of 8 and 16-byte-aligned tensors (TMA's rows and bases), and fp16 under the CPU interpreter (whose `tl.dot`
-of bf16 operands is wrong in Triton 3.7.1). Everywhere else (fp32, older GPUs, odd widths) the
-backward is the unfused pair, cuBLAS dh then the SwiGLU row kernel: the same results, slower.
+H and D multiples of 8 and 16-byte-aligned tensors (TMA's rows and bases), and fp16 under the CPU
+interpreter (whose `tl.dot` of bf16 operands is wrong in Triton 3.7.1). Everywhere else (fp32,
+older GPUs, odd widths, misaligned views) the backward is the unfused pair, cuBLAS dh then the
+SwiGLU row kernel: the same results, slower.
 
 Reference: `swiglu_linear_ref` in src/models/components/mlp.py.
 """
