@@ -70,7 +70,7 @@ from src.utils.misc import peak_flops  # noqa: E402
 # (fastest; its bf16 logits cost 1.4 GiB at 16x1024), the fused linear+CE for Qwen2's 152K (no
 # logits; 2.3 GiB less, 2% slower).
 OPTIMIZED = {
-    "gpt2": dict(layernorm="torch", cross_entropy="triton", linear="fp32_wgrad", attention="auto"),
+    "gpt2": dict(layernorm="torch", gelu="torch", cross_entropy="triton", linear="fp32_wgrad", attention="auto"),
     "qwen2": dict(
         rmsnorm="torch", rope="triton", swiglu="fused_linear", cross_entropy="fused_linear", linear="fp32_wgrad",
         attention="auto",
@@ -86,6 +86,7 @@ ALTERNATIVES = {
     "rmsnorm": ["torch", "triton"],
     "rope": ["torch", "triton"],
     "swiglu": ["torch", "triton", "fused_linear"],
+    "gelu": ["torch", "cublaslt"],
     "cross_entropy": ["torch", "triton", "fused_linear"],
     "linear": ["torch", "fp32_wgrad"],
     "attention": ["auto", "sdpa"],

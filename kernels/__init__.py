@@ -5,6 +5,8 @@
     rope.py                        apply_rotary
     swiglu.py                      swiglu, swiglu_packed
     swiglu_linear.py               swiglu_linear (the SwiGLU backward inside the down projection's GEMM)
+    gelu_mlp.py                    gelu_mlp (GPT-2's MLP, the GELU in cuBLASLt's GEMM epilogues)
+    cublaslt.py                    gemm (cuBLASLt matmuls with GELU epilogues, through ctypes; used by gelu_mlp)
     cross_entropy.py               cross_entropy (+ the row kernels the two ops below reuse)
     fused_linear_cross_entropy.py  fused_linear_cross_entropy
     token_logprobs.py              token_logprobs (per-token log-probabilities for DPO)

@@ -14,6 +14,9 @@ Every implementation of one op has the reference's signature:
                    with `kernels.swiglu: triton`: its backward writes the gradient of gate_up whole)
     swiglu_linear  (gate_up (..., 2H), weight (D, H)) -> swiglu_packed(gate_up) @ weight.T   (used with
                    `kernels.swiglu: fused_linear`: the SwiGLU backward runs in the down projection's GEMM)
+    gelu_mlp       (x (..., D), fc_weight (H, D), fc_bias (H,) | None, proj_weight (D, H), proj_bias (D,) | None)
+                   -> gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias   (GPT-2's MLP; `kernels.gelu:
+                   cublaslt` runs the GELU and its backward in cuBLASLt's GEMM epilogues)
     cross_entropy  (logits (N, V), labels (N,), ignore_index, label_smoothing) -> summed loss (fp32 scalar)
     fused_linear_cross_entropy (hidden (N, H), weight (V, H), labels (N,), ignore_index, label_smoothing)
                    -> summed loss (fp32 scalar), never materialising (N, V) logits
@@ -64,6 +67,10 @@ _REGISTRY: dict[str, dict[str, str]] = {
     "swiglu_linear": {
         "torch": "src.models.components.mlp:swiglu_linear_ref",
         "triton": "kernels.swiglu_linear:swiglu_linear",
+    },
+    "gelu_mlp": {
+        "torch": "src.models.components.mlp:gelu_mlp_ref",
+        "cublaslt": "kernels.gelu_mlp:gelu_mlp",
     },
     "cross_entropy": {
         "torch": "src.models.components.loss:cross_entropy_ref",
@@ -118,6 +125,7 @@ class KernelConfig:
     layernorm: Literal["triton", "torch"] = "torch"
     rope: Literal["triton", "liger", "torch"] = "torch"
     swiglu: Literal["fused_linear", "triton", "liger", "torch"] = "torch"
+    gelu: Literal["cublaslt", "torch"] = "torch"
     cross_entropy: Literal["fused_linear", "triton", "liger", "torch"] = "torch"
     linear: Literal["fp32_wgrad", "torch"] = "torch"
     attention: Literal["auto", "flash_attn", "sdpa", "flex", "eager"] = "auto"
@@ -125,8 +133,8 @@ class KernelConfig:
     @classmethod
     def reference(cls) -> "KernelConfig":
         return cls(
-            rmsnorm="torch", layernorm="torch", rope="torch", swiglu="torch", cross_entropy="torch", linear="torch",
-            attention="sdpa",
+            rmsnorm="torch", layernorm="torch", rope="torch", swiglu="torch", gelu="torch", cross_entropy="torch",
+            linear="torch", attention="sdpa",
         )  # fmt: skip
 
     def replace(self, **changes) -> "KernelConfig":

@@ -2,7 +2,7 @@
 
 `swiglu_ref` (and `swiglu_packed_ref`, the same on one [gate | up] tensor) is the pure-PyTorch
 reference of `kernels/swiglu.py`; `swiglu_linear_ref` (the product, then the down projection) that
-of `kernels/swiglu_linear.py`.
+of `kernels/swiglu_linear.py`, and `gelu_mlp_ref` (GPT-2's whole MLP) that of `kernels/gelu_mlp.py`.
 """
 
 from __future__ import annotations
@@ -50,13 +50,35 @@ def swiglu_packed_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return swiglu_ref(*gate_up.chunk(2, dim=-1))
 
 
+def gelu_mlp_ref(
+    x: torch.Tensor,
+    fc_weight: torch.Tensor,
+    fc_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """`gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias`: GPT-2's MLP."""
+    return F.linear(gelu_tanh(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
+
+
+# The activations `kernels.gelu: cublaslt` computes: cuBLASLt's GELU is the tanh approximation.
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
 def swiglu_linear_ref(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`swiglu_packed_ref(gate_up) @ weight.T`: the SwiGLU product and the down projection (no bias)."""
     return F.linear(swiglu_packed_ref(gate_up), weight)
 
 
 class GeluMLP(nn.Module):
-    """x -> fc (dim -> hidden) -> activation -> proj (hidden -> dim) -> dropout."""
+    """x -> fc (dim -> hidden) -> activation -> proj (hidden -> dim) -> dropout.
+
+    `impl` is the `kernels.gelu` choice. `cublaslt` hands the two projections and the GELU to one
+    op (`gelu_mlp`): the fc GEMM writes the GELU and its input from its epilogue, and in backward
+    the projection's input-gradient GEMM applies the GELU derivative and sums the fc bias gradient
+    in its epilogue. The projections' weight gradients leave their matmuls in the weights' dtype,
+    as with `linear: fp32_wgrad`; the parameters (and checkpoints) are the same.
+    """
 
     def __init__(
         self,
@@ -66,14 +88,28 @@ class GeluMLP(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         linear_impl: str = "torch",
+        impl: str = "torch",
     ):
         super().__init__()
         self.fc = Linear(dim, hidden_dim, bias=bias, impl=linear_impl)
         self.proj = Linear(hidden_dim, dim, bias=bias, impl=linear_impl)
         self.act = get_activation(activation)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.impl = impl
+        self._mlp = None
+        if impl == "cublaslt":
+            if activation not in TANH_GELUS:
+                raise ValueError(
+                    f"kernels.gelu=cublaslt computes the tanh-approximated GELU ({', '.join(TANH_GELUS)}); "
+                    f"this model's activation is '{activation}': set kernels.gelu=torch"
+                )
+            self._mlp = get_kernel("gelu_mlp", "cublaslt")
+        elif impl != "torch":
+            raise ValueError(f"kernels.gelu: '{impl}' is not available; choose cublaslt or torch")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mlp is not None:
+            return self.dropout(self._mlp(x, self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias))
         return self.dropout(self.proj(self.act(self.fc(x))))
 
 

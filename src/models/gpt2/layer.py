@@ -19,7 +19,7 @@ class GPT2Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, bias=config.bias, impl=kernels.layernorm)
         self.mlp = GeluMLP(
             config.n_embd, config.ffn_dim, config.activation, bias=config.bias, dropout=config.dropout,
-            linear_impl=kernels.linear,
+            linear_impl=kernels.linear, impl=kernels.gelu,
         )  # fmt: skip
 
     def forward(

@@ -1,0 +1,225 @@
+"""GPT-2's MLP with its GELU in the epilogues of cuBLASLt's GEMMs (llm.c's `gelu_fusion=2`).
+
+    y = gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias
+        x (M, D), fc_weight (H, D), proj_weight (D, H), y (M, D)
+
+Forward: one cuBLASLt GEMM with the GELU_AUX_BIAS epilogue writes h = gelu_tanh(pre) and the
+pre-activation pre = x @ fc_weight.T + fc_bias (kept for backward); the projection is a cuBLAS
+`addmm`. Backward, given dy (M, D):
+    dproj_weight = dy.T @ h,  dproj_bias = sum_rows(dy)
+    dpre         = (dy @ proj_weight) * gelu_tanh'(pre)        one GEMM, DGELU_BGRAD epilogue,
+    dfc_bias     = sum_rows(dpre)                              which also writes the bias gradient
+    dfc_weight   = dpre.T @ x,  dx = dpre @ fc_weight
+Unfused, the GELU forward is a pass of its own over the (M, H) activations (read pre, write h),
+and the backward writes dh, then reads it back with pre to write dpre, then reads dpre again for
+the bias gradient. Fused, the activation work runs on each tile's fp32 accumulator inside cuBLAS's
+kernels: three of those passes over (M, H) are gone and h is computed once, not recomputed in
+backward. The epilogue works from the accumulator, so h and dpre come from unrounded values (the
+unfused path rounds pre and dh to the activation dtype first): the same function, within bf16
+rounding.
+
+Weights: under autocast they are fp32 masters and the activations bf16. The op casts the weights
+to the activations' dtype for its matmuls (as autocast would) and returns the weight and bias
+gradients in the parameters' dtype, the weight gradients straight from the matmul's fp32
+accumulator (as `kernels.linear: fp32_wgrad`).
+
+Where the fused GEMMs run: CUDA, fp16 / bf16 activations, and shapes cuBLASLt has an epilogue
+kernel for (it reports that; widths that are multiples of 8 have one). Everywhere else (the CPU,
+fp32) the op computes the same math unfused in PyTorch, so tests on the CPU check the autograd
+wiring and the GPU tests check the epilogues against it.
+
+Reference: `gelu_mlp_ref` in src/models/components/mlp.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import cublaslt
+
+# -- host launchers -------------------------------------------------------------------------------
+
+
+def _mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b returned in `dtype` from an fp32 accumulator (cuBLAS writes fp32 from bf16/fp16
+    operands directly; elsewhere the same math on operands upcast to fp32)."""
+    if dtype == a.dtype:
+        return torch.mm(a, b)
+    if a.is_cuda and dtype == torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float()).to(dtype)
+
+
+def _fused_supported(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _fc_gelu(x2: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, pre) for x2 (M, D) and w1 (H, D) in one dtype: pre = x2 @ w1.T + b1, h = gelu_tanh(pre)."""
+    M, H = x2.shape[0], w1.shape[0]
+    if _fused_supported(x2):
+        h = torch.empty((M, H), dtype=x2.dtype, device=x2.device)
+        pre = torch.empty_like(h)
+        try:
+            epilogue = cublaslt.EPILOGUE_GELU_AUX_BIAS if b1 is not None else cublaslt.EPILOGUE_GELU_AUX
+            cublaslt.gemm(x2, w1.t(), h, epilogue, bias=b1, aux=pre)
+            return h, pre
+        except cublaslt.CublasLtUnsupported:
+            pass
+    pre = F.linear(x2, w1, b1)  # (M, H)
+    return F.gelu(pre, approximate="tanh"), pre
+
+
+def _dgelu(dy2: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """dpre = (dy2 @ w2) * gelu_tanh'(pre) for dy2 (M, D), w2 (D, H), pre (M, H).
+
+    The DGELU epilogue, without the bias gradient: DGELU_BGRAD, which sums it in the same GEMM,
+    took 436 us against 170 us without it at gpt_125m's shape (H200); the bias gradient comes out
+    of the weight-gradient GEMM instead (`_fc_weight_grad`)."""
+    if _fused_supported(dy2):
+        dpre = torch.empty_like(pre)
+        try:
+            return cublaslt.gemm(dy2, w2, dpre, cublaslt.EPILOGUE_DGELU, aux=pre)
+        except cublaslt.CublasLtUnsupported:
+            pass
+    return torch.ops.aten.gelu_backward(torch.mm(dy2, w2), pre, approximate="tanh")
+
+
+def _fc_weight_grad(
+    dpre: torch.Tensor, x2: torch.Tensor, weight_dtype: torch.dtype, bias_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dfc_weight = dpre.T @ x2 in weight_dtype, dfc_bias = sum_rows(dpre) fp32 or None): with a
+    bias, one cuBLASLt GEMM whose epilogue sums the bias gradient from the dpre tiles it reads."""
+    H, D = dpre.shape[1], x2.shape[1]
+    if bias_grad and _fused_supported(dpre):
+        dw = torch.empty((H, D), dtype=weight_dtype, device=dpre.device)
+        db = torch.empty(H, dtype=weight_dtype, device=dpre.device)
+        try:
+            cublaslt.gemm(dpre.t(), x2, dw, cublaslt.EPILOGUE_BGRAD_OF_A, bias=db)
+            return dw, db
+        except cublaslt.CublasLtUnsupported:
+            pass
+    dw = _mm_out(dpre.t(), x2, weight_dtype)
+    return dw, dpre.sum(0, dtype=torch.float32) if bias_grad else None
+
+
+def _check(x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor) -> None:
+    H, D = fc_weight.shape
+    if x.shape[-1] != D or proj_weight.shape != (D, H):
+        raise ValueError(
+            f"gelu_mlp: x (..., D), fc_weight (H, D) and proj_weight (D, H) disagree: "
+            f"{tuple(x.shape)}, {tuple(fc_weight.shape)}, {tuple(proj_weight.shape)}"
+        )
+    if not (x.dtype.is_floating_point and fc_weight.dtype.is_floating_point and proj_weight.dtype.is_floating_point):
+        raise ValueError(f"gelu_mlp: expected floating-point tensors, got {x.dtype}, {fc_weight.dtype}, {proj_weight.dtype}")
+    if not (x.device == fc_weight.device == proj_weight.device):
+        raise ValueError(f"gelu_mlp: x, fc_weight and proj_weight are on {x.device}, {fc_weight.device}, {proj_weight.device}")
+
+
+def _gelu_mlp_fwd_launch(
+    x: torch.Tensor,
+    fc_weight: torch.Tensor,
+    fc_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dtype = x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, D)
+        b1 = fc_bias.to(dtype) if fc_bias is not None else None
+        h, pre = _fc_gelu(x2, fc_weight.to(dtype), b1)  # each (M, H)
+        w2 = proj_weight.to(dtype)
+        y = torch.addmm(proj_bias.to(dtype), h, w2.t()) if proj_bias is not None else torch.mm(h, w2.t())  # (M, D)
+    return y.view(x.shape), h, pre
+
+
+def _gelu_mlp_bwd_launch(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    fc_weight: torch.Tensor,
+    proj_weight: torch.Tensor,
+    h: torch.Tensor,
+    pre: torch.Tensor,
+    fc_bias_grad: bool,
+    proj_bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias); a bias without a gradient to compute
+    gets an empty tensor (custom ops return no optional tensors)."""
+    dtype = h.dtype
+    with torch.autocast(dy.device.type, enabled=False):
+        D = proj_weight.shape[0]
+        dy2 = dy.reshape(-1, D).to(dtype).contiguous()  # (M, D); an expanded gradient is copied
+        x2 = x.reshape(-1, D)  # (M, D)
+        dproj_weight = _mm_out(dy2.t(), h, proj_weight.dtype)  # (D, H)
+        dproj_bias = dy2.sum(0, dtype=torch.float32).to(proj_weight.dtype) if proj_bias_grad else proj_weight.new_empty(0)
+        w1 = fc_weight.to(dtype)
+        dpre = _dgelu(dy2, proj_weight.to(dtype), pre)  # (M, H)
+        dfc_weight, dfc_bias = _fc_weight_grad(dpre, x2, fc_weight.dtype, fc_bias_grad)  # (H, D), (H,)
+        dx = torch.mm(dpre, w1).view(x.shape)  # (M, D) -> x's shape
+    dfc_bias = dfc_bias.to(fc_weight.dtype) if dfc_bias is not None else fc_weight.new_empty(0)
+    return dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias
+
+
+# -- registration ---------------------------------------------------------------------------------
+
+# `custom_op` (opaque to torch.compile), like `swiglu_linear`: the bodies call cuBLASLt through
+# ctypes, which Dynamo cannot trace; Inductor schedules them as single calls.
+_gelu_mlp_fwd = torch.library.custom_op("kernels::gelu_mlp_fwd", _gelu_mlp_fwd_launch, mutates_args=())
+_gelu_mlp_bwd = torch.library.custom_op("kernels::gelu_mlp_bwd", _gelu_mlp_bwd_launch, mutates_args=())
+
+
+@_gelu_mlp_fwd.register_fake
+def _(x, fc_weight, fc_bias, proj_weight, proj_bias):
+    M, H = x.numel() // x.shape[-1], fc_weight.shape[0]
+    return x.new_empty(x.shape), x.new_empty((M, H)), x.new_empty((M, H))
+
+
+@_gelu_mlp_bwd.register_fake
+def _(dy, x, fc_weight, proj_weight, h, pre, fc_bias_grad, proj_bias_grad):
+    dfc_bias = fc_weight.new_empty(fc_weight.shape[0] if fc_bias_grad else 0)
+    dproj_bias = proj_weight.new_empty(proj_weight.shape[0] if proj_bias_grad else 0)
+    return x.new_empty(x.shape), fc_weight.new_empty(fc_weight.shape), dfc_bias, proj_weight.new_empty(proj_weight.shape), dproj_bias
+
+
+def _gelu_mlp_setup(ctx, inputs, output):
+    x, fc_weight, fc_bias, proj_weight, proj_bias = inputs
+    _, h, pre = output
+    ctx.save_for_backward(x, fc_weight, proj_weight, h, pre)
+    ctx.has_fc_bias = fc_bias is not None
+    ctx.has_proj_bias = proj_bias is not None
+
+
+def _gelu_mlp_grad(ctx, dy, _dh, _dpre):
+    x, fc_weight, proj_weight, h, pre = ctx.saved_tensors
+    dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias = _gelu_mlp_bwd(
+        dy, x, fc_weight, proj_weight, h, pre, ctx.has_fc_bias, ctx.has_proj_bias
+    )
+    if not ctx.has_fc_bias:
+        dfc_bias = None
+    if not ctx.has_proj_bias:
+        dproj_bias = None
+    return dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias  # grads for (x, fc_weight, fc_bias, proj_weight, proj_bias)
+
+
+_gelu_mlp_fwd.register_autograd(_gelu_mlp_grad, setup_context=_gelu_mlp_setup)
+
+
+# -- functional -----------------------------------------------------------------------------------
+
+
+def gelu_mlp(
+    x: torch.Tensor,
+    fc_weight: torch.Tensor,
+    fc_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias for x (..., D) -> (..., D);
+    the result of `gelu_mlp_ref`, computed in the autocast dtype under autocast and in x's dtype
+    otherwise, with the parameters' gradients in their dtypes."""
+    _check(x, fc_weight, proj_weight)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        x = x.to(torch.get_autocast_dtype(device))
+    return _gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias)[0]
