@@ -21,7 +21,8 @@ run along N (the features), as a linear layer's do.
 
 The library is the one PyTorch itself loaded (found in the process's memory map after the first
 CUDA matmul), so versions cannot mix. Descriptors and the heuristic's algorithm are cached per
-shape, layout, dtype, epilogue and alignment; a call sets the pointers and launches on PyTorch's
+shape, layout, dtype, epilogue and alignment (the first call of each times the heuristic's
+candidates and keeps the fastest, as PyTorch's TunableOp does for plain GEMMs); a call sets the pointers and launches on PyTorch's
 current stream with a workspace from PyTorch's allocator, so it can be captured in a CUDA graph. Every status
 is checked; a configuration the library has no kernel for raises `CublasLtUnsupported`, which
 callers catch to fall back to the unfused PyTorch path.
@@ -57,6 +58,7 @@ _CUDA_TYPES = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 14}  # cudaDa
 _OP_N, _OP_T = 0, 1
 _WORKSPACE_BYTES = 32 * 1024 * 1024  # what cuBLAS asks for on Hopper
 _HEURISTIC_BYTES = 96  # sizeof(cublasLtMatmulHeuristicResult_t): algo (64), workspaceSize, state, wavesCount, reserved[4]
+_CANDIDATES = 8  # algorithms asked of the heuristic and timed once per plan
 
 
 class CublasLtUnsupported(RuntimeError):
@@ -148,8 +150,57 @@ def _alignment(*tensors: torch.Tensor | None) -> int:
     return align
 
 
-def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bias_dtype, align: int):
-    """Descriptors, layouts and algorithm for out = a @ b with `epilogue` (cached)."""
+def _launch(plan, a, b, out, bias, aux) -> None:
+    lib = _library()
+    desc, layout_b, layout_a, layout_d, heuristic, workspace_bytes = plan
+    if bias is not None:
+        _set(lib.cublasLtMatmulDescSetAttribute, desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
+    if aux is not None:
+        _set(lib.cublasLtMatmulDescSetAttribute, desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
+    alpha, beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+    # A workspace from PyTorch's allocator for this call: inside a CUDA graph it is a temporary of
+    # the graph's pool like any other (one kept across calls would be an untracked live tensor there).
+    workspace = torch.empty(max(workspace_bytes, 16), dtype=torch.uint8, device=out.device)
+    _check(
+        lib.cublasLtMatmul(
+            _handle(out.device), desc, ctypes.byref(alpha),
+            ctypes.c_void_p(b.data_ptr()), layout_b, ctypes.c_void_p(a.data_ptr()), layout_a,
+            ctypes.byref(beta), ctypes.c_void_p(out.data_ptr()), layout_d, ctypes.c_void_p(out.data_ptr()), layout_d,
+            heuristic, ctypes.c_void_p(workspace.data_ptr()), workspace_bytes,
+            ctypes.c_void_p(torch.cuda.current_stream(out.device).cuda_stream),
+        ),
+        "cublasLtMatmul",
+    )  # fmt: skip
+
+
+def _fastest(candidates: list[tuple], tensors: tuple) -> tuple:
+    """The candidate algorithm that runs fastest on these tensors (CUDA events, median of 5 runs
+    after a warm-up), once per plan: the heuristic's first choice is not always the fastest with an
+    epilogue. During a CUDA graph capture nothing can be timed; the first choice is taken."""
+    if torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    best, best_ms = candidates[0], float("inf")
+    for plan in candidates:
+        times = []
+        for i in range(6):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            _launch(plan, *tensors)
+            end.record()
+            end.synchronize()
+            if i:
+                times.append(start.elapsed_time(end))
+        ms = sorted(times)[len(times) // 2]
+        if ms < best_ms:
+            best, best_ms = plan, ms
+    return best
+
+
+def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bias, aux, align: int):
+    """Descriptors, layouts and algorithm for out = a @ b with `epilogue` (cached; the first call
+    for a key times the heuristic's candidates on its tensors, which it may overwrite)."""
+    tensors = (a, b, out, bias, aux)
+    bias_dtype = bias.dtype if bias is not None else None
     key = (a.shape, a.stride(), b.shape, b.stride(), out.shape, a.dtype, out.dtype, epilogue, bias_dtype, align, out.device)
     plan = _plans.get(key)
     if isinstance(plan, str):
@@ -181,10 +232,10 @@ def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bi
     _set(lib.cublasLtMatmulPreferenceSetAttribute, pref, _PREF_MAX_WORKSPACE_BYTES, ctypes.c_uint64(_WORKSPACE_BYTES))
     for attr in _PREF_MIN_ALIGNMENT:
         _set(lib.cublasLtMatmulPreferenceSetAttribute, pref, attr, ctypes.c_uint32(align))
-    heuristic = (ctypes.c_ubyte * _HEURISTIC_BYTES)()
+    results = (ctypes.c_ubyte * (_HEURISTIC_BYTES * _CANDIDATES))()
     found = ctypes.c_int(0)
     status = lib.cublasLtMatmulAlgoGetHeuristic(
-        _handle(out.device), desc, layout_b, layout_a, layout_d, layout_d, pref, 1, heuristic, ctypes.byref(found)
+        _handle(out.device), desc, layout_b, layout_a, layout_d, layout_d, pref, _CANDIDATES, results, ctypes.byref(found)
     )
     if status != 0 or found.value == 0:
         _plans[key] = (
@@ -193,8 +244,16 @@ def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bi
             f"bias {bias_dtype}, alignment {align} (status {status})"
         )
         raise CublasLtUnsupported(_plans[key])
-    workspace_bytes = ctypes.c_size_t.from_buffer(heuristic, 64).value  # the algorithm's own need
-    plan = (desc, layout_b, layout_a, layout_d, heuristic, workspace_bytes)
+    candidates = []
+    for i in range(found.value):
+        heuristic = (ctypes.c_ubyte * _HEURISTIC_BYTES).from_buffer_copy(results, i * _HEURISTIC_BYTES)
+        workspace_bytes = ctypes.c_size_t.from_buffer(heuristic, 64).value  # the algorithm's own need
+        state = ctypes.c_int.from_buffer(heuristic, 72).value
+        if state == 0:
+            candidates.append((desc, layout_b, layout_a, layout_d, heuristic, workspace_bytes))
+    if not candidates:
+        raise CublasLtUnsupported(f"cuBLASLt's heuristic for epilogue {_NAMES.get(epilogue, epilogue)} returned no usable algorithm")
+    plan = _fastest(candidates, tensors) if len(candidates) > 1 else candidates[0]
     _plans[key] = plan
     return plan
 
@@ -228,26 +287,6 @@ def gemm(
     if bias is not None and (bias.shape != (bias_len,) or not bias.is_contiguous()):
         raise ValueError(f"cuBLASLt: bias must be a contiguous ({bias_len},) vector, got {tuple(bias.shape)}")
     with _lock:
-        desc, layout_b, layout_a, layout_d, heuristic, workspace_bytes = _plan(
-            a, b, out, epilogue, bias.dtype if bias is not None else None, _alignment(a, b, out, aux)
-        )
-        lib = _library()
-        if bias is not None:
-            _set(lib.cublasLtMatmulDescSetAttribute, desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
-        if aux is not None:
-            _set(lib.cublasLtMatmulDescSetAttribute, desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
-        alpha, beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
-        # A workspace from PyTorch's allocator for this call: inside a CUDA graph it is a temporary of
-        # the graph's pool like any other (one kept across calls would be an untracked live tensor there).
-        workspace = torch.empty(max(workspace_bytes, 16), dtype=torch.uint8, device=out.device)
-        _check(
-            lib.cublasLtMatmul(
-                _handle(out.device), desc, ctypes.byref(alpha),
-                ctypes.c_void_p(b.data_ptr()), layout_b, ctypes.c_void_p(a.data_ptr()), layout_a,
-                ctypes.byref(beta), ctypes.c_void_p(out.data_ptr()), layout_d, ctypes.c_void_p(out.data_ptr()), layout_d,
-                heuristic, ctypes.c_void_p(workspace.data_ptr()), workspace_bytes,
-                ctypes.c_void_p(torch.cuda.current_stream(out.device).cuda_stream),
-            ),
-            f"cublasLtMatmul ({_NAMES.get(epilogue, epilogue)})",
-        )  # fmt: skip
+        plan = _plan(a, b, out, epilogue, bias, aux, _alignment(a, b, out, aux))
+        _launch(plan, a, b, out, bias, aux)
     return out

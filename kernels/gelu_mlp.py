@@ -5,11 +5,11 @@
 
 Forward: one cuBLASLt GEMM with the GELU_AUX_BIAS epilogue writes h = gelu_tanh(pre) and the
 pre-activation pre = x @ fc_weight.T + fc_bias (kept for backward); the projection is a cuBLAS
-`addmm`. Backward, given dy (M, D):
-    dproj_weight = dy.T @ h,  dproj_bias = sum_rows(dy)
-    dpre         = (dy @ proj_weight) * gelu_tanh'(pre)        one GEMM, DGELU_BGRAD epilogue,
-    dfc_bias     = sum_rows(dpre)                              which also writes the bias gradient
-    dfc_weight   = dpre.T @ x,  dx = dpre @ fc_weight
+`mm`, its bias added after the op. Backward, given dy (M, D):
+    dproj_weight = dy.T @ h                                    (cuBLAS; dproj_bias outside the op)
+    dpre         = (dy @ proj_weight) * gelu_tanh'(pre)        one GEMM, DGELU epilogue
+    dfc_weight   = dpre.T @ x,  dfc_bias = sum_rows(dpre)      one GEMM, BGRADB epilogue
+    dx           = dpre @ fc_weight
 Unfused, the GELU forward is a pass of its own over the (M, H) activations (read pre, write h),
 and the backward writes dh, then reads it back with pre to write dpre, then reads dpre again for
 the bias gradient. Fused, the activation work runs on each tile's fp32 accumulator inside cuBLAS's
@@ -120,86 +120,90 @@ def _check(x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor) 
 def _gelu_mlp_fwd_launch(
     x: torch.Tensor,
     fc_weight: torch.Tensor,
+    fc_weight_c: torch.Tensor,
     fc_bias: torch.Tensor | None,
     proj_weight: torch.Tensor,
-    proj_bias: torch.Tensor | None,
+    proj_weight_c: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dtype = x.dtype
+    """(y without the projection's bias, h, pre). The `_c` weights are the parameters cast to x's
+    dtype (the compute copies); the parameters themselves are inputs only so that autograd routes
+    their gradients here."""
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, D)
-        b1 = fc_bias.to(dtype) if fc_bias is not None else None
-        h, pre = _fc_gelu(x2, fc_weight.to(dtype), b1)  # each (M, H)
-        w2 = proj_weight.to(dtype)
-        y = torch.addmm(proj_bias.to(dtype), h, w2.t()) if proj_bias is not None else torch.mm(h, w2.t())  # (M, D)
+        b1 = fc_bias.to(x.dtype) if fc_bias is not None else None
+        h, pre = _fc_gelu(x2, fc_weight_c, b1)  # each (M, H)
+        y = torch.mm(h, proj_weight_c.t())  # (M, D)
     return y.view(x.shape), h, pre
 
 
 def _gelu_mlp_bwd_launch(
     dy: torch.Tensor,
     x: torch.Tensor,
-    fc_weight: torch.Tensor,
-    proj_weight: torch.Tensor,
+    fc_weight_c: torch.Tensor,
+    proj_weight_c: torch.Tensor,
     h: torch.Tensor,
     pre: torch.Tensor,
     fc_bias_grad: bool,
-    proj_bias_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias); a bias without a gradient to compute
-    gets an empty tensor (custom ops return no optional tensors)."""
+    weight_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dfc_weight, dfc_bias, dproj_weight), the weight gradients in `weight_dtype`; without a
+    bias gradient to compute, dfc_bias is an empty tensor (custom ops return no optional tensors)."""
     dtype = h.dtype
     with torch.autocast(dy.device.type, enabled=False):
-        D = proj_weight.shape[0]
+        D = proj_weight_c.shape[0]
         dy2 = dy.reshape(-1, D).to(dtype).contiguous()  # (M, D); an expanded gradient is copied
         x2 = x.reshape(-1, D)  # (M, D)
-        dproj_weight = _mm_out(dy2.t(), h, proj_weight.dtype)  # (D, H)
-        dproj_bias = dy2.sum(0, dtype=torch.float32).to(proj_weight.dtype) if proj_bias_grad else proj_weight.new_empty(0)
-        w1 = fc_weight.to(dtype)
-        dpre = _dgelu(dy2, proj_weight.to(dtype), pre)  # (M, H)
-        dfc_weight, dfc_bias = _fc_weight_grad(dpre, x2, fc_weight.dtype, fc_bias_grad)  # (H, D), (H,)
-        dx = torch.mm(dpre, w1).view(x.shape)  # (M, D) -> x's shape
-    dfc_bias = dfc_bias.to(fc_weight.dtype) if dfc_bias is not None else fc_weight.new_empty(0)
-    return dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias
+        dproj_weight = _mm_out(dy2.t(), h, weight_dtype)  # (D, H)
+        dpre = _dgelu(dy2, proj_weight_c, pre)  # (M, H)
+        dfc_weight, dfc_bias = _fc_weight_grad(dpre, x2, weight_dtype, fc_bias_grad)  # (H, D), (H,)
+        dx = torch.mm(dpre, fc_weight_c).view(x.shape)  # (M, D) -> x's shape
+    dfc_bias = dfc_bias.to(weight_dtype) if dfc_bias is not None else dfc_weight.new_empty(0)
+    return dx, dfc_weight, dfc_bias, dproj_weight
 
 
 # -- registration ---------------------------------------------------------------------------------
 
 # `custom_op` (opaque to torch.compile), like `swiglu_linear`: the bodies call cuBLASLt through
-# ctypes, which Dynamo cannot trace; Inductor schedules them as single calls.
+# ctypes, which Dynamo cannot trace; Inductor schedules them as single calls. What Inductor can
+# fuse stays outside: the weights' casts and the projection's bias (added after the op, it fuses
+# with the residual add, and its gradient, a sum of dy, with the neighbouring reductions).
 _gelu_mlp_fwd = torch.library.custom_op("kernels::gelu_mlp_fwd", _gelu_mlp_fwd_launch, mutates_args=())
 _gelu_mlp_bwd = torch.library.custom_op("kernels::gelu_mlp_bwd", _gelu_mlp_bwd_launch, mutates_args=())
 
 
 @_gelu_mlp_fwd.register_fake
-def _(x, fc_weight, fc_bias, proj_weight, proj_bias):
+def _(x, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c):
     M, H = x.numel() // x.shape[-1], fc_weight.shape[0]
     return x.new_empty(x.shape), x.new_empty((M, H)), x.new_empty((M, H))
 
 
 @_gelu_mlp_bwd.register_fake
-def _(dy, x, fc_weight, proj_weight, h, pre, fc_bias_grad, proj_bias_grad):
-    dfc_bias = fc_weight.new_empty(fc_weight.shape[0] if fc_bias_grad else 0)
-    dproj_bias = proj_weight.new_empty(proj_weight.shape[0] if proj_bias_grad else 0)
-    return x.new_empty(x.shape), fc_weight.new_empty(fc_weight.shape), dfc_bias, proj_weight.new_empty(proj_weight.shape), dproj_bias
+def _(dy, x, fc_weight_c, proj_weight_c, h, pre, fc_bias_grad, weight_dtype):
+    H, D = fc_weight_c.shape
+    dfc_bias = torch.empty(H if fc_bias_grad else 0, dtype=weight_dtype, device=x.device)
+    return (
+        x.new_empty(x.shape), torch.empty((H, D), dtype=weight_dtype, device=x.device), dfc_bias,
+        torch.empty((D, H), dtype=weight_dtype, device=x.device),
+    )  # fmt: skip
 
 
 def _gelu_mlp_setup(ctx, inputs, output):
-    x, fc_weight, fc_bias, proj_weight, proj_bias = inputs
+    x, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c = inputs
     _, h, pre = output
-    ctx.save_for_backward(x, fc_weight, proj_weight, h, pre)
+    ctx.save_for_backward(x, fc_weight_c, proj_weight_c, h, pre)
     ctx.has_fc_bias = fc_bias is not None
-    ctx.has_proj_bias = proj_bias is not None
+    ctx.weight_dtype = fc_weight.dtype
 
 
 def _gelu_mlp_grad(ctx, dy, _dh, _dpre):
-    x, fc_weight, proj_weight, h, pre = ctx.saved_tensors
-    dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias = _gelu_mlp_bwd(
-        dy, x, fc_weight, proj_weight, h, pre, ctx.has_fc_bias, ctx.has_proj_bias
+    x, fc_weight_c, proj_weight_c, h, pre = ctx.saved_tensors
+    dx, dfc_weight, dfc_bias, dproj_weight = _gelu_mlp_bwd(
+        dy, x, fc_weight_c, proj_weight_c, h, pre, ctx.has_fc_bias, ctx.weight_dtype
     )
     if not ctx.has_fc_bias:
         dfc_bias = None
-    if not ctx.has_proj_bias:
-        dproj_bias = None
-    return dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias  # grads for (x, fc_weight, fc_bias, proj_weight, proj_bias)
+    # grads for (x, fc_weight, fc_weight_c: none, a detached copy; fc_bias, proj_weight, proj_weight_c: none)
+    return dx, dfc_weight, None, dfc_bias, dproj_weight, None
 
 
 _gelu_mlp_fwd.register_autograd(_gelu_mlp_grad, setup_context=_gelu_mlp_setup)
@@ -219,7 +223,12 @@ def gelu_mlp(
     the result of `gelu_mlp_ref`, computed in the autocast dtype under autocast and in x's dtype
     otherwise, with the parameters' gradients in their dtypes."""
     _check(x, fc_weight, proj_weight)
+    if fc_weight.dtype != proj_weight.dtype:
+        raise ValueError(f"gelu_mlp: fc_weight is {fc_weight.dtype} but proj_weight {proj_weight.dtype}; give both one dtype")
     device = x.device.type
     if torch.is_autocast_enabled(device):
         x = x.to(torch.get_autocast_dtype(device))
-    return _gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias)[0]
+    fc_weight_c = fc_weight.detach().to(x.dtype)  # (H, D), the compute copies (autocast's casts)
+    proj_weight_c = proj_weight.detach().to(x.dtype)  # (D, H)
+    y = _gelu_mlp_fwd(x, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c)[0]
+    return y + proj_bias.to(y.dtype) if proj_bias is not None else y

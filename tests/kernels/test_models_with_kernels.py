@@ -3,6 +3,7 @@ same model with every kernel off; on the GPU also under torch.compile(fullgraph=
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from src.models import AutoModelForCausalLM, KernelConfig
 
@@ -15,7 +16,20 @@ TINY_QWEN2 = dict(
     model_family="qwen2", n_layer=2, n_head=4, num_kv_heads=2, n_embd=32, intermediate_size=48,
     vocab_size=101, block_size=16, tie_word_embeddings=True,
 )  # fmt: skip
-ALL_ON = dict(rmsnorm="triton", layernorm="triton", rope="triton", swiglu="triton")
+# `gelu: cublaslt` is GPT-2's (its cuBLASLt epilogues run on a GPU; the CPU takes the op's unfused math).
+ALL_ON = dict(rmsnorm="triton", layernorm="triton", rope="triton", swiglu="triton", gelu="cublaslt")
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the ops dispatched inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.name()] = self.calls.get(func.name(), 0) + 1
+        return func(*args, **(kwargs or {}))
 
 
 def _loss_and_grads(family, kernels, input_ids, labels, position_ids=None, dtype=torch.float32, compile=False):
@@ -97,18 +111,7 @@ def test_selective_checkpointing_saves_swiglu_fused_linear_and_recomputes_the_pr
     """Under `activation_checkpointing: selective` the `swiglu: fused_linear` op (it runs the down
     projection's matmul) is saved like aten's matmuls, while the SwiGLU product before it is
     recomputed, as the reference's silu * up is; the gradients are those without checkpointing."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from src.trainer.parallelize import apply_activation_checkpointing
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = {}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls[func.name()] = self.calls.get(func.name(), 0) + 1
-            return func(*args, **(kwargs or {}))
 
     family = dict(TINY_QWEN2, intermediate_size=64)
     kernels, fused_op, product_op = dict(swiglu="fused_linear"), "kernels::swiglu_linear_fwd", "kernels::swiglu_packed_fwd"
@@ -125,5 +128,29 @@ def test_selective_checkpointing_saves_swiglu_fused_linear_and_recomputes_the_pr
     plain, selective = counts
     assert plain[fused_op] == selective[fused_op] == 2  # once per block
     assert selective[product_op] == 2 * plain[product_op] == 4  # recomputed
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], torch.float32, name)
+
+
+
+def test_selective_checkpointing_saves_gelu_mlp():
+    """Under `activation_checkpointing: selective` GPT-2's `gelu: cublaslt` op (it runs the fc
+    and projection matmuls) is saved like aten's matmuls: it runs once per block with or without
+    checkpointing, and the gradients are those without checkpointing."""
+    from src.trainer.parallelize import apply_activation_checkpointing
+
+    ids = torch.randint(0, TINY_GPT2["vocab_size"], (2, 8), device=DEVICE)
+    grads, counts = [], []
+    for mode in ("none", "selective"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(TINY_GPT2, kernels=KernelConfig(attention="sdpa", gelu="cublaslt"))
+        model = model.to(DEVICE)
+        apply_activation_checkpointing(model, mode)
+        with CountOps() as ops:
+            model(ids, labels=ids, return_logits=False).loss.backward()
+        counts.append(ops.calls)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    plain, selective = counts
+    assert plain["kernels::gelu_mlp_fwd"] == selective["kernels::gelu_mlp_fwd"] == 2  # once per block
     for name in grads[0]:
         assert_close(grads[1][name], grads[0][name], torch.float32, name)

@@ -66,19 +66,22 @@ def test_cuda_graphs_with_gradient_accumulation_train_like_the_default_mode(tmp_
 
 
 @pytest.mark.parametrize(
-    "cross_entropy, linear, residual_dtype",
-    [("triton", "torch", "fp32"), ("fused_linear", "torch", "fp32"), ("triton", "fp32_wgrad", "bf16")],
+    "cross_entropy, linear, residual_dtype, gelu",
+    [
+        ("triton", "torch", "fp32", "torch"), ("fused_linear", "torch", "fp32", "torch"),
+        ("triton", "fp32_wgrad", "bf16", "cublaslt"),
+    ],
 )
-def test_whole_model_compile_with_every_kernel_trains_like_per_block(tmp_path, cross_entropy, linear, residual_dtype):
+def test_whole_model_compile_with_every_kernel_trains_like_per_block(tmp_path, cross_entropy, linear, residual_dtype, gelu):
     """compile_scope: model (one graph; the in-place Triton loss head stays eager behind a graph
     break) and the same with CUDA graphs give the training and evaluation losses of per-block
     compilation, with our Triton kernels on (and the optimized settings: fp32 weight gradients
-    from cuBLAS, the residual stream in bf16)."""
+    from cuBLAS, the residual stream in bf16, the GELU in cuBLASLt's epilogues)."""
     from src.models import AutoModelForCausalLM, KernelConfig
 
     from .helpers import tiny_model_config
 
-    kernels = KernelConfig(layernorm="triton", cross_entropy=cross_entropy, linear=linear, attention="auto")
+    kernels = KernelConfig(layernorm="triton", gelu=gelu, cross_entropy=cross_entropy, linear=linear, attention="auto")
     losses = {}
     for scope, mode in (("blocks", "default"), ("model", "default"), ("model", "reduce-overhead")):
         torch._dynamo.reset()
