@@ -31,3 +31,14 @@ def as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
     expanded stride-0 gradients are read through their strides), a copy only otherwise."""
     t = t.reshape(-1, hidden)
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b returned in `dtype` from an fp32 accumulator: cuBLAS writes fp32 from bf16/fp16
+    operands directly (a weight gradient for an fp32 master weight, no cast kernel); elsewhere the
+    same math on operands upcast to fp32."""
+    if dtype == a.dtype:
+        return torch.mm(a, b)
+    if a.is_cuda and dtype == torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float()).to(dtype)

@@ -20,12 +20,12 @@ Column-major cuBLAS computes out^T = b^T a^T, so its m is our N: the bias and th
 run along N (the features), as a linear layer's do.
 
 The library is the one PyTorch itself loaded (found in the process's memory map after the first
-CUDA matmul), so versions cannot mix. Descriptors and the heuristic's algorithm are cached per
-shape, layout, dtype, epilogue and alignment (the first call of each times the heuristic's
-candidates and keeps the fastest, as PyTorch's TunableOp does for plain GEMMs); a call sets the pointers and launches on PyTorch's
-current stream with a workspace from PyTorch's allocator, so it can be captured in a CUDA graph. Every status
-is checked; a configuration the library has no kernel for raises `CublasLtUnsupported`, which
-callers catch to fall back to the unfused PyTorch path.
+CUDA matmul), so versions cannot mix. Descriptors and the algorithm are cached per shape, layout,
+dtype, epilogue and alignment; the first call of each times the heuristic's candidates and keeps
+the fastest (as PyTorch's TunableOp does for plain GEMMs). A call sets the pointers and launches
+on PyTorch's current stream with a workspace from PyTorch's allocator, so it can be captured in a
+CUDA graph. Every status is checked; a configuration the library has no kernel for raises
+`CublasLtUnsupported`, which callers catch to fall back to the unfused PyTorch path.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ EPILOGUE_GELU_AUX_BIAS = 164
 EPILOGUE_DGELU = 192
 EPILOGUE_DGELU_BGRAD = 208
 EPILOGUE_BGRAD_OF_A = 512  # cuBLAS's BGRADB: its B is our a (see `gemm`)
-_NAMES = {1: "DEFAULT", 4: "BIAS", 160: "GELU_AUX", 164: "GELU_AUX_BIAS", 192: "DGELU", 208: "DGELU_BGRAD", 512: "BGRAD_OF_A"}
+_NAMES = {
+    1: "DEFAULT", 4: "BIAS", 160: "GELU_AUX", 164: "GELU_AUX_BIAS", 192: "DGELU", 208: "DGELU_BGRAD", 512: "BGRAD_OF_A",
+}  # fmt: skip
 _WITH_AUX = (EPILOGUE_GELU_AUX, EPILOGUE_GELU_AUX_BIAS, EPILOGUE_DGELU, EPILOGUE_DGELU_BGRAD)
 _WITH_BIAS = (EPILOGUE_BIAS, EPILOGUE_GELU_AUX_BIAS, EPILOGUE_DGELU_BGRAD, EPILOGUE_BGRAD_OF_A)
 
@@ -137,7 +139,9 @@ def _operand(t: torch.Tensor) -> tuple[int, int, int, int]:
         return _OP_N, C, R, t.stride(0)
     if t.stride(0) == 1 and t.stride(1) >= max(R, 1):
         return _OP_T, R, C, t.stride(1)
-    raise ValueError(f"cuBLASLt: operand of shape {tuple(t.shape)} and strides {t.stride()} is neither row- nor column-major")
+    raise ValueError(
+        f"cuBLASLt: operand of shape {tuple(t.shape)} and strides {t.stride()} is neither row- nor column-major"
+    )
 
 
 def _alignment(*tensors: torch.Tensor | None) -> int:
@@ -252,7 +256,8 @@ def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bi
         if state == 0:
             candidates.append((desc, layout_b, layout_a, layout_d, heuristic, workspace_bytes))
     if not candidates:
-        raise CublasLtUnsupported(f"cuBLASLt's heuristic for epilogue {_NAMES.get(epilogue, epilogue)} returned no usable algorithm")
+        name = _NAMES.get(epilogue, epilogue)
+        raise CublasLtUnsupported(f"cuBLASLt's heuristic for epilogue {name} returned no usable algorithm")
     plan = _fastest(candidates, tensors) if len(candidates) > 1 else candidates[0]
     _plans[key] = plan
     return plan
@@ -270,8 +275,9 @@ def gemm(
 
     `bias` (N,): the bias added (BIAS, GELU_AUX_BIAS) or the bias gradient written (DGELU_BGRAD,
     the sum of the output over its M rows; in out's dtype: cuBLAS 13 has no fp32 bias gradient
-    for bf16 outputs, seen on an H200), or (M,) for BGRAD_OF_A, the sum of `a` over K. `aux` (M, N), contiguous: the pre-activation written
-    (GELU_AUX*) or read (DGELU*). a and b share a dtype (fp16 or bf16); out is contiguous."""
+    for bf16 outputs, seen on an H200); (M,) for BGRAD_OF_A, the sum of `a` over K. `aux` (M, N),
+    contiguous: the pre-activation written (GELU_AUX*) or read (DGELU*). a and b share a dtype
+    (fp16 or bf16); out is contiguous."""
     if not (a.is_cuda and b.is_cuda and out.is_cuda):
         raise CublasLtUnsupported("cuBLASLt runs on CUDA tensors only")
     if a.dtype != b.dtype or a.dtype not in (torch.float16, torch.bfloat16):
@@ -280,7 +286,8 @@ def gemm(
     if b.shape[0] != K or out.shape != (M, b.shape[1]) or not out.is_contiguous():
         raise ValueError(f"cuBLASLt: shapes disagree: a {tuple(a.shape)} @ b {tuple(b.shape)} -> out {tuple(out.shape)}")
     if (epilogue in _WITH_AUX) != (aux is not None) or (epilogue in _WITH_BIAS) != (bias is not None):
-        raise ValueError(f"cuBLASLt: epilogue {_NAMES.get(epilogue, epilogue)} got aux={aux is not None}, bias={bias is not None}")
+        name = _NAMES.get(epilogue, epilogue)
+        raise ValueError(f"cuBLASLt: epilogue {name} got aux={aux is not None}, bias={bias is not None}")
     if aux is not None and (aux.shape != out.shape or not aux.is_contiguous() or aux.dtype != out.dtype):
         raise ValueError(f"cuBLASLt: aux must be a contiguous {tuple(out.shape)} {out.dtype} tensor")
     bias_len = out.shape[0] if epilogue == EPILOGUE_BGRAD_OF_A else out.shape[1]

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import num_sms
+from kernels import mm_out, num_sms
 from kernels.swiglu import _swiglu_packed_bwd_launch, swiglu_packed
 
 try:  # Triton >= 3.4 (host-side TMA descriptors)
@@ -153,16 +153,6 @@ def _dgate_up_fused(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tenso
     return dgate_up
 
 
-def _mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a @ b returned in `dtype` from an fp32 accumulator: cuBLAS writes fp32 from bf16/fp16
-    operands directly; elsewhere the same math on operands upcast to fp32."""
-    if dtype == a.dtype:
-        return torch.mm(a, b)
-    if a.is_cuda and dtype == torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float()).to(dtype)
-
-
 def _check(gate_up: torch.Tensor, weight: torch.Tensor) -> None:
     if weight.dim() != 2 or gate_up.shape[-1] != 2 * weight.shape[1]:
         raise ValueError(
@@ -193,7 +183,7 @@ def _swiglu_linear_bwd_launch(
             dgu = _dgate_up_fused(dy2, w, gu)
         else:
             dgu = _swiglu_packed_bwd_launch(torch.mm(dy2, w), gu)
-        dweight = _mm_out(dy2.t(), h2, weight.dtype)  # (D, H)
+        dweight = mm_out(dy2.t(), h2, weight.dtype)  # (D, H)
     return dgu.view(gate_up.shape), dweight
 
 
