@@ -23,7 +23,7 @@ from src.trainer import CheckpointConfig, Trainer
 from src.trainer.optimizer import TritonAdamW
 from src.utils.distributed import init_distributed, shutdown_distributed
 
-from .helpers import BF16_OPTIMIZED, SWIGLU_FUSED, SyntheticLoader, make_config, replace, tiny_model, tiny_qwen2_model
+from .helpers import BF16_OPTIMIZED, GELU_MLP_OP, SWIGLU_FUSED, SyntheticLoader, make_config, replace, tiny_model, tiny_qwen2_model
 
 MAX_STEPS = 4
 SPLIT_AT = 2
@@ -77,6 +77,9 @@ def run(out_dir: str) -> None:
         fused = trainer(f"{strategy}_qwen2_swiglu_fused", strategy, kernels=SWIGLU_FUSED, model_fn=tiny_qwen2_model)
         fused.fit()
         results[f"{strategy}_qwen2_swiglu_fused"] = losses(fused)
+        gelu_op = trainer(f"{strategy}_gpt2_gelu_mlp_op", strategy, kernels=GELU_MLP_OP)
+        gelu_op.fit()
+        results[f"{strategy}_gpt2_gelu_mlp_op"] = losses(gelu_op)
 
     straight = trainer("fsdp2", "fsdp2")
     straight.fit()

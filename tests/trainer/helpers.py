@@ -46,6 +46,10 @@ def tiny_qwen2_model(seed: int = 0, kernels: KernelConfig | None = None):
 # through the interpreter, with the op's own autograd, which DDP and FSDP2 must reduce like any other.
 SWIGLU_FUSED = KernelConfig.reference().replace(swiglu="fused_linear")
 
+# GPT-2's MLP as one op (`gelu: cublaslt`): on the CPU it computes its unfused math, with the op's
+# own autograd returning all four MLP parameters' gradients, which DDP and FSDP2 must reduce.
+GELU_MLP_OP = KernelConfig.reference().replace(gelu="cublaslt")
+
 
 # The optimized run's precision settings, on the CPU: bf16 autocast, the projections' weight
 # gradients in fp32 from the matmul, the residual stream in bf16.

@@ -16,7 +16,7 @@ from src.trainer import CheckpointConfig, Trainer
 from src.utils.distributed import DistInfo
 
 from .dist_worker import MAX_STEPS, SPLIT_AT
-from .helpers import BF16_OPTIMIZED, SWIGLU_FUSED, SyntheticLoader, make_config, tiny_model, tiny_qwen2_model
+from .helpers import BF16_OPTIMIZED, GELU_MLP_OP, SWIGLU_FUSED, SyntheticLoader, make_config, tiny_model, tiny_qwen2_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
@@ -74,6 +74,17 @@ def test_qwen2_with_the_fused_swiglu_op_matches_one_process_under_ddp_and_fsdp2(
     assert single[-1] < single[0]  # it trains
     assert results["ddp_qwen2_swiglu_fused"] == pytest.approx(single, rel=1e-5)
     assert results["fsdp2_qwen2_swiglu_fused"] == pytest.approx(single, rel=1e-5)
+
+
+def test_gpt2_with_the_gelu_mlp_op_matches_one_process_under_ddp_and_fsdp2(two_ranks, tmp_path):
+    """`gelu: cublaslt` returns the fc and projection weight and bias gradients from its own
+    autograd (a custom op): DDP's hooks and FSDP2's reduce-scatter must still reduce them."""
+    _, results = two_ranks
+    trainer = single_process_run(tmp_path, kernels=GELU_MLP_OP)
+    single = [r["loss"] for r in trainer.history if r["split"] == "train"]
+    assert single[-1] < single[0]  # it trains
+    assert results["ddp_gpt2_gelu_mlp_op"] == pytest.approx(single, rel=1e-5)
+    assert results["fsdp2_gpt2_gelu_mlp_op"] == pytest.approx(single, rel=1e-5)
 
 
 def test_fsdp2_gradient_norm_from_local_shards_is_the_global_norm(two_ranks, tmp_path):
