@@ -217,12 +217,18 @@ def gelu_mlp(
 ) -> torch.Tensor:
     """gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias for x (..., D) -> (..., D);
     the result of `gelu_mlp_ref`, computed in the autocast dtype under autocast and in x's dtype
-    otherwise, with the parameters' gradients in their dtypes."""
+    otherwise, with the parameters' gradients in their dtypes. Without a gradient to compute (no
+    grad mode, or no input that requires one) it is the unfused reference math."""
     _check(x, fc_weight, proj_weight)
     if fc_weight.dtype != proj_weight.dtype:
         raise ValueError(
             f"gelu_mlp: fc_weight is {fc_weight.dtype} but proj_weight {proj_weight.dtype}; give both one dtype"
         )
+    params = (x, fc_weight, fc_bias, proj_weight, proj_bias)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)):
+        # Evaluation and generation: the pre-activation the fused forward writes for backward would
+        # be wasted, and each new decoding shape would time cuBLASLt's candidates once.
+        return F.linear(F.gelu(F.linear(x, fc_weight, fc_bias), approximate="tanh"), proj_weight, proj_bias)
     device = x.device.type
     if torch.is_autocast_enabled(device):
         x = x.to(torch.get_autocast_dtype(device))

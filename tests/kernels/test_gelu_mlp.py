@@ -85,6 +85,21 @@ def test_compiles_fullgraph():
         assert_close(g, w, torch.float32, name)
 
 
+def test_without_gradients_the_op_is_not_called(monkeypatch):
+    """Evaluation and generation take the unfused math: no pre-activation written for a backward
+    that never comes."""
+    import kernels.gelu_mlp as gelu_mlp_module
+
+    def fail(*args):
+        raise AssertionError("the fused op ran without a gradient to compute")
+
+    monkeypatch.setattr(gelu_mlp_module, "_gelu_mlp_fwd", fail)
+    args, _ = _inputs((2, 5), 16, 32, torch.float32)
+    with torch.no_grad():
+        assert_close(gelu_mlp(*args), gelu_mlp_ref(*args), torch.float32, "no_grad")
+    assert_close(gelu_mlp(*args), gelu_mlp_ref(*args), torch.float32, "no input requires grad")
+
+
 def test_bad_shapes_name_the_problem():
     args, _ = _inputs((2,), 16, 32, torch.float32)
     args[3] = args[3][:, :31]  # proj_weight (D, H - 1)
