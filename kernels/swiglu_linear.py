@@ -3,18 +3,13 @@
     y = swiglu(gate_up) @ weight.T          gate_up (M, 2H) = [gate | up], weight (D, H), y (M, D)
 
 Forward: h = silu(gate) * up (the `swiglu_packed` row kernel), then y = h @ weight.T (cuBLAS).
-Only gate_up and the weight are kept for backward, not h: h is recomputed there. Backward, given
-dy (M, D):
+Backward, given dy (M, D):
     dh      = dy @ weight                                   (M, H), never written to memory
     dgate   = dh * up * sigma(gate) * (1 + gate * (1 - sigma(gate)))
     dup     = dh * gate * sigma(gate)
-    h       = gate * sigma(gate) * up                       (recomputed, bit for bit the forward's)
     dweight = dy.T @ h                                      (cuBLAS, fp32 accumulation)
 `_dgate_up_kernel` computes dh tile by tile (TMA loads, wgmma, a persistent grid) and, in the
-epilogue of each (128 x 128) tile, loads the matching gate and up tiles and writes dgate, dup and
-h. Recomputing h there costs one (M, H) write, which the epilogue hides: the tile already holds
-gate, up and sigma(gate). Not keeping h saves M x H activations per layer, 80 MB per Qwen2-0.5B
-layer at 4 x 2048 tokens (1.9 GB over its 24 layers, a quarter of its activations).
+epilogue of each (128 x 128) tile, loads the matching gate and up tiles and writes dgate and dup.
 Unfused, dh goes to memory and a second kernel reads it back with gate and up: per Qwen2-0.5B
 layer (8192 tokens, H = 4864) the fused kernel took 225 us against 126 us (cuBLAS dh) + 139 us
 (the SwiGLU backward kernel) on an H100; in the compiled Qwen2-0.5B step, where cuBLAS's dh ran
@@ -47,7 +42,7 @@ import triton
 import triton.language as tl
 
 from kernels import mm_out, num_sms
-from kernels.swiglu import _swiglu_packed_bwd_launch, _swiglu_packed_fwd_launch, swiglu_packed
+from kernels.swiglu import _swiglu_packed_bwd_launch, swiglu_packed
 
 try:  # Triton >= 3.4 (host-side TMA descriptors)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -78,7 +73,6 @@ def _dgate_up_kernel(
     up_desc,  # (M, H) up: the second half
     dgate_desc,  # (M, H) output: the first half of d gate_up
     dup_desc,  # (M, H) output: the second half
-    h_desc,  # (M, H) output: h = silu(gate) * up, recomputed for the weight gradient
     M,
     H,
     D,
@@ -106,13 +100,10 @@ def _dgate_up_kernel(
         g = gate_desc.load([off_m, off_n]).to(tl.float32)
         u = up_desc.load([off_m, off_n]).to(tl.float32)
         sig = tl.sigmoid(g)
-        silu = g * sig
         dgate = dh * u * sig * (1.0 + g * (1.0 - sig))
-        dup = dh * silu
-        h = silu * u  # the forward's g * sigmoid(g) * u, in the same order: the same bits
+        dup = dh * g * sig
         dgate_desc.store([off_m, off_n], dgate.to(dgate_desc.dtype))
         dup_desc.store([off_m, off_n], dup.to(dup_desc.dtype))
-        h_desc.store([off_m, off_n], h.to(h_desc.dtype))
 
 
 # -- launchers ------------------------------------------------------------------------------------
@@ -137,13 +128,12 @@ def fused_backward_supported(gate_up: torch.Tensor, weight: torch.Tensor, *other
     return gate_up.is_cuda and torch.cuda.get_device_capability(gate_up.device)[0] >= 9
 
 
-def _dgate_up_fused(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d gate_up (M, 2H), h (M, H)) from dy (M, D), weight (D, H) and gate_up (M, 2H), all one
-    dtype and contiguous."""
+def _dgate_up_fused(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """d gate_up (M, 2H) from dy (M, D), weight (D, H) and gate_up (M, 2H), all one dtype and
+    contiguous."""
     M, D = dy.shape
     H = weight.shape[1]
     dgate_up = torch.empty_like(gate_up)
-    h = torch.empty((M, H), dtype=gate_up.dtype, device=gate_up.device)
     # The halves as (M, H) views with a row stride of 2H: TMA clips each at column H.
     gate, up = gate_up[:, :H], gate_up[:, H:]
     dgate, dup = dgate_up[:, :H], dgate_up[:, H:]
@@ -156,12 +146,11 @@ def _dgate_up_fused(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tenso
         TensorDescriptor.from_tensor(up, [BLOCK_M, BLOCK_N]),
         TensorDescriptor.from_tensor(dgate, [BLOCK_M, BLOCK_N]),
         TensorDescriptor.from_tensor(dup, [BLOCK_M, BLOCK_N]),
-        TensorDescriptor.from_tensor(h, [BLOCK_M, BLOCK_N]),
         M, H, D,
         BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, GROUP_M=GROUP_M, NUM_PROGRAMS=programs,
         num_stages=STAGES, num_warps=WARPS,
     )  # fmt: skip
-    return dgate_up, h
+    return dgate_up
 
 
 def _check(gate_up: torch.Tensor, weight: torch.Tensor) -> None:
@@ -183,17 +172,17 @@ def _swiglu_linear_fwd_launch(h: torch.Tensor, gate_up: torch.Tensor, weight: to
 
 
 def _swiglu_linear_bwd_launch(
-    dy: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor
+    dy: torch.Tensor, h: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(dy.device.type, enabled=False):
         gu = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()  # (M, 2H)
+        h2 = h.reshape(-1, h.shape[-1])  # (M, H)
         dy2 = dy.reshape(-1, weight.shape[0]).to(gu.dtype).contiguous()  # (M, D); an expanded gradient is copied
         w = weight.to(gu.dtype).contiguous()  # (D, H)
         if fused_backward_supported(gu, w, dy2):
-            dgu, h2 = _dgate_up_fused(dy2, w, gu)  # (M, 2H), (M, H)
+            dgu = _dgate_up_fused(dy2, w, gu)
         else:
             dgu = _swiglu_packed_bwd_launch(torch.mm(dy2, w), gu)
-            h2 = _swiglu_packed_fwd_launch(gu)  # (M, H), the forward's kernel: the same bits
         dweight = mm_out(dy2.t(), h2, weight.dtype)  # (D, H)
     return dgu.view(gate_up.shape), dweight
 
@@ -204,8 +193,7 @@ def _swiglu_linear_bwd_launch(
 # the host, and there is nothing for Inductor to fuse around two matmuls and a GEMM kernel. The op
 # is the down projection only. h = swiglu(gate_up) is computed outside it from a detached gate_up
 # (an op Inductor sees and selective checkpointing recomputes, as it recomputes the reference's
-# silu * up), and the op's backward returns the gradient of gate_up itself, through h. The op
-# keeps gate_up and the weight for backward, not h, so h is freed as soon as y is computed.
+# silu * up), and the op's backward returns the gradient of gate_up itself, through h.
 _swiglu_linear_fwd = torch.library.custom_op("kernels::swiglu_linear_fwd", _swiglu_linear_fwd_launch, mutates_args=())
 _swiglu_linear_bwd = torch.library.custom_op("kernels::swiglu_linear_bwd", _swiglu_linear_bwd_launch, mutates_args=())
 
@@ -216,18 +204,18 @@ def _(h, gate_up, weight):
 
 
 @_swiglu_linear_bwd.register_fake
-def _(dy, gate_up, weight):
+def _(dy, h, gate_up, weight):
     return gate_up.new_empty(gate_up.shape), weight.new_empty(weight.shape)
 
 
 def _swiglu_linear_setup(ctx, inputs, output):
-    _, gate_up, weight = inputs  # h is recomputed in backward (module docstring)
-    ctx.save_for_backward(gate_up, weight)
+    h, gate_up, weight = inputs
+    ctx.save_for_backward(h, gate_up, weight)
 
 
 def _swiglu_linear_grad(ctx, dy):
-    gate_up, weight = ctx.saved_tensors
-    dgate_up, dweight = _swiglu_linear_bwd(dy, gate_up, weight)
+    h, gate_up, weight = ctx.saved_tensors
+    dgate_up, dweight = _swiglu_linear_bwd(dy, h, gate_up, weight)
     return None, dgate_up, dweight  # grads for (h: none, it carries no graph; gate_up; weight)
 
 

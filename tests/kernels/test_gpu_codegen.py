@@ -75,7 +75,7 @@ CASES = [
     (A._adamw_kernel, {**ADAMW}, {"HAS_SCALE": True, "HAS_FOUND_INF": True, "ALIGNED": True, "BLOCK": 4096}),
     (A._adamw_kernel, {**ADAMW}, {"HAS_SCALE": False, "HAS_FOUND_INF": False, "ALIGNED": False, "BLOCK": 4096}),
     (SL._dgate_up_kernel, {"dy_desc": "tensordesc<bf16[128, 64]>", "w_desc": "tensordesc<bf16[64, 128]>",
-        **sig("gate_desc up_desc dgate_desc dup_desc h_desc", "tensordesc<bf16[128, 128]>"), **sig("M H D", "i32")},
+        **sig("gate_desc up_desc dgate_desc dup_desc", "tensordesc<bf16[128, 128]>"), **sig("M H D", "i32")},
         {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "NUM_PROGRAMS": 132}),
     (A._adamw_count_kernel, {"STEP_PTRS": p("i64"), "FOUND_INF_ptr": p("fp32")}, {"HAS_FOUND_INF": True}),
 ]
