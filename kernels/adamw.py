@@ -14,7 +14,8 @@ update, and never written. When `found_inf` is nonzero (a non-finite gradient no
 returns before touching memory, and the step counts are not advanced (torch's foreach add of a
 device scalar to the counts synchronised with the host on an H100: a kernel of our own does it).
 
-Each program updates one block of one tensor. A block table (tensor index and start of every
+Each program updates one block of one tensor (BLOCK elements; the tables carry the launch
+settings, so a benchmark can sweep them). A block table (tensor index and start of every
 block) and tables of the tensors' addresses let one launch cover all the parameters of a group,
 however many tensors and of whatever sizes. Reference: torch.optim.AdamW, whose state (step,
 exp_avg, exp_avg_sq) and state_dict `TritonAdamW` (src/trainer/optimizer.py) keeps.
@@ -137,12 +138,18 @@ def _adamw_count_kernel(
 
 # -- launchers ------------------------------------------------------------------------------------
 
-BLOCK = 4096  # elements per program: 16 KB of each of the five streams, enough to keep HBM busy
+# Elements per program and warps, from a sweep of one Qwen2-0.5B step's update (494M parameters,
+# 13.8 GB moved) on an H200 (benchmarks/optimizer.py --sweep): 1024 x 8 warps (4 elements per
+# thread, one 16-byte vector of each stream) ran at 99% of the device copy rate, 4096 x 8 (the H100's
+# first choice) at 78%, and 16384 x 4 spilled.
+BLOCK = 1024
+NUM_WARPS = 8
 
 
-def launch_params() -> dict:
-    """One block size for every tensor: 4096 fp32 elements with 8 warps (16 per thread)."""
-    return {"BLOCK": BLOCK, "num_warps": 8}
+def check_launch(block: int, num_warps: int) -> None:
+    if block < 128 or block & (block - 1) or num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"adamw: block must be a power of two >= 128 and num_warps one of 1, 2, 4, 8, 16, 32; "
+                         f"got block={block}, num_warps={num_warps}")
 
 
 def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -172,8 +179,10 @@ class AdamWTables:
     change (the caching allocator usually hands every step's gradients the same memory)."""
 
     def __init__(self, params: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                 steps: list[torch.Tensor]):
+                 steps: list[torch.Tensor], *, block: int = BLOCK, num_warps: int = NUM_WARPS):
+        check_launch(block, num_warps)
         device = params[0].device
+        self.block, self.num_warps = block, num_warps  # the launch settings the block table is cut for
         numels = [t.numel() for t in params]
         aligned = [_check(params, numels, device, "parameters"), _check(exp_avgs, numels, device, "exp_avg"),
                    _check(exp_avg_sqs, numels, device, "exp_avg_sq")]
@@ -185,10 +194,11 @@ class AdamWTables:
         self.exp_avg_sqs = _addresses(exp_avg_sqs, device)
         self.steps = _addresses(steps, device)
         self.numels = torch.tensor(numels, dtype=torch.int64).to(device)
-        blocks = [(i, start) for i, n in enumerate(numels) for start in range(0, n, BLOCK)]
-        self.block_tensor = torch.tensor([i for i, _ in blocks], dtype=torch.int32).to(device)
-        self.block_start = torch.tensor([s for _, s in blocks], dtype=torch.int64).to(device)
-        self.n_blocks = len(blocks)
+        # (n_blocks,) each: every tensor cut into blocks of `block` elements, the last one partial
+        counts = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
+        self.block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts).to(device)
+        self.block_start = torch.cat([torch.arange(0, n, block, dtype=torch.int64) for n in numels]).to(device)
+        self.n_blocks = int(counts.sum())
         self._grad_key: list[int] | None = None
         self.grads: torch.Tensor | None = None
         self.grads_aligned = False
@@ -227,7 +237,7 @@ def adamw_step_(
             found_inf if found_inf is not None else dummy,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-            ALIGNED=tables.aligned and tables.grads_aligned, **launch_params(),
+            ALIGNED=tables.aligned and tables.grads_aligned, BLOCK=tables.block, num_warps=tables.num_warps,
         )  # fmt: skip
     _adamw_count_kernel[(len(tables.numel_list),)](
         tables.steps, found_inf if found_inf is not None else dummy, HAS_FOUND_INF=found_inf is not None, num_warps=1

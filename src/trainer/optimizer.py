@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from kernels.adamw import AdamWTables, adamw_step_
+from kernels.adamw import BLOCK, NUM_WARPS, AdamWTables, adamw_step_, check_launch
 from src.utils.config import ConfigError
 
 from .config import OptimizerConfig, ScheduleConfig
@@ -71,8 +71,11 @@ class TritonAdamW(torch.optim.AdamW):
     device tensors, as torch's fused AdamW keeps them. Parameters must be contiguous fp32 tensors
     on one device, or FSDP2's DTensors whose local shards are."""
 
-    def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float):
+    def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float, block: int = BLOCK,
+                 num_warps: int = NUM_WARPS):
+        check_launch(block, num_warps)
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
+        self.launch = {"block": block, "num_warps": num_warps}  # the update kernel's (benchmarks/optimizer.py sweeps them)
         self.grad_scale: torch.Tensor | None = None
         self.found_inf: torch.Tensor | None = None
         # per group: (params, their local shards' addresses, step tensors, tables)
@@ -110,7 +113,7 @@ class TritonAdamW(torch.optim.AdamW):
                 states = [self._state_of(p) for p in params]
                 steps = [s["step"] for s in states]
                 tables = AdamWTables([local(p) for p in params], [local(s["exp_avg"]) for s in states],
-                                     [local(s["exp_avg_sq"]) for s in states], steps)
+                                     [local(s["exp_avg_sq"]) for s in states], steps, **self.launch)
                 cached = (params, addresses, steps, tables)  # the step tensors are kept alive with their addresses
                 self._tables[index] = cached
             tables = cached[3]

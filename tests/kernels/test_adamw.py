@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels.adamw import BLOCK
+from kernels.adamw import BLOCK, AdamWTables, adamw_step_
 from src.trainer.optimizer import TritonAdamW
 
 from .helpers import DEVICE, needs_triton
@@ -179,3 +179,33 @@ def test_what_it_does_not_take_is_refused():
         TritonAdamW([{"params": [q], "amsgrad": True}], **HYPER).step()
     with pytest.raises(ValueError, match="closure"):
         TritonAdamW([q], **HYPER).step(lambda: 0.0)
+
+
+@pytest.mark.parametrize("block, num_warps", [(128, 1), (4096, 8), (2048, 16)])
+def test_other_launch_settings_give_the_same_update(block, num_warps):
+    """The block table is cut for the tables' own block size (what benchmarks/optimizer.py sweeps)."""
+    params = make_params()
+    theirs = [p.detach().clone().requires_grad_(True) for p in params]
+    set_grads(params, theirs, seed=3)
+    opt_b = torch.optim.AdamW([{"params": theirs, "weight_decay": 0.1}], foreach=True, **HYPER)
+    opt_b.step()
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    steps = [torch.zeros((), device=DEVICE) for _ in params]
+    tables = AdamWTables([p.detach() for p in params], [m for m, _ in moments], [v for _, v in moments], steps,
+                         block=block, num_warps=num_warps)
+    assert tables.n_blocks == sum(-(-p.numel() // block) for p in params)
+    adamw_step_(tables, [p.grad for p in params], lr=HYPER["lr"], beta1=0.9, beta2=0.95, eps=HYPER["eps"],
+                weight_decay=0.1)
+    for p, q, (m, v), step in zip(params, theirs, moments, steps):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m, opt_b.state[q]["exp_avg"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(v, opt_b.state[q]["exp_avg_sq"], rtol=1e-5, atol=1e-7)
+        assert float(step) == 1.0
+
+
+@pytest.mark.parametrize("block, num_warps", [(1000, 8), (64, 1), (1024, 3)])
+def test_bad_launch_settings_are_refused(block, num_warps):
+    p = torch.randn(8, device=DEVICE)
+    with pytest.raises(ValueError, match="power of two >= 128"):
+        AdamWTables([p], [torch.zeros_like(p)], [torch.zeros_like(p)], [torch.zeros((), device=DEVICE)],
+                    block=block, num_warps=num_warps)
