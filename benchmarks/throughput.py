@@ -421,11 +421,42 @@ def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3) 
     top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:40]
     rows = [{"kernel": e.key[:120], "ms_per_step": e.self_device_time_total / 1e3 / steps,
              "share": e.self_device_time_total / total, "calls_per_step": e.count / steps} for e in top]
-    print(f"\nprofile of '{name}': GPU time {total / 1e3 / steps:.1f} ms per step")
+    idle = gpu_idle(prof, steps)
+    print(f"\nprofile of '{name}': GPU time {total / 1e3 / steps:.1f} ms per step, "
+          f"GPU idle {idle['idle_ms_per_step']:.2f} ms per step between kernels")
     print("  " + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(categories.items(), key=lambda kv: -kv[1])))
     for r in rows[:15]:
         print(f"  {r['ms_per_step']:7.2f} ms {100 * r['share']:5.1f}% x{r['calls_per_step']:<5.0f} {r['kernel']}")
-    return {"gpu_ms_per_step": total / 1e3 / steps, "categories_ms": categories, "top_kernels": rows}
+    print("  largest idle gaps (after -> before):")
+    for g in idle["gaps"][:8]:
+        print(f"  {g['ms_per_step']:7.3f} ms x{g['calls_per_step']:<5.0f} {g['after'][:50]} -> {g['before'][:50]}")
+    return {"gpu_ms_per_step": total / 1e3 / steps, "categories_ms": categories, "top_kernels": rows, **idle}
+
+
+def gpu_idle(prof, steps: int) -> dict:
+    """Where the GPU waits: the time between the first and the last GPU activity of the profiled
+    steps that no kernel, copy or memset covers, per step, and the largest gaps summed by the
+    pair of kernels around them (a gap after the last kernel of one graph and before the first of
+    the next is the host's: launches, Python, a sync)."""
+    activity = sorted(
+        (e.start_ns(), e.end_ns(), e.name()) for e in prof.profiler.kineto_results.events()
+        if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0
+    )
+    if not activity:
+        return {"idle_ms_per_step": 0.0, "gaps": []}
+    gaps: dict[tuple[str, str], list[float]] = {}
+    busy_until, after = activity[0][1], activity[0][2]
+    for start, end, name in activity[1:]:
+        if start > busy_until:
+            gaps.setdefault((after, name), []).append((start - busy_until) / 1e6)
+        if end > busy_until:
+            busy_until, after = end, name
+    ranked = sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:20]
+    return {
+        "idle_ms_per_step": sum(sum(v) for v in gaps.values()) / steps,
+        "gaps": [{"after": a[:120], "before": b[:120], "ms_per_step": sum(v) / steps, "calls_per_step": len(v) / steps}
+                 for (a, b), v in ranked],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,7 +465,8 @@ def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3) 
 
 def format_table(rows: list[dict], baseline: str, loss_check: bool) -> str:
     base = next((r for r in rows if r["variant"] == baseline and "tokens_per_s" in r), None)
-    header = f"{'variant':28s} {'tokens/s':>10s} {'vs ' + baseline:>22s} {'MFU':>6s} {'step ms':>8s} {'peak GiB':>9s} {'compile s':>9s}"
+    header = (f"{'variant':28s} {'tokens/s':>10s} {'vs ' + baseline:>22s} {'MFU':>6s} {'step ms':>8s} {'peak GiB':>9s} "
+              f"{'reserved':>9s} {'compile s':>9s}")
     if loss_check:
         header += f" {'final loss':>10s} {'vs ref':>8s}"
     lines = [header, "-" * len(header)]
@@ -447,7 +479,7 @@ def format_table(rows: list[dict], baseline: str, loss_check: bool) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         line = (
             f"{r['variant']:28s} {r['tokens_per_s']:10.0f} {speedup:>22s} {mfu:>6s} {r['step_ms']:8.1f} "
-            f"{r['peak_gib']:9.2f} {r['compile_s']:9.1f}"
+            f"{r['peak_gib']:9.2f} {r.get('peak_reserved_gib', float('nan')):9.2f} {r['compile_s']:9.1f}"
         )
         if loss_check:
             rel = f"{100 * (r['final_loss'] / ref_loss - 1):+.2f}%" if ref_loss else "-"

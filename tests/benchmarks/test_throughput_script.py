@@ -117,3 +117,37 @@ def test_gradient_accumulation_counts_every_micro_batch(tmp_path):
     assert row["tokens_per_s"] == pytest.approx(2 * 32 * 2 / (row["step_ms"] / 1e3), rel=1e-6)
     with pytest.raises(SystemExit, match="--grad-accum must be at least 1"):
         throughput.main(["--grad-accum", "0"])
+
+
+def test_gpu_idle_sums_the_uncovered_time_between_kernels_by_the_pair_around_it():
+    class Event:
+        def __init__(self, name, start, end, device=torch.autograd.DeviceType.CUDA):
+            self._args = name, start, end, device
+
+        def name(self):
+            return self._args[0]
+
+        def start_ns(self):
+            return self._args[1]
+
+        def end_ns(self):
+            return self._args[2]
+
+        def duration_ns(self):
+            return self._args[2] - self._args[1]
+
+        def device_type(self):
+            return self._args[3]
+
+    events = [
+        Event("fwd", 0, 1_000_000), Event("bwd", 3_000_000, 6_000_000),  # 2 ms after fwd
+        Event("copy", 4_000_000, 5_000_000),  # inside bwd (another stream): no gap
+        Event("host", 0, 9_000_000, torch.autograd.DeviceType.CPU),  # not GPU activity
+        Event("adam", 6_500_000, 7_000_000),  # 0.5 ms after bwd, which ended last
+        Event("fwd", 8_000_000, 9_000_000), Event("bwd", 11_000_000, 12_000_000),  # 1 ms, then 2 ms again
+    ]
+    prof = type("Prof", (), {"profiler": type("P", (), {"kineto_results": type("K", (), {"events": lambda self: events})()})()})()
+    idle = throughput.gpu_idle(prof, steps=2)
+    assert idle["idle_ms_per_step"] == pytest.approx((2 + 0.5 + 1 + 2) / 2)
+    assert idle["gaps"][0] == {"after": "fwd", "before": "bwd", "ms_per_step": 2.0, "calls_per_step": 1.0}
+    assert [(g["after"], g["before"]) for g in idle["gaps"][1:]] == [("adam", "fwd"), ("bwd", "adam")]
