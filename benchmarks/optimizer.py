@@ -78,6 +78,9 @@ def make_groups(shapes: list[list[tuple[int, ...]]], device: torch.device, seed:
 
 
 def build(provider: str, groups: list[dict], launch: tuple[int, int] = (BLOCK, NUM_WARPS)) -> torch.optim.Optimizer:
+    # Fresh group dicts: an optimizer writes its defaults into the dicts it is given (TritonAdamW's
+    # foreach=False and fused=None would then turn the next one's fused=True off).
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]
     if provider == "triton":
         opt = TritonAdamW(groups, block=launch[0], num_warps=launch[1], **HYPER)
         device = groups[0]["params"][0].device

@@ -371,15 +371,19 @@ def time_steps(step_fn, groups: list[list[dict]], steps: int, args, info) -> dic
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     timed = steps - args.warmup
+    host_s = []  # each call's own time: below the step time while the host runs ahead of the GPU
     t0 = time.perf_counter()
     for i in range(args.warmup, steps):
+        t_call = time.perf_counter()
         losses.append(step_fn(groups[i % len(groups)], i))
+        host_s.append(time.perf_counter() - t_call)
     if cuda:
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - t0) / timed
     tokens_per_step = args.batch * args.seq_len * args.grad_accum * info.world_size
     return {
         "step_ms": 1e3 * step_s,
+        "host_ms": 1e3 * sorted(host_s)[len(host_s) // 2],  # median
         "tokens_per_s": tokens_per_step / step_s,
         "compile_s": max(warmup_s - args.warmup * step_s, 0.0),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
@@ -427,6 +431,7 @@ def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3) 
     print("  " + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(categories.items(), key=lambda kv: -kv[1])))
     for r in rows[:15]:
         print(f"  {r['ms_per_step']:7.2f} ms {100 * r['share']:5.1f}% x{r['calls_per_step']:<5.0f} {r['kernel']}")
+    print(f"  host calls that wait for the GPU, per step: {idle['host_syncs_per_step'] or 'none'}")
     print("  largest idle gaps (after -> before):")
     for g in idle["gaps"][:8]:
         print(f"  {g['ms_per_step']:7.3f} ms x{g['calls_per_step']:<5.0f} {g['after'][:50]} -> {g['before'][:50]}")
@@ -443,7 +448,7 @@ def gpu_idle(prof, steps: int) -> dict:
         if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0
     )
     if not activity:
-        return {"idle_ms_per_step": 0.0, "gaps": []}
+        return {"idle_ms_per_step": 0.0, "host_syncs_per_step": {}, "gaps": []}
     gaps: dict[tuple[str, str], list[float]] = {}
     busy_until, after = activity[0][1], activity[0][2]
     for start, end, name in activity[1:]:
@@ -452,8 +457,13 @@ def gpu_idle(prof, steps: int) -> dict:
         if end > busy_until:
             busy_until, after = end, name
     ranked = sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:20]
+    syncs: dict[str, int] = {}  # host calls that wait for the GPU
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() != torch.autograd.DeviceType.CUDA and re.fullmatch(r"cuda\w*Synchronize|cudaMemcpy", e.name()):
+            syncs[e.name()] = syncs.get(e.name(), 0) + 1
     return {
         "idle_ms_per_step": sum(sum(v) for v in gaps.values()) / steps,
+        "host_syncs_per_step": {k: v / steps for k, v in syncs.items()},
         "gaps": [{"after": a[:120], "before": b[:120], "ms_per_step": sum(v) / steps, "calls_per_step": len(v) / steps}
                  for (a, b), v in ranked],
     }
@@ -597,7 +607,8 @@ def main(argv=None) -> None:
         rows.append({"variant": variant.name, "kind": variant.kind, "kernels": variant.kernels,
                      "compile": variant.compile, **result})
         if info.rank == 0:
-            print(f"{variant.name}: {result['tokens_per_s']:.0f} tokens/s, step {result['step_ms']:.1f} ms, "
+            print(f"{variant.name}: {result['tokens_per_s']:.0f} tokens/s, step {result['step_ms']:.1f} ms "
+                  f"(host {result['host_ms']:.1f} ms per call), "
                   f"peak {result['peak_gib']:.2f} GiB, compile {result['compile_s']:.1f} s", flush=True)
 
     if info.rank == 0:

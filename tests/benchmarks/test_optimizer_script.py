@@ -47,3 +47,12 @@ def test_without_a_gpu_it_says_so(capsys):
     with pytest.raises(SystemExit):
         optimizer.main([])
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@needs_triton
+def test_each_optimizer_gets_its_own_settings_on_shared_parameters():
+    groups = optimizer.make_groups([[(4, 3)], [(5,)]], torch.device(DEVICE))
+    optimizer.build("triton", groups)
+    fused = optimizer.build("torch foreach", groups)
+    assert all(g["foreach"] is True for g in fused.param_groups)  # not TritonAdamW's foreach=False
+    assert [g["weight_decay"] for g in fused.param_groups] == [optimizer.WEIGHT_DECAY, 0.0]
