@@ -546,8 +546,9 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=1, help="GPUs: relaunch under torchrun with FSDP2")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per GPU for MFU (default: by device name)")
     p.add_argument("--profile", action="store_true",
-                   help="after timing, profile 3 steps of each variant: GPU time by category and the "
-                        "15 costliest kernels (40 in the JSON)")
+                   help="after timing, profile 3 steps of each variant: GPU time by category, the 15 costliest "
+                        "kernels (40 in the JSON), the GPU's idle time between kernels and its largest gaps, "
+                        "and host calls that wait for the GPU")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/throughput_<model>_<device>.json)")
     return p.parse_args(argv)
 
