@@ -209,3 +209,13 @@ def test_bad_launch_settings_are_refused(block, num_warps):
     with pytest.raises(ValueError, match="power of two >= 128"):
         AdamWTables([p], [torch.zeros_like(p)], [torch.zeros_like(p)], [torch.zeros((), device=DEVICE)],
                     block=block, num_warps=num_warps)
+
+
+def test_triton_adamw_refuses_bad_launch_settings_when_built():
+    with pytest.raises(ValueError, match="power of two >= 128"):
+        TritonAdamW(make_params(), block=3000, **HYPER)
+    opt = TritonAdamW(groups(make_params()), block=256, num_warps=2, **HYPER)
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt._tables[0][3].block == 256 and opt._tables[0][3].num_warps == 2
