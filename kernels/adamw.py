@@ -14,8 +14,8 @@ update, and never written. When `found_inf` is nonzero (a non-finite gradient no
 returns before touching memory, and the step counts are not advanced (torch's foreach add of a
 device scalar to the counts synchronised with the host on an H100: a kernel of our own does it).
 
-Each program updates one block of one tensor (BLOCK elements; the tables carry the launch
-settings, so a benchmark can sweep them). A block table (tensor index and start of every
+Each program updates one block of one tensor (`AdamWTables.block` elements, BLOCK unless the
+tables are built with other launch settings, as benchmarks/optimizer.py --sweep does). A block table (tensor index and start of every
 block) and tables of the tensors' addresses let one launch cover all the parameters of a group,
 however many tensors and of whatever sizes. Reference: torch.optim.AdamW, whose state (step,
 exp_avg, exp_avg_sq) and state_dict `TritonAdamW` (src/trainer/optimizer.py) keeps.
@@ -141,7 +141,7 @@ def _adamw_count_kernel(
 # Elements per program and warps, from a sweep of one Qwen2-0.5B step's update (494M parameters,
 # 13.8 GB moved) on an H200 (benchmarks/optimizer.py --sweep): 1024 x 8 warps (4 elements per
 # thread, one 16-byte vector of each stream) ran at 99% of the device copy rate, 4096 x 8 (the H100's
-# first choice) at 78%, and 16384 x 4 spilled.
+# first choice) at 77%, and 16384 x 4 spilled.
 BLOCK = 1024
 NUM_WARPS = 8
 
