@@ -432,6 +432,8 @@ def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3) 
     for r in rows[:15]:
         print(f"  {r['ms_per_step']:7.2f} ms {100 * r['share']:5.1f}% x{r['calls_per_step']:<5.0f} {r['kernel']}")
     print(f"  host calls that wait for the GPU, per step: {idle['host_syncs_per_step'] or 'none'}")
+    print("  host time in CUDA runtime calls, per step: " + ", ".join(
+        f"{a['call']} {a['ms_per_step']:.2f} ms (x{a['calls_per_step']:.0f}, max {a['max_ms']:.2f})" for a in idle["host_api"][:4]))
     print("  largest idle gaps (after -> before):")
     for g in idle["gaps"][:8]:
         print(f"  {g['ms_per_step']:7.3f} ms x{g['calls_per_step']:<5.0f} {g['after'][:50]} -> {g['before'][:50]}")
@@ -448,7 +450,7 @@ def gpu_idle(prof, steps: int) -> dict:
         if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0
     )
     if not activity:
-        return {"idle_ms_per_step": 0.0, "host_syncs_per_step": {}, "gaps": []}
+        return {"idle_ms_per_step": 0.0, "host_syncs_per_step": {}, "host_api": [], "gaps": []}
     gaps: dict[tuple[str, str], list[float]] = {}
     busy_until, after = activity[0][1], activity[0][2]
     for start, end, name in activity[1:]:
@@ -458,12 +460,22 @@ def gpu_idle(prof, steps: int) -> dict:
             busy_until, after = end, name
     ranked = sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:20]
     syncs: dict[str, int] = {}  # host calls that wait for the GPU
+    # Host time inside each CUDA runtime call: a call that blocks (a sync, a launch into a full
+    # queue, a pageable copy) shows as milliseconds here while the others take microseconds.
+    api_ms: dict[str, list[float]] = {}
     for e in prof.profiler.kineto_results.events():
-        if e.device_type() != torch.autograd.DeviceType.CUDA and re.fullmatch(r"cuda\w*Synchronize|cudaMemcpy", e.name()):
+        if e.device_type() == torch.autograd.DeviceType.CUDA:
+            continue
+        if re.fullmatch(r"cuda\w*Synchronize|cudaMemcpy", e.name()):
             syncs[e.name()] = syncs.get(e.name(), 0) + 1
+        if e.name().startswith("cu"):
+            api_ms.setdefault(e.name(), []).append(e.duration_ns() / 1e6)
+    api_ranked = sorted(api_ms.items(), key=lambda kv: -sum(kv[1]))[:8]
     return {
         "idle_ms_per_step": sum(sum(v) for v in gaps.values()) / steps,
         "host_syncs_per_step": {k: v / steps for k, v in syncs.items()},
+        "host_api": [{"call": name, "ms_per_step": sum(v) / steps, "calls_per_step": len(v) / steps, "max_ms": max(v)}
+                     for name, v in api_ranked],
         "gaps": [{"after": a[:120], "before": b[:120], "ms_per_step": sum(v) / steps, "calls_per_step": len(v) / steps}
                  for (a, b), v in ranked],
     }

@@ -144,6 +144,7 @@ def test_gpu_idle_sums_the_uncovered_time_between_kernels_by_the_pair_around_it(
         Event("copy", 4_000_000, 5_000_000),  # inside bwd (another stream): no gap
         Event("host", 0, 9_000_000, torch.autograd.DeviceType.CPU),  # not GPU activity
         Event("cudaStreamSynchronize", 1_000_000, 3_000_000, torch.autograd.DeviceType.CPU),  # a host wait
+        Event("cudaLaunchKernel", 3_000_000, 3_010_000, torch.autograd.DeviceType.CPU),  # a launch: microseconds
         Event("adam", 6_500_000, 7_000_000),  # 0.5 ms after bwd, which ended last
         Event("fwd", 8_000_000, 9_000_000), Event("bwd", 11_000_000, 12_000_000),  # 1 ms, then 2 ms again
     ]
@@ -153,3 +154,6 @@ def test_gpu_idle_sums_the_uncovered_time_between_kernels_by_the_pair_around_it(
     assert idle["gaps"][0] == {"after": "fwd", "before": "bwd", "ms_per_step": 2.0, "calls_per_step": 1.0}
     assert [(g["after"], g["before"]) for g in idle["gaps"][1:]] == [("adam", "fwd"), ("bwd", "adam")]
     assert idle["host_syncs_per_step"] == {"cudaStreamSynchronize": 0.5}
+    # the runtime call's host time, per step: the blocking one is ranked first
+    assert idle["host_api"][0] == {"call": "cudaStreamSynchronize", "ms_per_step": 1.0, "calls_per_step": 0.5, "max_ms": 2.0}
+    assert idle["host_api"][1]["call"] == "cudaLaunchKernel"
