@@ -407,15 +407,22 @@ def kernel_category(name: str) -> str:
     return next((category for category, pattern in KERNEL_CATEGORIES if pattern.search(name)), "elementwise/other")
 
 
-def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3) -> dict:
+def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3, sync=None, activities=None) -> dict:
     """The GPU time per step by category and the costliest kernels over a few steps (after
-    warm-up): the 15 costliest printed, the 40 costliest returned (for the JSON)."""
-    from torch.profiler import ProfilerActivity, profile
+    warm-up): the 15 costliest printed, the 40 costliest returned (for the JSON).
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(steps):
+    One untraced step runs first, inside the profiler's schedule: the timing loop ends with a
+    sync, so without it the first traced step would start with the GPU idle and the host's
+    Python and graph launches counted as the GPU's idle time."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    sync = sync or torch.cuda.synchronize
+    with profile(activities=activities or [ProfilerActivity.CUDA], schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
+        for i in range(1 + steps):
             step_fn(groups[i % len(groups)], i)
-        torch.cuda.synchronize()
+            if i == steps:  # the traced steps' GPU work, all of it, before the trace stops
+                sync()
+            prof.step()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
     total = sum(getattr(e, "self_device_time_total", 0) for e in events) or 1
     categories: dict[str, float] = {}
@@ -476,7 +483,8 @@ def gpu_idle(prof, steps: int) -> dict:
         "host_syncs_per_step": {k: v / steps for k, v in syncs.items()},
         "host_api": [{"call": name, "ms_per_step": sum(v) / steps, "calls_per_step": len(v) / steps, "max_ms": max(v)}
                      for name, v in api_ranked],
-        "gaps": [{"after": a[:120], "before": b[:120], "ms_per_step": sum(v) / steps, "calls_per_step": len(v) / steps}
+        "gaps": [{"after": a[:120], "before": b[:120], "ms_per_step": sum(v) / steps, "calls_per_step": len(v) / steps,
+                  "max_ms": max(v)}  # one long gap or many short ones
                  for (a, b), v in ranked],
     }
 

@@ -151,9 +151,29 @@ def test_gpu_idle_sums_the_uncovered_time_between_kernels_by_the_pair_around_it(
     prof = type("Prof", (), {"profiler": type("P", (), {"kineto_results": type("K", (), {"events": lambda self: events})()})()})()
     idle = throughput.gpu_idle(prof, steps=2)
     assert idle["idle_ms_per_step"] == pytest.approx((2 + 0.5 + 1 + 2) / 2)
-    assert idle["gaps"][0] == {"after": "fwd", "before": "bwd", "ms_per_step": 2.0, "calls_per_step": 1.0}
+    assert idle["gaps"][0] == {"after": "fwd", "before": "bwd", "ms_per_step": 2.0, "calls_per_step": 1.0, "max_ms": 2.0}
     assert [(g["after"], g["before"]) for g in idle["gaps"][1:]] == [("adam", "fwd"), ("bwd", "adam")]
     assert idle["host_syncs_per_step"] == {"cudaStreamSynchronize": 0.5}
     # the runtime call's host time, per step: the blocking one is ranked first
     assert idle["host_api"][0] == {"call": "cudaStreamSynchronize", "ms_per_step": 1.0, "calls_per_step": 0.5, "max_ms": 2.0}
     assert idle["host_api"][1]["call"] == "cudaLaunchKernel"
+
+
+def test_profile_steps_runs_one_untraced_step_first_and_syncs_before_the_trace_stops(monkeypatch):
+    calls = []  # ("step", i) and ("sync",) in order
+
+    def step_fn(group, i):
+        calls.append(("step", i))
+        torch.zeros(3).mean() if i == 0 else torch.ones(4).sum()
+
+    traced = []  # the profiler gpu_idle reads
+    real_gpu_idle = throughput.gpu_idle
+    monkeypatch.setattr(throughput, "gpu_idle", lambda prof, steps: traced.append(prof) or real_gpu_idle(prof, steps))
+    profile = throughput.profile_steps(step_fn, [[{}]], "cpu", steps=2, sync=lambda: calls.append(("sync",)),
+                                       activities=[torch.profiler.ProfilerActivity.CPU])
+    # 1 warm-up step inside the schedule (the host runs ahead again), then the 2 traced ones; the
+    # sync comes after the last traced step, while the trace still records
+    assert calls == [("step", 0), ("step", 1), ("step", 2), ("sync",)]
+    names = [e.name() for e in traced[0].profiler.kineto_results.events()]
+    assert names.count("aten::ones") == 2 and "aten::zeros" not in names  # the warm-up step is not traced
+    assert set(profile) >= {"gpu_ms_per_step", "categories_ms", "top_kernels", "idle_ms_per_step", "host_api", "gaps"}
