@@ -40,7 +40,12 @@ def test_bf16_residual_stream_under_autocast(family):
     assert ref_seen == [torch.float32] * len(ref_seen)  # autocast's own: the fp32 embeddings carried through
     torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
     assert grad.dtype == torch.float32  # the weights and their gradients stay fp32
-    torch.testing.assert_close(grad, ref_grad, rtol=0.1, atol=2e-3)
+    # bf16 rounding of the stream: compared as a whole, not element by element (one small element
+    # can be 4x off on a CPU whose bf16 kernels round differently: an AVX2 machine gave 3.9 for one
+    # of 20480, with 0.6% error overall)
+    rel_error = ((grad - ref_grad).norm() / ref_grad.norm()).item()
+    assert rel_error < 0.02, rel_error
+    assert (grad - ref_grad).abs().max() < 0.03 * ref_grad.abs().max()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])

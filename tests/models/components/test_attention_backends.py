@@ -95,13 +95,32 @@ def test_flex_matches_eager_forward(case):
 
 
 def test_compiled_flex_matches_eager_forward():
-    """The compiled kernel (Inductor's C++ FlexAttention on CPU) on the hardest mask: GQA, documents, window."""
+    """compiled=True on the hardest mask (GQA, documents, window). On the CPU that call takes
+    FlexAttention's reference path (flex.py says why); the GPU tests run the compiled kernel."""
     hq, hkv, kwargs = case_kwargs("documents_window")
     q, k, v = make_qkv(hq, hkv)
     ref, _ = run(eager_attention, q, k, v, **kwargs)
     with torch.no_grad():
         out = flex_attention_forward(q, k, v, compiled=True, **kwargs)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("inside_compile", [False, True])
+def test_cpu_flex_is_right_where_inductors_cpp_kernel_was_wrong(inside_compile):
+    """24 tokens, head_dim 8, GQA, packed documents: Inductor's C++ FlexAttention kernel gave
+    values 2.3 off the eager ones here (torch 2.13, an AVX2 CPU). On the CPU flex now runs the
+    reference path, also when the call is traced inside a compiled function (a graph break)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 24, 4, 8, generator=g)
+    k, v = (torch.randn(3, 24, 2, 8, generator=g) for _ in range(2))
+    documents = PackedDocuments(torch.tensor([[0] * 5 + [1] * 11 + [2] * 8, [0] * 24, [0] + [1] * 23]))
+    ref, _ = run(eager_attention, q, k, v, documents=documents)
+    call = lambda q, k, v: flex_attention_forward(q, k, v, documents=documents)  # noqa: E731
+    with torch.no_grad():
+        out = torch.compile(call)(q, k, v) if inside_compile else call(q, k, v)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "flex", "eager"])

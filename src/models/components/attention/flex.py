@@ -12,6 +12,11 @@ many short documents cost only the tiles they touch, which dense-mask SDPA canno
 - Decoding (Tq < Tk) and explicit keep-masks (padded generation) change every call, so they run
   uncompiled through a BlockMask read from the dense mask: small tensors, correct, not fast.
 - FlexAttention has no backward on CPU and no attention dropout; `backends` refuses those calls.
+- On the CPU every call takes FlexAttention's reference path, even inside a compiled region (a
+  graph break there). Inductor's C++ kernel (torch 2.13, seen on an AVX2 machine) returned wrong
+  values without an error for some shapes: 24 tokens with head_dim 8 or 16, GQA, or query/key
+  views transposed from our layout (errors of 1-2.7; NaN in a tiny model). The reference path
+  gives the eager values. The CPU is where tests run, not where training is fast.
 
 Layout in and out is ours, (B, T, H, D); FlexAttention takes (B, H, T, D) views.
 """
@@ -28,6 +33,12 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 def compiled_flex_attention():
     """flex_attention compiled once: Inductor turns the mask into a fused Triton (GPU) or C++ (CPU) kernel."""
     return torch.compile(flex_attention)
+
+
+@torch.compiler.disable
+def _cpu_flex_attention(*args, **kwargs):
+    """flex_attention left out of a compiled CPU graph: it runs eagerly, on the reference path."""
+    return flex_attention(*args, **kwargs)
 
 
 def _causal_mask_mod(sliding_window: int | None):
@@ -100,7 +111,9 @@ def flex_attention_forward(
         block_mask = causal_block_mask(Tq, window, str(q.device))
     else:
         block_mask = None
-    if dynamic_mask or not compiled or torch.compiler.is_compiling():
+    if q.device.type == "cpu":  # the reference path: see the module docstring
+        fn = _cpu_flex_attention if torch.compiler.is_compiling() else flex_attention
+    elif dynamic_mask or not compiled or torch.compiler.is_compiling():
         fn = flex_attention
     else:
         fn = compiled_flex_attention()
