@@ -417,7 +417,8 @@ def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3, 
     from torch.profiler import ProfilerActivity, profile, schedule
 
     sync = sync or torch.cuda.synchronize
-    with profile(activities=activities or [ProfilerActivity.CUDA], schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
+    one_untraced_then_traced = schedule(wait=0, warmup=1, active=steps, repeat=1)
+    with profile(activities=activities or [ProfilerActivity.CUDA], schedule=one_untraced_then_traced) as prof:
         for i in range(1 + steps):
             step_fn(groups[i % len(groups)], i)
             if i == steps:  # the traced steps' GPU work, all of it, before the trace stops

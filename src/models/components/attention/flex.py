@@ -37,7 +37,8 @@ def compiled_flex_attention():
 
 @torch.compiler.disable
 def _cpu_flex_attention(*args, **kwargs):
-    """flex_attention left out of a compiled CPU graph: it runs eagerly, on the reference path."""
+    """flex_attention kept out of any compiled graph (a graph break inside one): it runs eagerly,
+    on the reference path."""
     return flex_attention(*args, **kwargs)
 
 
@@ -111,8 +112,8 @@ def flex_attention_forward(
         block_mask = causal_block_mask(Tq, window, str(q.device))
     else:
         block_mask = None
-    if q.device.type == "cpu":  # the reference path: see the module docstring
-        fn = _cpu_flex_attention if torch.compiler.is_compiling() else flex_attention
+    if q.device.type == "cpu":  # the reference path, compiling or not: see the module docstring
+        fn = _cpu_flex_attention
     elif dynamic_mask or not compiled or torch.compiler.is_compiling():
         fn = flex_attention
     else:
