@@ -411,9 +411,11 @@ def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3, 
     """The GPU time per step by category and the costliest kernels over a few steps (after
     warm-up): the 15 costliest printed, the 40 costliest returned (for the JSON).
 
-    One untraced step runs first, inside the profiler's schedule: the timing loop ends with a
-    sync, so without it the first traced step would start with the GPU idle and the host's
-    Python and graph launches counted as the GPU's idle time."""
+    One untraced step runs first, inside the profiler's schedule (the profiler's own start-up
+    costs fall in it), and a sync follows it: CUPTI records a kernel by when the GPU runs it, so
+    without the sync the warm-up step's kernels, still queued when the trace starts, are counted
+    in the traced steps (on an H200 with CUDA graphs, 1.3 steps' kernels per traced step). The
+    first traced step then starts from an idle GPU: its first gap is the host's launch."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     sync = sync or torch.cuda.synchronize
@@ -421,7 +423,7 @@ def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3, 
     with profile(activities=activities or [ProfilerActivity.CUDA], schedule=one_untraced_then_traced) as prof:
         for i in range(1 + steps):
             step_fn(groups[i % len(groups)], i)
-            if i == steps:  # the traced steps' GPU work, all of it, before the trace stops
+            if i == 0 or i == steps:  # the warm-up's GPU work before the trace starts; the traced steps' before it stops
                 sync()
             prof.step()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]

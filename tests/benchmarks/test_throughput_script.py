@@ -159,7 +159,7 @@ def test_gpu_idle_sums_the_uncovered_time_between_kernels_by_the_pair_around_it(
     assert idle["host_api"][1]["call"] == "cudaLaunchKernel"
 
 
-def test_profile_steps_runs_one_untraced_step_first_and_syncs_before_the_trace_stops(monkeypatch):
+def test_profile_steps_runs_one_untraced_step_first_and_syncs_around_the_traced_ones(monkeypatch):
     calls = []  # ("step", i) and ("sync",) in order
 
     def step_fn(group, i):
@@ -171,9 +171,9 @@ def test_profile_steps_runs_one_untraced_step_first_and_syncs_before_the_trace_s
     monkeypatch.setattr(throughput, "gpu_idle", lambda prof, steps: traced.append(prof) or real_gpu_idle(prof, steps))
     profile = throughput.profile_steps(step_fn, [[{}]], "cpu", steps=2, sync=lambda: calls.append(("sync",)),
                                        activities=[torch.profiler.ProfilerActivity.CPU])
-    # 1 warm-up step inside the schedule (the host runs ahead again), then the 2 traced ones; the
-    # sync comes after the last traced step, while the trace still records
-    assert calls == [("step", 0), ("step", 1), ("step", 2), ("sync",)]
+    # 1 warm-up step inside the schedule, synced before the trace starts (its kernels must not run
+    # inside the trace), then the 2 traced ones, synced while the trace still records
+    assert calls == [("step", 0), ("sync",), ("step", 1), ("step", 2), ("sync",)]
     names = [e.name() for e in traced[0].profiler.kineto_results.events()]
     assert names.count("aten::ones") == 2 and "aten::zeros" not in names  # the warm-up step is not traced
     assert set(profile) >= {"gpu_ms_per_step", "categories_ms", "top_kernels", "idle_ms_per_step", "host_api", "gaps"}
