@@ -73,8 +73,6 @@ def _rope_kernel(
     SIN_ptr,  # (B or 1, T, D)
     QO_ptr,  # (B, T, Hq, D) output
     KO_ptr,  # (B, T, Hkv, D) output
-    V_ptr,  # (B, T, Hkv, D) copied unrotated to VO when COPY_V (the v of a packed qkv, or its gradient)
-    VO_ptr,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -89,18 +87,11 @@ def _rope_kernel(
     stride_kob,
     stride_kot,
     stride_koh,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    stride_vob,
-    stride_vot,
-    stride_voh,
     T,
     HQ,
     HKV,
     HALF: tl.constexpr,  # D / 2
     BACKWARD: tl.constexpr,
-    COPY_V: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
@@ -125,13 +116,6 @@ def _rope_kernel(
         K_ptr, KO_ptr, stride_kb, stride_kt, stride_kh, stride_kob, stride_kot, stride_koh,
         b, t, c1, c2, s1, s2, HKV, HALF, BACKWARD, BLOCK_HKV, BLOCK_HALF,
     )  # fmt: skip
-    if COPY_V:
-        heads = tl.arange(0, BLOCK_HKV)[:, None]
-        vmask = (heads < HKV) & dmask
-        v_in = V_ptr + b * stride_vb + t * stride_vt + heads * stride_vh + dims
-        v_out = VO_ptr + b * stride_vob + t * stride_vot + heads * stride_voh + dims
-        tl.store(v_out, tl.load(v_in, mask=vmask), mask=vmask)
-        tl.store(v_out + HALF, tl.load(v_in + HALF, mask=vmask), mask=vmask)
 
 
 # -- launchers ------------------------------------------------------------------------------------
@@ -154,10 +138,11 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"rope: expected q (B, T, Hq, D) and k (B, T, Hkv, D), got {tuple(q.shape)} and {tuple(k.shape)}")
-    B, T, _, head_dim = q.shape
+    B, T, n_q_heads, head_dim = q.shape
+    n_kv_heads = k.shape[2]
     if head_dim % 2:
         raise ValueError(f"rope: head dim {head_dim} must be even for the rotate-half layout")
     if q.dtype != k.dtype:
@@ -166,37 +151,22 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         raise ValueError(
             f"rope: cos/sin must be ({B} or 1, {T}, {head_dim}) for q {tuple(q.shape)}, got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
-
-
-def _rotate_into(q, k, cos, sin, q_out, k_out, backward: bool, v=None, v_out=None) -> None:
-    """Rotate q into q_out and k into k_out (the inverse rotation when `backward`); copy v into v_out
-    when given. Every tensor (B, T, heads, D) with a unit stride on D, any other strides."""
-    B, T, n_q_heads, head_dim = q.shape
-    n_kv_heads = k.shape[2]
+    q, k = _unit_last(q), _unit_last(k)  # gradients may arrive expanded: keep their strides otherwise
     cos, sin = cos.contiguous(), sin.contiguous()
+    q_out = torch.empty((B, T, n_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((B, T, n_kv_heads, head_dim), dtype=k.dtype, device=k.device)
     stride_cb = cos.stride(0) if cos.shape[0] > 1 else 0
-    copy_v = v is not None
-    v, v_out = (v, v_out) if copy_v else (k, k_out)  # unused pointers when not copying
     wrap_triton(_rope_kernel)[(B * T,)](
-        q, k, cos, sin, q_out, k_out, v, v_out,
+        q, k, cos, sin, q_out, k_out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         stride_cb, cos.stride(1),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        v_out.stride(0), v_out.stride(1), v_out.stride(2),
         T, n_q_heads, n_kv_heads,
-        HALF=head_dim // 2, BACKWARD=backward, COPY_V=copy_v,
+        HALF=head_dim // 2, BACKWARD=backward,
         **_launch_params(n_q_heads, n_kv_heads, head_dim),
     )  # fmt: skip
-
-
-def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
-    _check(q, k, cos, sin)
-    q, k = _unit_last(q), _unit_last(k)  # gradients may arrive expanded: keep their strides otherwise
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    _rotate_into(q, k, cos, sin, q_out, k_out, backward)
     return q_out, k_out
 
 
@@ -233,61 +203,6 @@ def _rope_grad(ctx, dq, dk):
 _rope_fwd.register_autograd(_rope_grad, setup_context=_rope_setup)
 
 
-# The packed form: q, k and v read from the fused projection's output (B, T, Hq + 2 Hkv, D) in one
-# launch, returned as three new tensors (v copied). Nothing then refers to the projection's output,
-# so autograd need not keep it: the attention keeps q, k and v, and the (B, T, Hq + 2 Hkv, D) buffer
-# is freed after the forward (with a view of it as v, it stayed alive for backward whole). The
-# backward takes the three gradients as they come and writes the projection's gradient packed,
-# with no concatenation.
-
-
-def _split_qkv(qkv: torch.Tensor, n_q_heads: int, n_kv_heads: int):
-    return qkv.split([n_q_heads, n_kv_heads, n_kv_heads], dim=2)  # views (B, T, H*, D)
-
-
-def _rope_qkv_fwd_launch(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int, n_kv_heads: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if qkv.dim() != 4 or qkv.shape[2] != n_q_heads + 2 * n_kv_heads:
-        raise ValueError(
-            f"rope_qkv: expected qkv (B, T, {n_q_heads} + 2 x {n_kv_heads} heads, D), got {tuple(qkv.shape)}"
-        )
-    q, k, v = _split_qkv(_unit_last(qkv), n_q_heads, n_kv_heads)
-    _check(q, k, cos, sin)
-    q_out, k_out, v_out = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    _rotate_into(q, k, cos, sin, q_out, k_out, backward=False, v=v, v_out=v_out)
-    return q_out, k_out, v_out
-
-
-def _rope_qkv_bwd_launch(
-    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> torch.Tensor:
-    B, T, n_q_heads, head_dim = dq.shape
-    n_kv_heads = dk.shape[2]
-    dq, dk, dv = _unit_last(dq), _unit_last(dk), _unit_last(dv)
-    dqkv = torch.empty((B, T, n_q_heads + 2 * n_kv_heads, head_dim), dtype=dq.dtype, device=dq.device)
-    dq_in, dk_in, dv_in = _split_qkv(dqkv, n_q_heads, n_kv_heads)
-    _rotate_into(dq, dk, cos, sin, dq_in, dk_in, backward=True, v=dv, v_out=dv_in)
-    return dqkv
-
-
-_rope_qkv_fwd = triton_op("kernels::rope_qkv_fwd", _rope_qkv_fwd_launch, mutates_args=())
-_rope_qkv_bwd = triton_op("kernels::rope_qkv_bwd", _rope_qkv_bwd_launch, mutates_args=())
-
-
-def _rope_qkv_setup(ctx, inputs, output):
-    _qkv, cos, sin, _hq, _hkv = inputs
-    ctx.save_for_backward(cos, sin)
-
-
-def _rope_qkv_grad(ctx, dq, dk, dv):
-    cos, sin = ctx.saved_tensors
-    return _rope_qkv_bwd(dq, dk, dv, cos, sin), None, None, None, None  # grads for (qkv, cos, sin, hq, hkv)
-
-
-_rope_qkv_fwd.register_autograd(_rope_qkv_grad, setup_context=_rope_qkv_setup)
-
-
 # -- functional -----------------------------------------------------------------------------------
 
 
@@ -296,11 +211,3 @@ def apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, T, Hq, D) and k (B, T, Hkv, D) by cos/sin (B or 1, T, D); as `apply_rotary_ref`."""
     return _rope_fwd(q, k, cos, sin)
-
-
-def apply_rotary_qkv(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int, n_kv_heads: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k rotated and v from a fused projection's output qkv (B, T, Hq + 2 Hkv, D), each a new
-    (B, T, heads, D) tensor; as `apply_rotary_qkv_ref`."""
-    return _rope_qkv_fwd(qkv, cos, sin, n_q_heads, n_kv_heads)

@@ -39,9 +39,7 @@ _SAVED_OPS = {
 
 # Our ops that run a matmul, saved like aten's. By name: a kernel module registers its ops when it
 # is imported, which only happens when a config chooses it.
-# The packed RoPE too: it reads the qkv projection's output and writes q, k and v anew, which the
-# attention keeps anyway; recomputing it would keep the projection's output instead, as large.
-_SAVED_KERNEL_OPS = {"kernels::swiglu_linear_fwd", "kernels::gelu_mlp_fwd", "kernels::rope_qkv_fwd"}
+_SAVED_KERNEL_OPS = {"kernels::swiglu_linear_fwd", "kernels::gelu_mlp_fwd"}
 
 
 def _selective_policy(ctx, op, *args, **kwargs):

@@ -133,30 +133,6 @@ def test_selective_checkpointing_saves_swiglu_fused_linear_and_recomputes_the_pr
 
 
 
-def test_selective_checkpointing_saves_the_packed_rope():
-    """With `rope: triton` the attention rotates q and k straight from the fused projection's
-    output (`kernels::rope_qkv_fwd`); selective checkpointing saves that op's q, k and v instead
-    of recomputing them (which would keep the projection's output, as large): it runs once per
-    block, and the gradients are those without checkpointing."""
-    from src.trainer.parallelize import apply_activation_checkpointing
-
-    ids = torch.randint(0, TINY_QWEN2["vocab_size"], (2, 8), device=DEVICE)
-    grads, counts = [], []
-    for mode in ("none", "selective"):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(TINY_QWEN2, kernels=KernelConfig(attention="sdpa", rope="triton"))
-        apply_activation_checkpointing(model.to(DEVICE), mode)
-        with CountOps() as ops:
-            model(ids, labels=ids, return_logits=False).loss.backward()
-        counts.append(ops.calls)
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    plain, selective = counts
-    assert plain["kernels::rope_qkv_fwd"] == selective["kernels::rope_qkv_fwd"] == 2  # once per block
-    assert "kernels::rope_fwd" not in plain  # the unpacked op is not used
-    for name in grads[0]:
-        assert_close(grads[1][name], grads[0][name], torch.float32, name)
-
-
 def test_selective_checkpointing_saves_gelu_mlp():
     """Under `activation_checkpointing: selective` GPT-2's `gelu: cublaslt` op (it runs the fc
     and projection matmuls) is saved like aten's matmuls: it runs once per block with or without

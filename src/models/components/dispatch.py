@@ -9,9 +9,6 @@ Every implementation of one op has the reference's signature:
     rmsnorm        (x, weight, eps) -> y
     layernorm      (x, weight, bias, eps) -> y
     rope           (q, k, cos, sin) -> (q, k)        q: (B, T, Hq, D), k: (B, T, Hkv, D), cos/sin: (B|1, T, D)
-    rope_qkv       (qkv (B, T, Hq + 2 Hkv, D), cos, sin, n_q_heads, n_kv_heads) -> (q, k, v)   (used with
-                   `kernels.rope: triton`: one launch reads the fused projection's output and returns new
-                   tensors, so the projection's output is not kept for backward)
     swiglu         (gate, up) -> silu(gate) * up
     swiglu_packed  (gate_up (..., 2H), gate first) -> silu(gate) * up   (the SwiGLU module's layout, used
                    with `kernels.swiglu: triton`: its backward writes the gradient of gate_up whole)
@@ -57,10 +54,6 @@ _REGISTRY: dict[str, dict[str, str]] = {
         "torch": "src.models.components.embeddings.rotary:apply_rotary_ref",
         "triton": "kernels.rope:apply_rotary",
         "liger": "liger_kernel.ops.rope:LigerRopeFunction",
-    },
-    "rope_qkv": {
-        "torch": "src.models.components.embeddings.rotary:apply_rotary_qkv_ref",
-        "triton": "kernels.rope:apply_rotary_qkv",
     },
     "swiglu": {
         "torch": "src.models.components.mlp:swiglu_ref",

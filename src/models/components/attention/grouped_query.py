@@ -49,9 +49,6 @@ class GroupedQueryAttention(nn.Module):
         self.qkv = Linear(dim, self.q_size + 2 * self.kv_size, bias=qkv_bias, impl=linear_impl)
         self.o_proj = Linear(self.q_size, dim, bias=out_bias, impl=linear_impl)
         self._rope = get_kernel("rope", rope_impl)
-        # Our kernel rotates straight from the fused projection's output (see kernels/rope.py:
-        # the projection's output is then not kept for backward, only q, k and v).
-        self._rope_qkv = get_kernel("rope_qkv", rope_impl) if rope_impl == "triton" else None
 
     def forward(
         self,
@@ -63,16 +60,11 @@ class GroupedQueryAttention(nn.Module):
         documents: PackedDocuments | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.qkv(x)  # (B, T, (Hq + 2 Hkv) D)
-        if self._rope_qkv is not None:
-            qkv = qkv.view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-            q, k, v = self._rope_qkv(qkv, cos, sin, self.n_heads, self.n_kv_heads)  # (B, T, H*, D) each
-        else:
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, Hq, D)
-            k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-            v = v.view(B, T, self.n_kv_heads, self.head_dim)
-            q, k = self._rope(q, k, cos, sin)
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, Hq, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = self._rope(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, T_past + T, Hkv, D)
         dropout_p = self.dropout if self.training else 0.0

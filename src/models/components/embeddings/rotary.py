@@ -153,15 +153,6 @@ def apply_rotary_ref(
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def apply_rotary_qkv_ref(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int, n_kv_heads: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q and k rotated, and v, from a fused projection's output qkv (B, T, Hq + 2 Hkv, D)."""
-    q, k, v = qkv.split([n_q_heads, n_kv_heads, n_kv_heads], dim=2)
-    q, k = apply_rotary_ref(q, k, cos, sin)
-    return q, k, v
-
-
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE.
 
