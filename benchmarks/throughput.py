@@ -103,6 +103,7 @@ class Variant:
     liger: bool = False
     bf16_params: bool = False
     activation_checkpointing: str = "none"
+    ac_layers: int | None = None  # trainer.activation_checkpointing_layers (None: every block)
     compile_mode: str = "default"
     compile_scope: str = "blocks"
     memory_budget: float = 1.0
@@ -118,7 +119,8 @@ def kernel_flips(optimized: dict) -> list[tuple[str, dict]]:
 
 
 def our_variants(
-    family: str, ac: str, sharded: bool = False, memory_budgets: tuple[float, ...] = (), grad_accum: int = 1
+    family: str, ac: str, sharded: bool = False, memory_budgets: tuple[float, ...] = (), grad_accum: int = 1,
+    ac_layers: tuple[int, ...] = (),
 ) -> list[Variant]:
     ref = dataclass_dict(KernelConfig.reference())
     optimized = OPTIMIZED[family]
@@ -170,6 +172,10 @@ def our_variants(
         if ac == "none":
             variants.append(Variant(f"{best} +selective AC", "ours", dict(optimized),
                                     activation_checkpointing="selective", residual_dtype=res, **whole_graphs))
+            for layers in ac_layers:  # between none and all: the first N blocks checkpointed
+                variants.append(Variant(f"{best} +selective AC on {layers} blocks", "ours", dict(optimized),
+                                        activation_checkpointing="selective", ac_layers=layers, residual_dtype=res,
+                                        **whole_graphs))
     return variants
 
 
@@ -282,6 +288,7 @@ def train_config(args, variant: Variant, steps: int, out_dir: str) -> TrainConfi
                 "max_steps": steps,
                 "precision": "bf16",
                 "activation_checkpointing": variant.activation_checkpointing,
+                "activation_checkpointing_layers": variant.ac_layers,
                 "activation_memory_budget": variant.memory_budget,
                 "residual_dtype": variant.residual_dtype,
                 "seed": args.seed,
@@ -560,6 +567,8 @@ def parse_args(argv=None):
     p.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
     p.add_argument("--memory-budgets", type=float, nargs="*", default=[0.5],
                    help="add one 'optimized +memory budget B' variant per value (trainer.activation_memory_budget)")
+    p.add_argument("--ac-layers", type=int, nargs="*", default=[], metavar="N",
+                   help="add one '... +selective AC on N blocks' variant per value (trainer.activation_checkpointing_layers)")
     p.add_argument("--loss-check", type=int, default=0, metavar="N",
                    help="train each variant N steps on the sample text and compare final losses (no peers)")
     p.add_argument("--lr", type=float, default=6e-4)
@@ -594,7 +603,8 @@ def main(argv=None) -> None:
     model_config = load_model_config(args.model)
     family = model_config.model_family
     variants = our_variants(family, args.activation_checkpointing, sharded=args.strategy == "fsdp2",
-                            memory_budgets=tuple(args.memory_budgets), grad_accum=args.grad_accum)
+                            memory_budgets=tuple(args.memory_budgets), grad_accum=args.grad_accum,
+                            ac_layers=tuple(args.ac_layers))
     if args.peers and not args.loss_check and info.world_size == 1:
         variants += peer_variants(family)
     if args.variants:

@@ -40,6 +40,11 @@ class TrainerConfig:
     residual_dtype: Literal["fp32", "bf16"] = "fp32"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # How many transformer blocks activation_checkpointing applies to, from the first (null: all).
+    # Between none and all, memory and time fall in steps of one block's activations: the way to
+    # fill a memory budget exactly (Megatron-LM's --recompute-num-layers). In a model's forward all
+    # blocks' activations are alive at once, so which blocks makes no difference to the peak.
+    activation_checkpointing_layers: int | None = None
     # With compile: true, the share of the compiled blocks' activations to keep (1.0: what runs
     # fastest; lower: the compiler recomputes the cheapest ops in backward to stay under it, e.g.
     # 0.5 keeps half). An alternative to activation_checkpointing, not a complement.
@@ -76,6 +81,13 @@ class TrainerConfig:
         if self.activation_memory_budget < 1.0 and self.activation_checkpointing != "none":
             raise ConfigError("trainer.activation_memory_budget and trainer.activation_checkpointing both decide what "
                               "to recompute; set one of them (activation_checkpointing: none, or budget 1.0)")
+        if self.activation_checkpointing_layers is not None:
+            if self.activation_checkpointing_layers < 0:
+                raise ConfigError("trainer.activation_checkpointing_layers must be >= 0 (or left out for every "
+                                  f"block), got {self.activation_checkpointing_layers}")
+            if self.activation_checkpointing == "none":
+                raise ConfigError("trainer.activation_checkpointing_layers says how many blocks to checkpoint; set "
+                                  "trainer.activation_checkpointing to full or selective (or leave the layers out)")
         if self.gc_every < 0:
             raise ConfigError(f"trainer.gc_every must be >= 0 (0 keeps Python's automatic collection), got {self.gc_every}")
         if self.residual_dtype == "bf16" and self.precision == "fp32":

@@ -89,8 +89,9 @@ def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """Recompute each block's activations in backward instead of keeping them.
+def apply_activation_checkpointing(model: nn.Module, mode: str, layers: int | None = None) -> None:
+    """Recompute the activations of the first `layers` trainable blocks (None: all of them) in
+    backward instead of keeping them.
 
     The block's `forward` is replaced on the instance (not wrapped in another module), so the
     parameter names do not change.
@@ -99,9 +100,13 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         return
     if mode not in ("full", "selective"):
         raise ValueError(f"activation_checkpointing must be none, full or selective, got {mode!r}")
-    for block in transformer_blocks(model):
-        if _trainable(block):  # a frozen block (DPO reference) keeps no activations anyway
-            block.forward = _checkpointed(block.forward, selective=mode == "selective")
+    # a frozen block (DPO's reference) keeps no activations anyway
+    blocks = [block for block in transformer_blocks(model) if _trainable(block)]
+    if layers is not None and layers > len(blocks):
+        raise ValueError(f"trainer.activation_checkpointing_layers={layers}, but the model has {len(blocks)} "
+                         f"trainable blocks; set at most {len(blocks)} (or leave it out for all of them)")
+    for block in blocks[:layers]:
+        block.forward = _checkpointed(block.forward, selective=mode == "selective")
 
 
 def apply_compile(
@@ -204,7 +209,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool
         ensure_process_group(info)  # FSDP2 and DDP in one plain `python` process: a group of one
     model.to(info.device)
     apply_residual_dtype(model, residual_dtype(cfg, bf16))
-    apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
+    apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing, cfg.trainer.activation_checkpointing_layers)
     whole_model_ddp = cfg.compile and cfg.compile_scope == "model" and strategy == "ddp"
     if cfg.compile and not whole_model_ddp:
         apply_compile(model, cfg.compile_mode, cfg.trainer.activation_memory_budget, cfg.compile_scope)

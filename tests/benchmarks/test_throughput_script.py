@@ -61,6 +61,13 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
     assert "optimized +whole-model +CUDA graphs" in accumulating  # the trainer keeps persistent .grad buffers
     # with checkpointing chosen for every variant there is no separate +selective AC row
     assert "optimized +selective AC" not in [v.name for v in throughput.our_variants(family, "full")]
+    # --ac-layers: selective checkpointing on the first N blocks only, one row per N
+    partial = {v.name: v for v in throughput.our_variants(family, "none", ac_layers=(20, 22))}
+    row = partial[f"{best} +selective AC on 20 blocks"]
+    assert (row.activation_checkpointing, row.ac_layers) == ("selective", 20)
+    assert f"{best} +selective AC on 22 blocks" in partial and f"{best} +selective AC on 20 blocks" not in names
+    cfg = throughput.train_config(throughput.parse_args(["--ac-layers", "20"]), row, 10, "unused")
+    assert (cfg.trainer.activation_checkpointing, cfg.trainer.activation_checkpointing_layers) == ("selective", 20)
 
 
 def test_markov_batches_are_deterministic_shifted_and_learnable():

@@ -77,6 +77,9 @@ def test_missing_model_yaml_lists_what_exists(tmp_path):
         (["trainer.activation_memory_budget=1.5"], r"activation_memory_budget must be in \[0, 1\]"),
         (["compile=true", "trainer.activation_memory_budget=0.5", "trainer.activation_checkpointing=full"],
          "set one of them"),
+        (["trainer.activation_checkpointing_layers=4"], "set trainer.activation_checkpointing to full or selective"),
+        (["trainer.activation_checkpointing=selective", "trainer.activation_checkpointing_layers=-1"],
+         "activation_checkpointing_layers must be >= 0"),
     ],
 )
 def test_impossible_combinations(tmp_path, overrides, message):

@@ -265,6 +265,30 @@ def test_activation_checkpointing_gives_the_same_gradients(mode, tmp_path):
     assert_same_grads(grads[1], grads[0])
 
 
+def test_activation_checkpointing_on_the_first_layers_only(tmp_path):
+    """activation_checkpointing_layers=1: the first block is checkpointed, the others are not, and
+    the gradients are those without checkpointing; more layers than blocks is an error that says
+    how many there are."""
+    plain = Trainer(make_config(tmp_path / "plain", max_steps=2), tiny_model(), SyntheticLoader(4), None, CPU)
+    cfg = make_config(tmp_path / "one", max_steps=2, activation_checkpointing="selective",
+                      activation_checkpointing_layers=1)
+    ac = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
+    checkpointed = [hasattr(block.forward, "__wrapped__") for block in ac.bare.layers]
+    assert checkpointed[0] and not any(checkpointed[1:]) and len(checkpointed) > 1
+    grads = [capture_grads(t) for t in (plain, ac)]
+    for trainer in (plain, ac):
+        trainer.fit()
+    assert train_losses(ac) == pytest.approx(train_losses(plain), rel=1e-6)
+    assert_same_grads(grads[1], grads[0])
+
+    n = len(checkpointed)
+    too_many = make_config(tmp_path / "many", max_steps=2, activation_checkpointing="full",
+                           activation_checkpointing_layers=n + 1)
+    with pytest.raises(ValueError, match=rf"activation_checkpointing_layers={n + 1}, but the model has {n} "
+                                         rf"trainable blocks; set at most {n}"):
+        Trainer(too_many, tiny_model(), SyntheticLoader(4), None, CPU)
+
+
 @pytest.mark.parametrize("gc_every", [0, 3])
 def test_garbage_collection_is_scheduled_during_fit_and_restored_after(gc_every, tmp_path, monkeypatch):
     import gc
