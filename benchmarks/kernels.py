@@ -114,9 +114,10 @@ def build_cases(device: str) -> list[Case]:
         flops = 2 * N * H * V  # one (N, H) x (H, V) matmul
         return Case(op, f"{N}x{H}x{V}", make, fwd_flops=flops, fwd_bwd_flops=3 * flops)
 
-    def swiglu_linear_case(M, D, H):
-        """SwiGLU and the down projection after it: M tokens, model width D, MLP width H; the work
-        counted is the projection's matmuls."""
+    def swiglu_linear_case(op, M, D, H):
+        """SwiGLU and the down projection after it (`swiglu_linear_recompute`: without the product
+        kept for backward): M tokens, model width D, MLP width H; the work counted is the
+        projection's matmuls."""
 
         def make(dtype):
             gate_up = _leaf(torch.randn(M, 2 * H, device=device, dtype=dtype))
@@ -124,7 +125,7 @@ def build_cases(device: str) -> list[Case]:
             return [gate_up, weight], [torch.randn(M, D, device=device, dtype=dtype)]
 
         flops = 2 * M * D * H  # one (M, H) x (H, D) matmul
-        return Case("swiglu_linear", f"{M}x{D}x{H}", make, fwd_flops=flops, fwd_bwd_flops=3 * flops)
+        return Case(op, f"{M}x{D}x{H}", make, fwd_flops=flops, fwd_bwd_flops=3 * flops)
 
     def gelu_mlp_case(M, D, H):
         """GPT-2's MLP: M tokens, model width D, MLP width H; the work counted is its two matmuls
@@ -152,7 +153,8 @@ def build_cases(device: str) -> list[Case]:
         linear_case("fused_linear_cross_entropy", 8192, 896, 151936),
         linear_case("fused_linear_cross_entropy", 8192, 768, 50304),
         linear_case("token_logprobs", 8192, 896, 151936),
-        swiglu_linear_case(8192, 896, 4864),
+        swiglu_linear_case("swiglu_linear", 8192, 896, 4864),
+        swiglu_linear_case("swiglu_linear_recompute", 8192, 896, 4864),
         gelu_mlp_case(16384, 768, 3072),
     ]
 
@@ -351,7 +353,7 @@ def _eager_ms(rows: list[dict], case: tuple[str, str]) -> float:
 def main(argv: list[str] | None = None) -> None:
     all_ops = [
         "rmsnorm", "layernorm", "swiglu", "rope", "cross_entropy", "fused_linear_cross_entropy", "token_logprobs",
-        "swiglu_linear", "gelu_mlp",
+        "swiglu_linear", "swiglu_linear_recompute", "gelu_mlp",
     ]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="+", choices=all_ops, default=all_ops, help="ops to benchmark (default: all)")

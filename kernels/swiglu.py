@@ -69,26 +69,29 @@ def _swiglu_bwd_kernel(
     U_ptr,  # (M, H) up
     DG_ptr,  # (M, H) output gradient of gate
     DU_ptr,  # (M, H) output gradient of up
+    Y_ptr,  # (M, H) output with STORE_Y: the forward's y again (for a weight gradient that needs it)
     stride_dym,
     stride_gm,
     stride_um,
     stride_dgm,
     stride_dum,
+    stride_ym,
     H,  # row width; with FLAT, the number of elements
     FLAT: tl.constexpr,
     PACKED: tl.constexpr,  # G_ptr and DG_ptr are (M, 2H) [gate | up] and its gradient; U_ptr, DU_ptr unused
+    STORE_Y: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     if FLAT:
         offs = tl.program_id(0).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask = offs < H
-        dy_offs, g_offs, u_offs, dg_offs, du_offs = offs, offs, offs, offs, offs
+        dy_offs, g_offs, u_offs, dg_offs, du_offs, y_offs = offs, offs, offs, offs, offs, offs
     else:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask = cols < H
         dy_offs, g_offs, u_offs = row * stride_dym + cols, row * stride_gm + cols, row * stride_um + cols
-        dg_offs, du_offs = row * stride_dgm + cols, row * stride_dum + cols
+        dg_offs, du_offs, y_offs = row * stride_dgm + cols, row * stride_dum + cols, row * stride_ym + cols
     dy = tl.load(DY_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
     if PACKED:
@@ -104,6 +107,8 @@ def _swiglu_bwd_kernel(
         tl.store(DG_ptr + H + dg_offs, du.to(DG_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(DU_ptr + du_offs, du.to(DU_ptr.dtype.element_ty), mask=mask)
+    if STORE_Y:  # as the forward computes it: (g * sigma(g)) * u in fp32, rounded once
+        tl.store(Y_ptr + y_offs, (silu * u).to(Y_ptr.dtype.element_ty), mask=mask)
 
 
 # -- launchers ------------------------------------------------------------------------------------
@@ -159,9 +164,9 @@ def _swiglu_bwd_launch(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -
     p = _launch_params(hidden)
     grid, flat, width = _grid([dy2, g2, u2, dg, du], M, hidden, p["BLOCK_H"])
     wrap_triton(_swiglu_bwd_kernel)[grid](
-        dy2, g2, u2, dg, du,
-        dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0),
-        width, FLAT=flat, PACKED=False,
+        dy2, g2, u2, dg, du, dg,
+        dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0), 0,
+        width, FLAT=flat, PACKED=False, STORE_Y=False,
         **p,
     )  # fmt: skip
     return dg.view(gate.shape), du.view(gate.shape)
@@ -190,18 +195,26 @@ def _swiglu_packed_fwd_launch(gate_up: torch.Tensor) -> torch.Tensor:
     return y.view(*gate_up.shape[:-1], hidden)
 
 
-def _swiglu_packed_bwd_launch(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-    gu = _packed_rows(gate_up, "swiglu_packed")
+def _swiglu_packed_bwd_rows(dy: torch.Tensor, gu: torch.Tensor, store_y: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """d gate_up (M, 2H) for gu (M, 2H) and dy (M, H) with a unit last stride; with `store_y` also
+    y = silu(gate) * up (M, H), bit for bit the forward's, from the same pass."""
     M, hidden = gu.shape[0], gu.shape[1] // 2
-    dy2 = as_rows(dy, hidden)  # an expanded (stride-0) gradient is read through its strides
     dgu = torch.empty((M, 2 * hidden), dtype=gu.dtype, device=gu.device)  # [dgate | dup]
+    y = torch.empty((M, hidden), dtype=gu.dtype, device=gu.device) if store_y else dgu
     p = _launch_params(hidden)
     wrap_triton(_swiglu_bwd_kernel)[(M, triton.cdiv(hidden, p["BLOCK_H"]))](
-        dy2, gu, gu, dgu, dgu,
-        dy2.stride(0), gu.stride(0), gu.stride(0), dgu.stride(0), dgu.stride(0),
-        hidden, FLAT=False, PACKED=True,
+        dy, gu, gu, dgu, dgu, y,
+        dy.stride(0), gu.stride(0), gu.stride(0), dgu.stride(0), dgu.stride(0), y.stride(0),
+        hidden, FLAT=False, PACKED=True, STORE_Y=store_y,
         **p,
     )  # fmt: skip
+    return dgu, (y if store_y else None)
+
+
+def _swiglu_packed_bwd_launch(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    gu = _packed_rows(gate_up, "swiglu_packed")
+    dy2 = as_rows(dy, gu.shape[1] // 2)  # an expanded (stride-0) gradient is read through its strides
+    dgu, _ = _swiglu_packed_bwd_rows(dy2, gu, store_y=False)
     return dgu.view(gate_up.shape)
 
 

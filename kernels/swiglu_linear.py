@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from kernels import mm_out, num_sms
-from kernels.swiglu import _swiglu_packed_bwd_launch, swiglu_packed
+from kernels.swiglu import _swiglu_packed_bwd_launch, _swiglu_packed_bwd_rows, _swiglu_packed_fwd_launch, swiglu_packed
 
 try:  # Triton >= 3.4 (host-side TMA descriptors)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -187,6 +187,35 @@ def _swiglu_linear_bwd_launch(
     return dgu.view(gate_up.shape), dweight
 
 
+# `swiglu_linear_recompute`: the same op without h kept for backward. The forward computes h inside
+# the op and drops it; the backward recomputes it in the SwiGLU backward's row pass, which reads
+# gate and up anyway: dh = dy @ weight (cuBLAS), then one pass over dh, gate and up writes
+# d gate_up and h, then dweight = dy.T @ h. h then costs one more write of (M, H) in a
+# memory-bound kernel, instead of a separate pass that reads all of gate_up (what selective
+# checkpointing of `swiglu_linear` does), or a third store in the fused GEMM's epilogue (which
+# doubled that kernel's time on an H200).
+
+
+def _swiglu_linear_recompute_fwd_launch(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(gate_up.device.type, enabled=False):
+        h = _swiglu_packed_fwd_launch(gate_up)  # (..., H), freed when the op returns
+        y = torch.mm(h.reshape(-1, h.shape[-1]), weight.to(h.dtype).t())  # (M, D)
+    return y.view(*gate_up.shape[:-1], weight.shape[0])
+
+
+def _swiglu_linear_recompute_bwd_launch(
+    dy: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast(dy.device.type, enabled=False):
+        gu = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()  # (M, 2H)
+        dy2 = dy.reshape(-1, weight.shape[0]).to(gu.dtype).contiguous()  # (M, D); an expanded gradient is copied
+        w = weight.to(gu.dtype).contiguous()  # (D, H)
+        dh = torch.mm(dy2, w)  # (M, H), rounded to the activation dtype as the fused path rounds it
+        dgu, h = _swiglu_packed_bwd_rows(dh, gu, store_y=True)
+        dweight = mm_out(dy2.t(), h, weight.dtype)  # (D, H)
+    return dgu.view(gate_up.shape), dweight
+
+
 # -- registration ---------------------------------------------------------------------------------
 
 # `custom_op` (opaque to torch.compile), like the loss ops: the backward builds TMA descriptors on
@@ -221,6 +250,36 @@ def _swiglu_linear_grad(ctx, dy):
 
 _swiglu_linear_fwd.register_autograd(_swiglu_linear_grad, setup_context=_swiglu_linear_setup)
 
+_swiglu_linear_recompute_fwd = torch.library.custom_op(
+    "kernels::swiglu_linear_recompute_fwd", _swiglu_linear_recompute_fwd_launch, mutates_args=()
+)
+_swiglu_linear_recompute_bwd = torch.library.custom_op(
+    "kernels::swiglu_linear_recompute_bwd", _swiglu_linear_recompute_bwd_launch, mutates_args=()
+)
+
+
+@_swiglu_linear_recompute_fwd.register_fake
+def _(gate_up, weight):
+    return gate_up.new_empty((*gate_up.shape[:-1], weight.shape[0]))
+
+
+@_swiglu_linear_recompute_bwd.register_fake
+def _(dy, gate_up, weight):
+    return gate_up.new_empty(gate_up.shape), weight.new_empty(weight.shape)
+
+
+def _swiglu_linear_recompute_setup(ctx, inputs, output):
+    gate_up, weight = inputs
+    ctx.save_for_backward(gate_up, weight)  # not h
+
+
+def _swiglu_linear_recompute_grad(ctx, dy):
+    gate_up, weight = ctx.saved_tensors
+    return _swiglu_linear_recompute_bwd(dy, gate_up, weight)  # grads for (gate_up, weight)
+
+
+_swiglu_linear_recompute_fwd.register_autograd(_swiglu_linear_recompute_grad, setup_context=_swiglu_linear_recompute_setup)
+
 
 # -- functional -----------------------------------------------------------------------------------
 
@@ -232,3 +291,11 @@ def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _check(gate_up, weight)
     h = swiglu_packed(gate_up.detach())  # (..., H); its gradient path is the op's own backward
     return _swiglu_linear_fwd(h, gate_up, weight)
+
+
+def swiglu_linear_recompute(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`swiglu_linear` without h = swiglu(gate_up) kept for backward (M x H less memory per layer):
+    the backward writes h again from its SwiGLU pass. The same results as `swiglu_linear`'s
+    unfused backward."""
+    _check(gate_up, weight)
+    return _swiglu_linear_recompute_fwd(gate_up, weight)

@@ -39,7 +39,7 @@ _SAVED_OPS = {
 
 # Our ops that run a matmul, saved like aten's. By name: a kernel module registers its ops when it
 # is imported, which only happens when a config chooses it.
-_SAVED_KERNEL_OPS = {"kernels::swiglu_linear_fwd", "kernels::gelu_mlp_fwd"}
+_SAVED_KERNEL_OPS = {"kernels::swiglu_linear_fwd", "kernels::swiglu_linear_recompute_fwd", "kernels::gelu_mlp_fwd"}
 
 
 def _selective_policy(ctx, op, *args, **kwargs):

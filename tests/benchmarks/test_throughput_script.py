@@ -26,8 +26,9 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
             assert f"optimized {op}={other}" in names
     assert "optimized optimizer=torch" in names
     best = "optimized +whole-model +CUDA graphs"
-    # + the residual stream in fp32, + selective AC
-    n_best_ablations = sum(len(throughput.ALTERNATIVES[op]) - 1 for op in optimized) + 2
+    # + the residual stream in fp32, + selective AC, + selective AC with each of SELECTIVE_FLIPS
+    selective_flips = [op for op in throughput.SELECTIVE_FLIPS if op in optimized]
+    n_best_ablations = sum(len(throughput.ALTERNATIVES[op]) - 1 for op in optimized) + 2 + len(selective_flips)
     assert names[-6 - n_best_ablations:-n_best_ablations] == [
         "optimized +selective AC", "optimized +CUDA graphs", "reference+compile whole model",
         "optimized +whole-model compile", best, f"{best} optimizer=torch"]
@@ -39,6 +40,10 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
             assert variant.kernels == dict(optimized, **{op: other})
             assert (variant.compile_scope, variant.compile_mode) == ("model", "reduce-overhead")
     assert by_name[f"{best} +selective AC"].activation_checkpointing == "selective"
+    for op in selective_flips:  # Qwen2's SwiGLU product recomputed inside its op's backward
+        flip = by_name[f"{best} +selective AC {op}={throughput.SELECTIVE_FLIPS[op]}"]
+        assert flip.activation_checkpointing == "selective" and flip.kernels[op] == throughput.SELECTIVE_FLIPS[op]
+    assert bool(selective_flips) == (family == "qwen2")
     # the optimized rows carry the residual stream in bf16, the references and the ablation in fp32
     for v in by_name.values():
         expected = "fp32" if v.name.startswith("reference") or v.name.endswith("residual=fp32") else "bf16"

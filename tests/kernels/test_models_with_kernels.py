@@ -92,19 +92,22 @@ def test_compiled_model_all_kernels_fullgraph_gpu(family, cross_entropy):
     _compare(family, cross_entropy, device="cuda", compile=True, tol_dtype=torch.float16)
 
 
+@pytest.mark.parametrize("swiglu", ["fused_linear", "fused_linear_recompute"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16 if INTERPRET else torch.bfloat16])
-def test_tiny_qwen2_swiglu_fused_linear_matches_reference(dtype):
+def test_tiny_qwen2_swiglu_fused_linear_matches_reference(dtype, swiglu):
     """`swiglu: fused_linear` (the SwiGLU backward inside the down projection's GEMM; the fused
-    kernel runs in half precision, fp32 takes the unfused backward)."""
+    kernel runs in half precision, fp32 takes the unfused backward) and `fused_linear_recompute`
+    (the product not kept, written again by the SwiGLU backward's row pass)."""
     family = dict(TINY_QWEN2, intermediate_size=64)  # widths of 8k: the fused kernel's TMA rows
-    _compare(family, "fused_linear", dtype=dtype, swiglu="fused_linear")
+    _compare(family, "fused_linear", dtype=dtype, swiglu=swiglu)
 
 
 @pytest.mark.gpu
-def test_compiled_qwen2_swiglu_fused_linear_fullgraph_gpu():
+@pytest.mark.parametrize("swiglu", ["fused_linear", "fused_linear_recompute"])
+def test_compiled_qwen2_swiglu_fused_linear_fullgraph_gpu(swiglu):
     torch._dynamo.reset()
     family = dict(TINY_QWEN2, n_embd=64, intermediate_size=128)
-    _compare(family, "fused_linear", dtype=torch.bfloat16, device="cuda", compile=True, swiglu="fused_linear")
+    _compare(family, "fused_linear", dtype=torch.bfloat16, device="cuda", compile=True, swiglu=swiglu)
 
 
 def test_selective_checkpointing_saves_swiglu_fused_linear_and_recomputes_the_product():
@@ -131,6 +134,32 @@ def test_selective_checkpointing_saves_swiglu_fused_linear_and_recomputes_the_pr
     for name in grads[0]:
         assert_close(grads[1][name], grads[0][name], torch.float32, name)
 
+
+
+def test_selective_checkpointing_saves_swiglu_linear_recompute():
+    """`swiglu: fused_linear_recompute` is saved like a matmul under selective checkpointing (its
+    output; its inputs are gate_up and the weight), so nothing recomputes the product but its own
+    backward; the gradients are those without checkpointing."""
+    from src.trainer.parallelize import apply_activation_checkpointing
+
+    family = dict(TINY_QWEN2, intermediate_size=64)
+    ids = torch.randint(0, family["vocab_size"], (2, 8), device=DEVICE)
+    grads, counts = [], []
+    for mode in ("none", "selective"):
+        torch.manual_seed(0)
+        kernels = KernelConfig(attention="sdpa", swiglu="fused_linear_recompute")
+        model = AutoModelForCausalLM.from_config(family, kernels=kernels).to(DEVICE)
+        apply_activation_checkpointing(model, mode)
+        with CountOps() as ops:
+            model(ids, labels=ids, return_logits=False).loss.backward()
+        counts.append(ops.calls)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    plain, selective = counts
+    op = "kernels::swiglu_linear_recompute_fwd"
+    assert plain[op] == selective[op] == 2  # once per block
+    assert "kernels::swiglu_packed_fwd" not in plain  # the product runs inside the op only
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], torch.float32, name)
 
 
 def test_selective_checkpointing_saves_gelu_mlp():

@@ -78,6 +78,20 @@ def test_swiglu_packed_matches_reference_and_writes_one_gradient(shape, dtype):
     assert_close(packed.grad, want_grad, dtype, "dgate_up")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 123), (6, 1000)])
+def test_swiglu_packed_backward_rewrites_the_forward_bit_for_bit(shape, dtype):
+    """The backward's row pass can also write y (for `swiglu_linear_recompute`): the forward's y,
+    bit for bit, beside the same d gate_up as without it."""
+    from kernels.swiglu import _swiglu_packed_bwd_launch, _swiglu_packed_bwd_rows
+
+    gate_up = torch.randn(shape[0], 2 * shape[1], device=DEVICE, dtype=dtype) * 3
+    dy = torch.randn(shape, device=DEVICE, dtype=dtype)
+    dgate_up, y = _swiglu_packed_bwd_rows(dy, gate_up, store_y=True)
+    assert torch.equal(y, swiglu_packed(gate_up))
+    assert torch.equal(dgate_up, _swiglu_packed_bwd_launch(dy, gate_up))
+
+
 def test_swiglu_packed_refuses_an_odd_width():
     with pytest.raises(ValueError, match="must be even"):
         swiglu_packed(torch.randn(2, 7, device=DEVICE))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kernels.swiglu_linear as swiglu_linear_module
-from kernels.swiglu_linear import fused_backward_supported, swiglu_linear
+from kernels.swiglu_linear import fused_backward_supported, swiglu_linear, swiglu_linear_recompute
 from src.models.components.mlp import swiglu_linear_ref
 
 from .helpers import DEVICE, INTERPRET, TOLERANCE, assert_close, leaf, needs_triton
@@ -105,6 +105,41 @@ def test_bad_shapes_name_the_problem():
         swiglu_linear(torch.randn(2, 10, device=DEVICE), torch.randn(4, 6, device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens, D, H", [((2, 20), 24, 40), ((1,), 16, 37), ((3, 50), 24, 200)],
+                         ids=["batch", "single-row-odd-H", "H-not-a-block-multiple"])
+def test_recompute_variant_matches_reference(tokens, D, H, dtype):
+    """`swiglu_linear_recompute`: the reference's results, with h written again in backward."""
+    gate_up, weight, dy = _inputs(tokens, D, H, dtype)
+    got = _run(swiglu_linear_recompute, gate_up, weight, dy)
+    want = _run(swiglu_linear_ref, gate_up, weight, dy)
+    for name, g, w in zip(("y", "dgate_up", "dweight"), got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert_close(g, w, dtype, name)
+
+
+def test_recompute_variant_keeps_no_h_and_agrees_with_the_unfused_backward():
+    """It keeps gate_up and the weight for backward, not the (tokens, H) product, and gives what
+    `swiglu_linear`'s unfused backward gives, bit for bit (fp32 weight, bf16 activations)."""
+    gate_up, weight, dy = _inputs((2, 16), 16, 24, torch.bfloat16, weight_dtype=torch.float32)
+    kept = {}
+    for fn in (swiglu_linear, swiglu_linear_recompute):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            fn(leaf(gate_up), leaf(weight))
+        kept[fn.__name__] = saved
+    assert (2, 16, 24) in kept["swiglu_linear"] and (2, 16, 24) not in kept["swiglu_linear_recompute"]
+    assert sorted(kept["swiglu_linear_recompute"]) == sorted([(2, 16, 48), (16, 24)])
+    if not fused_backward_supported(gate_up.reshape(-1, 48), weight.to(gate_up.dtype)):  # both unfused here
+        for g, w in zip(_run(swiglu_linear_recompute, gate_up, weight, dy), _run(swiglu_linear, gate_up, weight, dy)):
+            assert torch.equal(g, w)
+
+
+def test_recompute_variant_names_bad_shapes():
+    with pytest.raises(ValueError, match=r"gate_up \(\.\.\., 2H\) and weight \(D, H\) disagree"):
+        swiglu_linear_recompute(torch.randn(2, 10, device=DEVICE), torch.randn(4, 6, device=DEVICE))
+
+
 def test_fused_kernel_settings_fit_the_tiles():
     """Blocks the TMA boxes accept (powers of two, at least 16 bytes in the last dimension)."""
     m = swiglu_linear_module
@@ -113,11 +148,12 @@ def test_fused_kernel_settings_fit_the_tiles():
 
 
 @pytest.mark.gpu
-def test_real_size_gpu():
+@pytest.mark.parametrize("fn", [swiglu_linear, swiglu_linear_recompute], ids=lambda f: f.__name__)
+def test_real_size_gpu(fn):
     """Qwen2-0.5B's MLP at 4 x 2048 tokens, bf16 activations and an fp32 weight (autocast)."""
     gate_up, weight, dy = _inputs((4, 2048), 896, 4864, torch.bfloat16, weight_dtype=torch.float32)
     assert fused_backward_supported(gate_up, weight)
-    y, dgate_up, dweight = _run(swiglu_linear, gate_up, weight, dy)
+    y, dgate_up, dweight = _run(fn, gate_up, weight, dy)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ref = _run(swiglu_linear_ref, gate_up, weight, dy)
     assert_close(y, ref[0], torch.bfloat16, "y")

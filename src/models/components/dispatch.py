@@ -14,6 +14,8 @@ Every implementation of one op has the reference's signature:
                    with `kernels.swiglu: triton`: its backward writes the gradient of gate_up whole)
     swiglu_linear  (gate_up (..., 2H), weight (D, H)) -> swiglu_packed(gate_up) @ weight.T   (used with
                    `kernels.swiglu: fused_linear`: the SwiGLU backward runs in the down projection's GEMM)
+    swiglu_linear_recompute  the same, without the product kept for backward (`kernels.swiglu:
+                   fused_linear_recompute`: the SwiGLU backward's row pass writes it again)
     gelu_mlp       (x (..., D), fc_weight (H, D), fc_bias (H,) | None, proj_weight (D, H), proj_bias (D,) | None)
                    -> gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias   (GPT-2's MLP; `kernels.gelu:
                    cublaslt` runs the GELU and its backward in cuBLASLt's GEMM epilogues)
@@ -67,6 +69,10 @@ _REGISTRY: dict[str, dict[str, str]] = {
     "swiglu_linear": {
         "torch": "src.models.components.mlp:swiglu_linear_ref",
         "triton": "kernels.swiglu_linear:swiglu_linear",
+    },
+    "swiglu_linear_recompute": {
+        "torch": "src.models.components.mlp:swiglu_linear_ref",
+        "triton": "kernels.swiglu_linear:swiglu_linear_recompute",
     },
     "gelu_mlp": {
         "torch": "src.models.components.mlp:gelu_mlp_ref",
@@ -124,7 +130,7 @@ class KernelConfig:
     rmsnorm: Literal["triton", "liger", "torch"] = "torch"
     layernorm: Literal["triton", "torch"] = "torch"
     rope: Literal["triton", "liger", "torch"] = "torch"
-    swiglu: Literal["fused_linear", "triton", "liger", "torch"] = "torch"
+    swiglu: Literal["fused_linear", "fused_linear_recompute", "triton", "liger", "torch"] = "torch"
     gelu: Literal["cublaslt", "torch"] = "torch"
     cross_entropy: Literal["fused_linear", "triton", "liger", "torch"] = "torch"
     linear: Literal["fp32_wgrad", "torch"] = "torch"

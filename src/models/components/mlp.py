@@ -123,6 +123,8 @@ class SwiGLU(nn.Module):
     product and the down projection as one op (`swiglu_linear`), whose backward computes the SwiGLU
     gradient in the epilogue of the down projection's input-gradient GEMM; the down projection's
     weight gradient then leaves its matmul in the weight's dtype, as with `linear: fp32_wgrad`.
+    `fused_linear_recompute` is that op without the product kept for the weight gradient (M x H
+    less per layer): its backward writes the product again from the SwiGLU backward's row pass.
     """
 
     def __init__(
@@ -141,9 +143,10 @@ class SwiGLU(nn.Module):
         self.down = Linear(hidden_dim, dim, bias=bias, impl=linear_impl)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._glu_linear = None
-        if activation in ("silu", "swish") and impl == "fused_linear":
+        if activation in ("silu", "swish") and impl in ("fused_linear", "fused_linear_recompute"):
             self.impl = impl
-            self._glu_linear = get_kernel("swiglu_linear", "triton")
+            op = "swiglu_linear" if impl == "fused_linear" else "swiglu_linear_recompute"
+            self._glu_linear = get_kernel(op, "triton")
             self._glu = self._glu_packed = None
         elif activation in ("silu", "swish"):
             self.impl = impl
