@@ -48,7 +48,8 @@ def _batch(vocab, B=2, T=8, device=DEVICE):
     return input_ids, labels
 
 
-def _compare(family, cross_entropy, dtype=torch.float32, device=DEVICE, compile=False, tol_dtype=None, swiglu="triton", **batch_kw):
+def _compare(family, cross_entropy, dtype=torch.float32, device=DEVICE, compile=False, tol_dtype=None, swiglu="triton",
+             rope="triton", **batch_kw):
     input_ids, labels = _batch(family["vocab_size"], device=device, **batch_kw)
     position_ids = None
     if family["model_family"] == "qwen2":  # two packed documents in row 1
@@ -56,7 +57,7 @@ def _compare(family, cross_entropy, dtype=torch.float32, device=DEVICE, compile=
         position_ids = torch.arange(T, device=device).repeat(input_ids.shape[0], 1)
         position_ids[1, T // 2 :] -= T // 2
     off = KernelConfig(attention="sdpa")
-    on = KernelConfig(attention="sdpa", cross_entropy=cross_entropy, **dict(ALL_ON, swiglu=swiglu))
+    on = KernelConfig(attention="sdpa", cross_entropy=cross_entropy, **dict(ALL_ON, swiglu=swiglu, rope=rope))
     loss_ref, grads_ref = _loss_and_grads(family, off, input_ids, labels, position_ids, dtype)
     loss, grads = _loss_and_grads(family, on, input_ids, labels, position_ids, dtype, compile=compile)
     tol_dtype = tol_dtype or dtype
@@ -108,6 +109,44 @@ def test_compiled_qwen2_swiglu_fused_linear_fullgraph_gpu(swiglu):
     torch._dynamo.reset()
     family = dict(TINY_QWEN2, n_embd=64, intermediate_size=128)
     _compare(family, "fused_linear", dtype=torch.bfloat16, device="cuda", compile=True, swiglu=swiglu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16 if INTERPRET else torch.bfloat16])
+def test_tiny_qwen2_packed_rope_matches_reference(dtype):
+    """`rope: triton_packed`: q, k and v as views of one rotated copy of the qkv projection's output
+    (packed documents included: the batch's second row holds two)."""
+    _compare(dict(TINY_QWEN2), "fused_linear", dtype=dtype, rope="triton_packed")
+
+
+@pytest.mark.gpu
+def test_compiled_qwen2_packed_rope_fullgraph_gpu():
+    torch._dynamo.reset()
+    family = dict(TINY_QWEN2, n_embd=64, intermediate_size=128)
+    _compare(family, "fused_linear", dtype=torch.bfloat16, device="cuda", compile=True, swiglu="fused_linear_recompute",
+             rope="triton_packed")
+
+
+def test_selective_checkpointing_saves_the_packed_rope():
+    """Selective checkpointing saves `kernels::rope_packed_fwd` (the tensor the attention keeps
+    views of) instead of recomputing it from the qkv projection's output: it runs once per block,
+    and the gradients are those without checkpointing."""
+    from src.trainer.parallelize import apply_activation_checkpointing
+
+    ids = torch.randint(0, TINY_QWEN2["vocab_size"], (2, 8), device=DEVICE)
+    grads, counts = [], []
+    for mode in ("none", "selective"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(TINY_QWEN2, kernels=KernelConfig(attention="sdpa", rope="triton_packed"))
+        apply_activation_checkpointing(model.to(DEVICE), mode)
+        with CountOps() as ops:
+            model(ids, labels=ids, return_logits=False).loss.backward()
+        counts.append(ops.calls)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    plain, selective = counts
+    assert plain["kernels::rope_packed_fwd"] == selective["kernels::rope_packed_fwd"] == 2  # once per block
+    assert "kernels::rope_fwd" not in plain
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], torch.float32, name)
 
 
 def test_selective_checkpointing_saves_swiglu_fused_linear_and_recomputes_the_product():
