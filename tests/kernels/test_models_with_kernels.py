@@ -111,6 +111,28 @@ def test_compiled_qwen2_swiglu_fused_linear_fullgraph_gpu(swiglu):
     _compare(family, "fused_linear", dtype=torch.bfloat16, device="cuda", compile=True, swiglu=swiglu)
 
 
+def test_compiled_tiny_qwen2_swiglu_linear_recompute_fullgraph():
+    """`swiglu: fused_linear_recompute` is one opaque custom op (its product computed inside it), so
+    torch.compile(fullgraph=True) traces it through its fake implementation, on the CPU too (a
+    `triton_op` cannot be traced there): the same loss and gradients as eager."""
+    family = dict(TINY_QWEN2, intermediate_size=64)
+    ids = torch.randint(0, family["vocab_size"], (2, 8), device=DEVICE)
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        kernels = KernelConfig(attention="sdpa", swiglu="fused_linear_recompute")
+        model = AutoModelForCausalLM.from_config(family, kernels=kernels).to(DEVICE)
+        forward = torch.compile(model, fullgraph=True) if compiled else model
+        loss = forward(ids, labels=ids, return_logits=False).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_eager, grads_eager), (loss_compiled, grads_compiled) = results
+    assert_close(loss_compiled, loss_eager, torch.float32, "loss")
+    for name in grads_eager:
+        assert_close(grads_compiled[name], grads_eager[name], torch.float32, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16 if INTERPRET else torch.bfloat16])
 def test_tiny_qwen2_packed_rope_matches_reference(dtype):
     """`rope: triton_packed`: q, k and v as views of one rotated copy of the qkv projection's output
