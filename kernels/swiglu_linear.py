@@ -171,14 +171,22 @@ def _swiglu_linear_fwd_launch(h: torch.Tensor, gate_up: torch.Tensor, weight: to
     return y.view(*h.shape[:-1], weight.shape[0])
 
 
+def _backward_operands(
+    dy: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gate_up (M, 2H), dy (M, D) and the weight (D, H), contiguous, in the activations' dtype (an
+    expanded gradient is copied)."""
+    gu = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()
+    dy2 = dy.reshape(-1, weight.shape[0]).to(gu.dtype).contiguous()
+    return gu, dy2, weight.to(gu.dtype).contiguous()
+
+
 def _swiglu_linear_bwd_launch(
     dy: torch.Tensor, h: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(dy.device.type, enabled=False):
-        gu = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()  # (M, 2H)
+        gu, dy2, w = _backward_operands(dy, gate_up, weight)
         h2 = h.reshape(-1, h.shape[-1])  # (M, H)
-        dy2 = dy.reshape(-1, weight.shape[0]).to(gu.dtype).contiguous()  # (M, D); an expanded gradient is copied
-        w = weight.to(gu.dtype).contiguous()  # (D, H)
         if fused_backward_supported(gu, w, dy2):
             dgu = _dgate_up_fused(dy2, w, gu)
         else:
@@ -197,19 +205,15 @@ def _swiglu_linear_bwd_launch(
 
 
 def _swiglu_linear_recompute_fwd_launch(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(gate_up.device.type, enabled=False):
-        h = _swiglu_packed_fwd_launch(gate_up)  # (..., H), freed when the op returns
-        y = torch.mm(h.reshape(-1, h.shape[-1]), weight.to(h.dtype).t())  # (M, D)
-    return y.view(*gate_up.shape[:-1], weight.shape[0])
+    h = _swiglu_packed_fwd_launch(gate_up)  # (..., H), freed when the op returns
+    return _swiglu_linear_fwd_launch(h, gate_up, weight)
 
 
 def _swiglu_linear_recompute_bwd_launch(
     dy: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(dy.device.type, enabled=False):
-        gu = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()  # (M, 2H)
-        dy2 = dy.reshape(-1, weight.shape[0]).to(gu.dtype).contiguous()  # (M, D); an expanded gradient is copied
-        w = weight.to(gu.dtype).contiguous()  # (D, H)
+        gu, dy2, w = _backward_operands(dy, gate_up, weight)
         dh = torch.mm(dy2, w)  # (M, H), rounded to the activation dtype as the fused path rounds it
         dgu, h = _swiglu_packed_bwd_rows(dh, gu, store_y=True)
         dweight = mm_out(dy2.t(), h, weight.dtype)  # (D, H)

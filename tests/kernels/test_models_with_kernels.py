@@ -148,99 +148,60 @@ def test_compiled_qwen2_packed_rope_fullgraph_gpu():
              rope="triton_packed")
 
 
-def test_selective_checkpointing_saves_the_packed_rope():
-    """Selective checkpointing saves `kernels::rope_packed_fwd` (the tensor the attention keeps
-    views of) instead of recomputing it from the qkv projection's output: it runs once per block,
-    and the gradients are those without checkpointing."""
+def _selective_against_plain(family, kernels: KernelConfig) -> tuple[dict, dict]:
+    """One forward + backward of `family` without and with selective checkpointing, from the same
+    weights: the ops each dispatched (by name), after checking that the gradients agree."""
     from src.trainer.parallelize import apply_activation_checkpointing
 
-    ids = torch.randint(0, TINY_QWEN2["vocab_size"], (2, 8), device=DEVICE)
-    grads, counts = [], []
-    for mode in ("none", "selective"):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(TINY_QWEN2, kernels=KernelConfig(attention="sdpa", rope="triton_packed"))
-        apply_activation_checkpointing(model.to(DEVICE), mode)
-        with CountOps() as ops:
-            model(ids, labels=ids, return_logits=False).loss.backward()
-        counts.append(ops.calls)
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    plain, selective = counts
-    assert plain["kernels::rope_packed_fwd"] == selective["kernels::rope_packed_fwd"] == 2  # once per block
-    assert "kernels::rope_fwd" not in plain
-    for name in grads[0]:
-        assert_close(grads[1][name], grads[0][name], torch.float32, name)
-
-
-def test_selective_checkpointing_saves_swiglu_fused_linear_and_recomputes_the_product():
-    """Under `activation_checkpointing: selective` the `swiglu: fused_linear` op (it runs the down
-    projection's matmul) is saved like aten's matmuls, while the SwiGLU product before it is
-    recomputed, as the reference's silu * up is; the gradients are those without checkpointing."""
-    from src.trainer.parallelize import apply_activation_checkpointing
-
-    family = dict(TINY_QWEN2, intermediate_size=64)
-    kernels, fused_op, product_op = dict(swiglu="fused_linear"), "kernels::swiglu_linear_fwd", "kernels::swiglu_packed_fwd"
     ids = torch.randint(0, family["vocab_size"], (2, 8), device=DEVICE)
     grads, counts = [], []
     for mode in ("none", "selective"):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(family, kernels=KernelConfig(attention="sdpa", **kernels)).to(DEVICE)
-        apply_activation_checkpointing(model, mode)
-        with CountOps() as ops:
-            model(ids, labels=ids, return_logits=False).loss.backward()
-        counts.append(ops.calls)
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    plain, selective = counts
-    assert plain[fused_op] == selective[fused_op] == 2  # once per block
-    assert selective[product_op] == 2 * plain[product_op] == 4  # recomputed
-    for name in grads[0]:
-        assert_close(grads[1][name], grads[0][name], torch.float32, name)
-
-
-
-def test_selective_checkpointing_saves_swiglu_linear_recompute():
-    """`swiglu: fused_linear_recompute` is saved like a matmul under selective checkpointing (its
-    output; its inputs are gate_up and the weight), so nothing recomputes the product but its own
-    backward; the gradients are those without checkpointing."""
-    from src.trainer.parallelize import apply_activation_checkpointing
-
-    family = dict(TINY_QWEN2, intermediate_size=64)
-    ids = torch.randint(0, family["vocab_size"], (2, 8), device=DEVICE)
-    grads, counts = [], []
-    for mode in ("none", "selective"):
-        torch.manual_seed(0)
-        kernels = KernelConfig(attention="sdpa", swiglu="fused_linear_recompute")
         model = AutoModelForCausalLM.from_config(family, kernels=kernels).to(DEVICE)
         apply_activation_checkpointing(model, mode)
         with CountOps() as ops:
             model(ids, labels=ids, return_logits=False).loss.backward()
         counts.append(ops.calls)
         grads.append({n: p.grad for n, p in model.named_parameters()})
-    plain, selective = counts
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], torch.float32, name)
+    return counts[0], counts[1]
+
+
+def test_selective_checkpointing_saves_the_packed_rope():
+    """Selective checkpointing saves `kernels::rope_packed_fwd` (the tensor the attention keeps
+    views of) instead of recomputing it from the qkv projection's output: it runs once per block,
+    and the gradients are those without checkpointing."""
+    plain, selective = _selective_against_plain(TINY_QWEN2, KernelConfig(attention="sdpa", rope="triton_packed"))
+    assert plain["kernels::rope_packed_fwd"] == selective["kernels::rope_packed_fwd"] == 2  # once per block
+    assert "kernels::rope_fwd" not in plain
+
+
+def test_selective_checkpointing_saves_swiglu_fused_linear_and_recomputes_the_product():
+    """Under `activation_checkpointing: selective` the `swiglu: fused_linear` op (it runs the down
+    projection's matmul) is saved like aten's matmuls, while the SwiGLU product before it is
+    recomputed, as the reference's silu * up is; the gradients are those without checkpointing."""
+    family = dict(TINY_QWEN2, intermediate_size=64)
+    kernels, fused_op, product_op = dict(swiglu="fused_linear"), "kernels::swiglu_linear_fwd", "kernels::swiglu_packed_fwd"
+    plain, selective = _selective_against_plain(family, KernelConfig(attention="sdpa", **kernels))
+    assert plain[fused_op] == selective[fused_op] == 2  # once per block
+    assert selective[product_op] == 2 * plain[product_op] == 4  # recomputed
+
+
+def test_selective_checkpointing_saves_swiglu_linear_recompute():
+    """`swiglu: fused_linear_recompute` is saved like a matmul under selective checkpointing (its
+    output; its inputs are gate_up and the weight), so nothing recomputes the product but its own
+    backward; the gradients are those without checkpointing."""
+    family = dict(TINY_QWEN2, intermediate_size=64)
+    plain, selective = _selective_against_plain(family, KernelConfig(attention="sdpa", swiglu="fused_linear_recompute"))
     op = "kernels::swiglu_linear_recompute_fwd"
     assert plain[op] == selective[op] == 2  # once per block
     assert "kernels::swiglu_packed_fwd" not in plain  # the product runs inside the op only
-    for name in grads[0]:
-        assert_close(grads[1][name], grads[0][name], torch.float32, name)
 
 
 def test_selective_checkpointing_saves_gelu_mlp():
     """Under `activation_checkpointing: selective` GPT-2's `gelu: cublaslt` op (it runs the fc
     and projection matmuls) is saved like aten's matmuls: it runs once per block with or without
     checkpointing, and the gradients are those without checkpointing."""
-    from src.trainer.parallelize import apply_activation_checkpointing
-
-    ids = torch.randint(0, TINY_GPT2["vocab_size"], (2, 8), device=DEVICE)
-    grads, counts = [], []
-    for mode in ("none", "selective"):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(TINY_GPT2, kernels=KernelConfig(attention="sdpa", gelu="cublaslt"))
-        model = model.to(DEVICE)
-        apply_activation_checkpointing(model, mode)
-        with CountOps() as ops:
-            model(ids, labels=ids, return_logits=False).loss.backward()
-        counts.append(ops.calls)
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    plain, selective = counts
+    plain, selective = _selective_against_plain(TINY_GPT2, KernelConfig(attention="sdpa", gelu="cublaslt"))
     assert plain["kernels::gelu_mlp_fwd"] == selective["kernels::gelu_mlp_fwd"] == 2  # once per block
-    for name in grads[0]:
-        assert_close(grads[1][name], grads[0][name], torch.float32, name)
