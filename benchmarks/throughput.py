@@ -85,7 +85,7 @@ OPTIMIZED_RESIDUAL = "bf16"
 ALTERNATIVES = {
     "layernorm": ["torch", "triton"],
     "rmsnorm": ["torch", "triton"],
-    "rope": ["torch", "triton", "triton_packed"],
+    "rope": ["torch", "triton"],
     "swiglu": ["torch", "triton", "fused_linear", "fused_linear_recompute"],
     "gelu": ["torch", "cublaslt"],
     "cross_entropy": ["torch", "triton", "fused_linear"],
@@ -94,9 +94,8 @@ ALTERNATIVES = {
 }
 # Kernel choices that change what selective checkpointing recomputes, each with a selective row of
 # its own: `fused_linear_recompute` writes the SwiGLU product again inside its backward, where
-# selective checkpointing of `fused_linear` recomputes it in a separate pass; `triton_packed` RoPE
-# is saved, where selective checkpointing of `triton` recomputes it from the kept qkv projection.
-SELECTIVE_FLIPS = {"swiglu": "fused_linear_recompute", "rope": "triton_packed"}
+# selective checkpointing of `fused_linear` recomputes it in a separate pass.
+SELECTIVE_FLIPS = {"swiglu": "fused_linear_recompute"}
 
 
 @dataclass
@@ -177,14 +176,10 @@ def our_variants(
         if ac == "none":
             variants.append(Variant(f"{best} +selective AC", "ours", dict(optimized),
                                     activation_checkpointing="selective", residual_dtype=res, **whole_graphs))
-            flips = {op: other for op, other in SELECTIVE_FLIPS.items() if optimized.get(op) not in (None, other)}
-            for op, other in flips.items():  # what selective checkpointing recomputes changes
-                variants.append(Variant(f"{best} +selective AC {op}={other}", "ours", dict(optimized, **{op: other}),
-                                        activation_checkpointing="selective", residual_dtype=res, **whole_graphs))
-            if len(flips) > 1:
-                together = " ".join(f"{op}={other}" for op, other in flips.items())
-                variants.append(Variant(f"{best} +selective AC {together}", "ours", dict(optimized, **flips),
-                                        activation_checkpointing="selective", residual_dtype=res, **whole_graphs))
+            for op, other in SELECTIVE_FLIPS.items():  # what selective checkpointing recomputes changes
+                if optimized.get(op) not in (None, other):
+                    variants.append(Variant(f"{best} +selective AC {op}={other}", "ours", dict(optimized, **{op: other}),
+                                            activation_checkpointing="selective", residual_dtype=res, **whole_graphs))
             for layers in ac_layers:  # between none and all: the first N blocks checkpointed
                 variants.append(Variant(f"{best} +selective AC on {layers} blocks", "ours", dict(optimized),
                                         activation_checkpointing="selective", ac_layers=layers, residual_dtype=res,

@@ -39,12 +39,7 @@ _SAVED_OPS = {
 
 # Our ops that run a matmul, saved like aten's. By name: a kernel module registers its ops when it
 # is imported, which only happens when a config chooses it.
-# The packed RoPE too: its output is what the attention keeps (q, k, v are views of it); recomputed,
-# it would keep the qkv projection's output instead, which is as large.
-_SAVED_KERNEL_OPS = {
-    "kernels::swiglu_linear_fwd", "kernels::swiglu_linear_recompute_fwd", "kernels::gelu_mlp_fwd",
-    "kernels::rope_packed_fwd",
-}
+_SAVED_KERNEL_OPS = {"kernels::swiglu_linear_fwd", "kernels::swiglu_linear_recompute_fwd", "kernels::gelu_mlp_fwd"}
 
 
 def _selective_policy(ctx, op, *args, **kwargs):

@@ -45,11 +45,10 @@ CASES = [
     (L._layer_norm_bwd_kernel, {**sig("DY_ptr X_ptr W_ptr", p("bf16")), **sig("MEAN_ptr RSTD_ptr", p("fp32")), "DX_ptr": p("bf16"),
         **sig("DW_PARTIAL_ptr DB_PARTIAL_ptr", p("fp32")), **sig("stride_dym stride_xm stride_dxm M H", "i32")},
         {"ROWS": 4, "BLOCK_H": 1024}),
-    (P._rope_kernel, {**sig("Q_ptr K_ptr", p("bf16")), **sig("COS_ptr SIN_ptr", p("fp32")), **sig("QO_ptr KO_ptr V_ptr VO_ptr", p("bf16")),
+    (P._rope_kernel, {**sig("Q_ptr K_ptr", p("bf16")), **sig("COS_ptr SIN_ptr", p("fp32")), **sig("QO_ptr KO_ptr", p("bf16")),
         **sig("stride_qb stride_qt stride_qh stride_kb stride_kt stride_kh stride_cb stride_ct stride_qob stride_qot "
-              "stride_qoh stride_kob stride_kot stride_koh stride_vb stride_vt stride_vh stride_vob stride_vot stride_voh "
-              "T HQ HKV", "i32")},
-        {"HALF": 32, "BACKWARD": True, "COPY_V": True, "BLOCK_HQ": 16, "BLOCK_HKV": 2, "BLOCK_HALF": 32}),
+              "stride_qoh stride_kob stride_kot stride_koh T HQ HKV", "i32")},
+        {"HALF": 32, "BACKWARD": True, "BLOCK_HQ": 16, "BLOCK_HKV": 2, "BLOCK_HALF": 32}),
     (S._swiglu_fwd_kernel, {**sig("G_ptr U_ptr Y_ptr", p("bf16")), **sig("stride_gm stride_um stride_ym H", "i32")},
         {"FLAT": True, "PACKED": False, "BLOCK_H": 1024}),
     (S._swiglu_fwd_kernel, {**sig("G_ptr U_ptr Y_ptr", p("bf16")), **sig("stride_gm stride_um stride_ym H", "i32")},

@@ -49,7 +49,7 @@ def _batch(vocab, B=2, T=8, device=DEVICE):
 
 
 def _compare(family, cross_entropy, dtype=torch.float32, device=DEVICE, compile=False, tol_dtype=None, swiglu="triton",
-             rope="triton", **batch_kw):
+             **batch_kw):
     input_ids, labels = _batch(family["vocab_size"], device=device, **batch_kw)
     position_ids = None
     if family["model_family"] == "qwen2":  # two packed documents in row 1
@@ -57,7 +57,7 @@ def _compare(family, cross_entropy, dtype=torch.float32, device=DEVICE, compile=
         position_ids = torch.arange(T, device=device).repeat(input_ids.shape[0], 1)
         position_ids[1, T // 2 :] -= T // 2
     off = KernelConfig(attention="sdpa")
-    on = KernelConfig(attention="sdpa", cross_entropy=cross_entropy, **dict(ALL_ON, swiglu=swiglu, rope=rope))
+    on = KernelConfig(attention="sdpa", cross_entropy=cross_entropy, **dict(ALL_ON, swiglu=swiglu))
     loss_ref, grads_ref = _loss_and_grads(family, off, input_ids, labels, position_ids, dtype)
     loss, grads = _loss_and_grads(family, on, input_ids, labels, position_ids, dtype, compile=compile)
     tol_dtype = tol_dtype or dtype
@@ -133,19 +133,11 @@ def test_compiled_tiny_qwen2_swiglu_linear_recompute_fullgraph():
         assert_close(grads_compiled[name], grads_eager[name], torch.float32, name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16 if INTERPRET else torch.bfloat16])
-def test_tiny_qwen2_packed_rope_matches_reference(dtype):
-    """`rope: triton_packed`: q, k and v as views of one rotated copy of the qkv projection's output
-    (packed documents included: the batch's second row holds two)."""
-    _compare(dict(TINY_QWEN2), "fused_linear", dtype=dtype, rope="triton_packed")
-
-
 @pytest.mark.gpu
-def test_compiled_qwen2_packed_rope_fullgraph_gpu():
+def test_compiled_qwen2_swiglu_linear_recompute_fullgraph_gpu():
     torch._dynamo.reset()
     family = dict(TINY_QWEN2, n_embd=64, intermediate_size=128)
-    _compare(family, "fused_linear", dtype=torch.bfloat16, device="cuda", compile=True, swiglu="fused_linear_recompute",
-             rope="triton_packed")
+    _compare(family, "fused_linear", dtype=torch.bfloat16, device="cuda", compile=True, swiglu="fused_linear_recompute")
 
 
 def _selective_against_plain(family, kernels: KernelConfig) -> tuple[dict, dict]:
@@ -166,15 +158,6 @@ def _selective_against_plain(family, kernels: KernelConfig) -> tuple[dict, dict]
     for name in grads[0]:
         assert_close(grads[1][name], grads[0][name], torch.float32, name)
     return counts[0], counts[1]
-
-
-def test_selective_checkpointing_saves_the_packed_rope():
-    """Selective checkpointing saves `kernels::rope_packed_fwd` (the tensor the attention keeps
-    views of) instead of recomputing it from the qkv projection's output: it runs once per block,
-    and the gradients are those without checkpointing."""
-    plain, selective = _selective_against_plain(TINY_QWEN2, KernelConfig(attention="sdpa", rope="triton_packed"))
-    assert plain["kernels::rope_packed_fwd"] == selective["kernels::rope_packed_fwd"] == 2  # once per block
-    assert "kernels::rope_fwd" not in plain
 
 
 def test_selective_checkpointing_saves_swiglu_fused_linear_and_recomputes_the_product():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels.rope import apply_rotary, apply_rotary_packed
-from src.models.components.embeddings.rotary import RotaryEmbedding, apply_rotary_packed_ref, apply_rotary_ref
+from kernels.rope import apply_rotary
+from src.models.components.embeddings.rotary import RotaryEmbedding, apply_rotary_ref
 
 from .helpers import DEVICE, DTYPES, assert_close, leaf, needs_triton
 
@@ -67,47 +67,6 @@ def test_rope_rejects_odd_head_dim_and_bad_cos():
     q, k = torch.randn(1, 2, 2, 4, device=DEVICE), torch.randn(1, 2, 1, 4, device=DEVICE)
     with pytest.raises(ValueError, match="cos/sin must be"):
         apply_rotary(q, k, torch.randn(1, 3, 4, device=DEVICE), torch.randn(1, 3, 4, device=DEVICE))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_q_heads,n_kv_heads,head_dim", [(4, 2, 16), (7, 1, 10), (3, 3, 64)])
-def test_rope_packed_matches_reference(n_q_heads, n_kv_heads, head_dim, dtype):
-    """The packed form: the fused projection's output (B, T, Hq + 2 Hkv, D) in, one new tensor of
-    that shape out; the attention's three gradients come back through views of it."""
-    B, T = 2, 5
-    cos, sin = RotaryEmbedding(head_dim, 10000.0, max_position=32).to(DEVICE)(seq_len=T, offset=2)
-    qkv = torch.randn(B, T, n_q_heads + 2 * n_kv_heads, head_dim, device=DEVICE, dtype=dtype)
-    # gradients as SDPA returns them: (B, H, T, D) tensors seen as (B, T, H, D)
-    grads = [torch.randn(B, h, T, head_dim, device=DEVICE, dtype=dtype).transpose(1, 2)
-             for h in (n_q_heads, n_kv_heads, n_kv_heads)]
-    results = []
-    for fn in (apply_rotary_packed, apply_rotary_packed_ref):
-        x = leaf(qkv)
-        out = fn(x, cos, sin, n_q_heads, n_kv_heads)
-        views = out.split([n_q_heads, n_kv_heads, n_kv_heads], dim=2)
-        torch.autograd.backward(list(views), grads)
-        results.append((out, x.grad))
-    for name, g, w in zip(("out", "dqkv"), *results):
-        assert g.shape == w.shape == qkv.shape and g.dtype == w.dtype, name
-        assert_close(g, w, dtype, name)
-    assert torch.equal(results[0][0][:, :, n_q_heads + n_kv_heads:], qkv[:, :, n_q_heads + n_kv_heads:])  # v copied
-
-
-def test_rope_packed_matches_the_plain_form_bit_for_bit():
-    B, T, Hq, Hkv, D = 2, 3, 4, 2, 8
-    qkv = torch.randn(B, T, Hq + 2 * Hkv, D, device=DEVICE, dtype=torch.bfloat16)
-    cos, sin = RotaryEmbedding(D, 10000.0, max_position=8).to(DEVICE)(seq_len=T)
-    q, k, _ = qkv.split([Hq, Hkv, Hkv], dim=2)
-    packed = apply_rotary_packed(qkv, cos, sin, Hq, Hkv)
-    for got, want in zip(packed.split([Hq, Hkv, Hkv], dim=2), apply_rotary(q, k, cos, sin)):
-        assert torch.equal(got, want)
-
-
-def test_rope_packed_rejects_a_head_count_that_does_not_add_up():
-    qkv = torch.randn(1, 2, 5, 8, device=DEVICE)
-    cos, sin = RotaryEmbedding(8, 10000.0, max_position=4).to(DEVICE)(seq_len=2)
-    with pytest.raises(ValueError, match=r"rope_packed: expected qkv \(B, T, 2 \+ 2 x 2 heads, D\)"):
-        apply_rotary_packed(qkv, cos, sin, 2, 2)
 
 
 @pytest.mark.gpu

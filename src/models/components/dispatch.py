@@ -9,9 +9,6 @@ Every implementation of one op has the reference's signature:
     rmsnorm        (x, weight, eps) -> y
     layernorm      (x, weight, bias, eps) -> y
     rope           (q, k, cos, sin) -> (q, k)        q: (B, T, Hq, D), k: (B, T, Hkv, D), cos/sin: (B|1, T, D)
-    rope_packed    (qkv (B, T, Hq + 2 Hkv, D), cos, sin, n_q_heads, n_kv_heads) -> the same shape, q and k
-                   rotated (used with `kernels.rope: triton_packed`: the fused projection's output is then
-                   not kept for backward, only the one rotated tensor)
     swiglu         (gate, up) -> silu(gate) * up
     swiglu_packed  (gate_up (..., 2H), gate first) -> silu(gate) * up   (the SwiGLU module's layout, used
                    with `kernels.swiglu: triton`: its backward writes the gradient of gate_up whole)
@@ -59,10 +56,6 @@ _REGISTRY: dict[str, dict[str, str]] = {
         "torch": "src.models.components.embeddings.rotary:apply_rotary_ref",
         "triton": "kernels.rope:apply_rotary",
         "liger": "liger_kernel.ops.rope:LigerRopeFunction",
-    },
-    "rope_packed": {
-        "torch": "src.models.components.embeddings.rotary:apply_rotary_packed_ref",
-        "triton": "kernels.rope:apply_rotary_packed",
     },
     "swiglu": {
         "torch": "src.models.components.mlp:swiglu_ref",
@@ -136,7 +129,7 @@ class KernelConfig:
 
     rmsnorm: Literal["triton", "liger", "torch"] = "torch"
     layernorm: Literal["triton", "torch"] = "torch"
-    rope: Literal["triton", "triton_packed", "liger", "torch"] = "torch"
+    rope: Literal["triton", "liger", "torch"] = "torch"
     swiglu: Literal["fused_linear", "fused_linear_recompute", "triton", "liger", "torch"] = "torch"
     gelu: Literal["cublaslt", "torch"] = "torch"
     cross_entropy: Literal["fused_linear", "triton", "liger", "torch"] = "torch"

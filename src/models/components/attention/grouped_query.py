@@ -48,10 +48,7 @@ class GroupedQueryAttention(nn.Module):
         self.layer_idx = layer_idx
         self.qkv = Linear(dim, self.q_size + 2 * self.kv_size, bias=qkv_bias, impl=linear_impl)
         self.o_proj = Linear(self.q_size, dim, bias=out_bias, impl=linear_impl)
-        # triton_packed rotates the fused projection's output whole (kernels/rope.py, "The packed
-        # form"): q, k and v are then views of one new tensor, and the projection's output is freed.
-        self._rope_packed = get_kernel("rope_packed", "triton") if rope_impl == "triton_packed" else None
-        self._rope = None if self._rope_packed is not None else get_kernel("rope", rope_impl)
+        self._rope = get_kernel("rope", rope_impl)
 
     def forward(
         self,
@@ -63,16 +60,11 @@ class GroupedQueryAttention(nn.Module):
         documents: PackedDocuments | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.qkv(x)  # (B, T, (Hq + 2 Hkv) D)
-        if self._rope_packed is not None:
-            qkv = self._rope_packed(qkv.view(B, T, -1, self.head_dim), cos, sin, self.n_heads, self.n_kv_heads)
-            q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)  # (B, T, H*, D) views
-        else:
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, Hq, D)
-            k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-            v = v.view(B, T, self.n_kv_heads, self.head_dim)
-            q, k = self._rope(q, k, cos, sin)
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, Hq, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = self._rope(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, T_past + T, Hkv, D)
         dropout_p = self.dropout if self.training else 0.0

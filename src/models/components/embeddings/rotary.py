@@ -153,15 +153,6 @@ def apply_rotary_ref(
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def apply_rotary_packed_ref(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int, n_kv_heads: int
-) -> torch.Tensor:
-    """qkv (B, T, Hq + 2 Hkv, D), a fused projection's output, with its q and k heads rotated."""
-    q, k, v = qkv.split([n_q_heads, n_kv_heads, n_kv_heads], dim=2)
-    q, k = apply_rotary_ref(q, k, cos, sin)
-    return torch.cat([q, k, v], dim=2)
-
-
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE.
 
