@@ -20,7 +20,17 @@ block) and tables of the tensors' addresses let one launch cover all the paramet
 however many tensors and of whatever sizes. Reference: torch.optim.AdamW, whose state (step,
 exp_avg, exp_avg_sq) and state_dict `TritonAdamW` (src/trainer/optimizer.py) keeps.
 
-Limits: fp32 parameters, gradients and moments, contiguous, on one device (under FSDP2 the
+Moments in bf16 (`optimizer.state_dtype: bfloat16`) halve the state, 4 bytes per parameter less
+(1.84 GiB for Qwen2-0.5B), and the bytes the update moves (24 per element instead of 32). The
+update still runs in fp32 on the loaded moments; only the stores round. Round to nearest would
+lose every change smaller than half a bf16 step (2^-9 relative): with beta2 = 0.999, v * beta2
+rounds back to v, and the second moment would never decay. So the stores round stochastically:
+up with probability equal to the dropped fraction of the step, so the stored moment is the fp32
+one in expectation. The random bits are a hash of (tensor, element, step count): the same step
+rounds the same way again, which keeps resumed runs exact. The two moments take the two halves
+of one 32-bit hash. Parameters stay fp32 (the master weights).
+
+Limits: fp32 parameters and gradients, fp32 or bf16 moments (both of one dtype), contiguous, on one device (under FSDP2 the
 caller passes each DTensor's local shard); lr, betas, eps and weight decay are Python floats (the
 same for the whole list). Tensors that all start on 16 bytes get vectorised accesses; any other
 start (a view into a flat buffer at an odd offset) takes the same kernel without that hint.
@@ -34,6 +44,26 @@ import triton.language as tl
 
 
 # -- kernels --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _hash32(x):
+    """A bijection of uint32 with full avalanche (Wellons' lowbias32): counter-based random bits."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _round_bf16_stochastic(x, random16):
+    """fp32 -> bf16, rounding the magnitude up with probability (dropped low 16 bits) / 2^16.
+    Adding a uniform 16-bit number to the bits carries into the kept half exactly that often; the
+    sign is a separate bit, so negative numbers round symmetrically. inf stays inf."""
+    bits = x.to(tl.uint32, bitcast=True) + random16
+    return (bits & 0xFFFF0000).to(tl.float32, bitcast=True).to(tl.bfloat16)  # exact: the low half is zero
 
 
 @triton.jit
@@ -52,26 +82,33 @@ def _adamw_block(
     weight_decay,
     bias_correction1,
     bias_correction2_sqrt,
+    key,  # uint32 scalar of (tensor, step): the stochastic rounding's stream (MOMENTS_BF16)
+    MOMENTS_BF16: tl.constexpr,
 ):
     g = tl.load(g_ptr + offs, mask=mask) * scale
     p = tl.load(p_ptr + offs, mask=mask)
-    m = tl.load(m_ptr + offs, mask=mask)
-    v = tl.load(v_ptr + offs, mask=mask)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
     p = p * (1.0 - lr * weight_decay)
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * g * g
     p = p - (lr / bias_correction1) * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
     tl.store(p_ptr + offs, p, mask=mask)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
+    if MOMENTS_BF16:
+        random = _hash32(offs.to(tl.uint32) ^ key)  # element index < 2^32 (checked by the launcher)
+        tl.store(m_ptr + offs, _round_bf16_stochastic(m, random >> 16), mask=mask)
+        tl.store(v_ptr + offs, _round_bf16_stochastic(v, random & 0xFFFF), mask=mask)
+    else:
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
 
 
 @triton.jit
 def _adamw_kernel(
     PARAM_PTRS,  # (T,) int64 addresses of the fp32 parameters, updated in place
     GRAD_PTRS,  # (T,) int64 addresses of their fp32 gradients, read only
-    EXP_AVG_PTRS,  # (T,) int64 addresses of the first moments, updated in place
-    EXP_AVG_SQ_PTRS,  # (T,) int64 addresses of the second moments, updated in place
+    EXP_AVG_PTRS,  # (T,) int64 addresses of the first moments (fp32, or bf16 when MOMENTS_BF16), updated in place
+    EXP_AVG_SQ_PTRS,  # (T,) int64 addresses of the second moments (as the first), updated in place
     STEP_PTRS,  # (T,) int64 addresses of the fp32 step counts before this update
     NUMELS,  # (T,) int64 element counts
     BLOCK_TENSOR,  # (n_blocks,) int32: the tensor of each program's block
@@ -86,6 +123,7 @@ def _adamw_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,  # every tensor starts on 16 bytes (checked by the launcher)
+    MOMENTS_BF16: tl.constexpr,  # bf16 moments, stored with stochastic rounding
     BLOCK: tl.constexpr,
 ):
     if HAS_FOUND_INF:
@@ -99,8 +137,9 @@ def _adamw_kernel(
     n = tl.load(NUMELS + t)
     p_ptr = tl.load(PARAM_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True)
     g_ptr = tl.load(GRAD_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True)
-    m_ptr = tl.load(EXP_AVG_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True)
-    v_ptr = tl.load(EXP_AVG_SQ_PTRS + t).to(tl.pointer_type(tl.float32), bitcast=True)
+    moment_type = tl.bfloat16 if MOMENTS_BF16 else tl.float32
+    m_ptr = tl.load(EXP_AVG_PTRS + t).to(tl.pointer_type(moment_type), bitcast=True)
+    v_ptr = tl.load(EXP_AVG_SQ_PTRS + t).to(tl.pointer_type(moment_type), bitcast=True)
     if ALIGNED:
         # Addresses read from memory carry no alignment the compiler can see; the launcher checked
         # that every tensor starts on 16 bytes, which lets full blocks use 16-byte vector accesses.
@@ -112,13 +151,15 @@ def _adamw_kernel(
     scale = tl.load(SCALE_ptr) if HAS_SCALE else 1.0
     bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))
     bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
+    # One stream of random bits per (tensor, step); the element index picks within it.
+    key = _hash32(t.to(tl.uint32) * 0x9E3779B9 ^ step.to(tl.uint32))
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= n:  # the same branch for the whole program
         _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, scale, lr, beta1, beta2, eps, weight_decay,
-                     bias_correction1, bias_correction2_sqrt)
+                     bias_correction1, bias_correction2_sqrt, key, MOMENTS_BF16)
     else:  # the tensor's last, partial block
         _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, scale, lr, beta1, beta2, eps, weight_decay,
-                     bias_correction1, bias_correction2_sqrt)
+                     bias_correction1, bias_correction2_sqrt, key, MOMENTS_BF16)
 
 
 @triton.jit
@@ -161,12 +202,14 @@ def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _check(tensors: list[torch.Tensor], numels: list[int], device: torch.device, what: str) -> bool:
-    """Raises unless every tensor is a contiguous fp32 tensor of its parameter's size on `device`;
+def _check(tensors: list[torch.Tensor], numels: list[int], device: torch.device, what: str,
+           dtype: torch.dtype = torch.float32) -> bool:
+    """Raises unless every tensor is a contiguous `dtype` tensor of its parameter's size on `device`;
     returns whether all of them start on 16 bytes (the vectorised kernel)."""
     for t, n in zip(tensors, numels):
-        if t.dtype != torch.float32 or not t.is_contiguous() or t.device != device or t.numel() != n:
-            raise ValueError(f"adamw_step_: {what} must be contiguous fp32 tensors of their parameter's size ({n}) "
+        if t.dtype != dtype or not t.is_contiguous() or t.device != device or t.numel() != n:
+            short = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+            raise ValueError(f"adamw_step_: {what} must be contiguous {short} tensors of their parameter's size ({n}) "
                              f"on {device}, got {t.dtype} {tuple(t.shape)} on {t.device} "
                              f"(contiguous={t.is_contiguous()}); use optimizer.implementation: torch for "
                              "other parameters (e.g. bf16 ones)")
@@ -184,8 +227,15 @@ class AdamWTables:
         device = params[0].device
         self.block, self.num_warps = block, num_warps  # the launch settings the block table is cut for
         numels = [t.numel() for t in params]
-        aligned = [_check(params, numels, device, "parameters"), _check(exp_avgs, numels, device, "exp_avg"),
-                   _check(exp_avg_sqs, numels, device, "exp_avg_sq")]
+        if max(numels, default=0) >= 2**32:  # the stochastic rounding hashes 32-bit element indices
+            raise ValueError(f"adamw_step_: a tensor of {max(numels)} elements; at most 2^32 - 1 per tensor")
+        moment_dtype = exp_avgs[0].dtype if exp_avgs else torch.float32
+        if moment_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"adamw_step_: moments must be fp32 or bf16, got {moment_dtype}")
+        self.moments_bf16 = moment_dtype == torch.bfloat16
+        aligned = [_check(params, numels, device, "parameters"),
+                   _check(exp_avgs, numels, device, "exp_avg", moment_dtype),
+                   _check(exp_avg_sqs, numels, device, "exp_avg_sq", moment_dtype)]
         self.aligned = all(aligned)  # and the gradients' (grads_aligned)
         self.device = device
         self.numel_list = numels
@@ -237,7 +287,8 @@ def adamw_step_(
             found_inf if found_inf is not None else dummy,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-            ALIGNED=tables.aligned and tables.grads_aligned, BLOCK=tables.block, num_warps=tables.num_warps,
+            ALIGNED=tables.aligned and tables.grads_aligned, MOMENTS_BF16=tables.moments_bf16, BLOCK=tables.block,
+            num_warps=tables.num_warps,
         )  # fmt: skip
     _adamw_count_kernel[(len(tables.numel_list),)](
         tables.steps, found_inf if found_inf is not None else dummy, HAS_FOUND_INF=found_inf is not None, num_warps=1

@@ -108,6 +108,9 @@ class OptimizerConfig:
     # under FSDP2 on each rank's shards) on CUDA unless `fused` is set; torch: torch.optim.AdamW.
     implementation: Literal["auto", "torch", "triton"] = "auto"
     fused: bool | None = None  # torch's AdamW: None = fused on CUDA, foreach on the CPU
+    # exp_avg and exp_avg_sq: bfloat16 halves them (4 bytes per parameter less), stored with
+    # stochastic rounding by our Triton AdamW (implementation auto on CUDA, or triton)
+    state_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -117,6 +120,10 @@ class OptimizerConfig:
         if self.implementation == "triton" and self.fused is not None:
             raise ConfigError("optimizer.fused chooses between torch's AdamW kernels; it does not apply to "
                               "optimizer.implementation=triton (remove one of them)")
+        if self.state_dtype == "bfloat16" and (self.implementation == "torch" or self.fused is not None):
+            raise ConfigError("optimizer.state_dtype=bfloat16 needs our Triton AdamW (stochastic rounding of the moments); "
+                              "torch's AdamW would keep bf16 moments rounded to nearest, where small updates vanish. "
+                              "Use optimizer.implementation: triton (or auto without optimizer.fused), or state_dtype: float32")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optimizer.betas must be in [0, 1), got {list(self.betas)}")
 

@@ -69,13 +69,20 @@ class TritonAdamW(torch.optim.AdamW):
     into every gradient as it is read (the clip coefficient), and `found_inf`, nonzero to skip
     the whole update and keep the step counts. Neither is read on the host. Step counts are fp32
     device tensors, as torch's fused AdamW keeps them. Parameters must be contiguous fp32 tensors
-    on one device, or FSDP2's DTensors whose local shards are."""
+    on one device, or FSDP2's DTensors whose local shards are.
+
+    `state_dtype=torch.bfloat16` keeps exp_avg and exp_avg_sq in bf16, stored with stochastic
+    rounding (kernels/adamw.py); the state_dict then holds bf16 moments. A state dict of either
+    dtype loads into either: its moments are cast to this optimizer's state dtype."""
 
     def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float, block: int = BLOCK,
-                 num_warps: int = NUM_WARPS):
+                 num_warps: int = NUM_WARPS, state_dtype: torch.dtype = torch.float32):
         check_launch(block, num_warps)
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"TritonAdamW: state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
         self.launch = {"block": block, "num_warps": num_warps}  # the update kernel's (benchmarks/optimizer.py sweeps them)
+        self.state_dtype = state_dtype
         self.grad_scale: torch.Tensor | None = None
         self.found_inf: torch.Tensor | None = None
         # per group: (params, their local shards' addresses, step tensors, tables)
@@ -85,14 +92,18 @@ class TritonAdamW(torch.optim.AdamW):
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
         elif state["step"].device != p.device or state["step"].dtype != torch.float32:
             state["step"] = state["step"].to(device=p.device, dtype=torch.float32)  # from a foreach checkpoint
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # torch casts the moments to each parameter's dtype (fp32)
+        for state in self.state.values():
+            for name in ("exp_avg", "exp_avg_sq"):
+                if name in state and state[name].dtype != self.state_dtype:
+                    state[name] = state[name].to(self.state_dtype)
         self._tables.clear()  # the loaded state tensors live at other addresses
 
     @torch.no_grad()
@@ -174,11 +185,18 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device
     `resolve_implementation` says. Build it after FSDP2 has sharded the model, so that it holds
     the sharded parameters."""
     groups = param_groups(model, cfg.weight_decay)
-    if resolve_implementation(cfg, device) == "triton":
+    implementation = resolve_implementation(cfg, device)
+    if cfg.state_dtype == "bfloat16" and implementation != "triton":
+        raise ConfigError(f"optimizer.state_dtype=bfloat16 needs our Triton AdamW (its stochastic rounding), but this "
+                          f"run resolves optimizer.implementation={cfg.implementation} to torch's (device {device.type}"
+                          f"{', optimizer.fused set' if cfg.fused is not None else ''}); use optimizer.state_dtype: "
+                          "float32, or implementation: triton on a CUDA device")
+    if implementation == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError(f"optimizer.implementation=triton needs a CUDA device (this run is on {device.type}); "
                               "use optimizer.implementation: torch (or auto)")
-        return TritonAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return TritonAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                           state_dtype=getattr(torch, cfg.state_dtype))
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     return torch.optim.AdamW(
         groups,

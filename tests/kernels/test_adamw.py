@@ -219,3 +219,117 @@ def test_triton_adamw_refuses_bad_launch_settings_when_built():
         p.grad = torch.ones_like(p)
     opt.step()
     assert opt._tables[0][3].block == 256 and opt._tables[0][3].num_warps == 2
+
+
+# -- bf16 moments (optimizer.state_dtype: bfloat16) ------------------------------------------------
+
+
+def bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 values at or below and at or above each fp32 value of x (by magnitude: truncation
+    of the low 16 bits, and the next bf16 away from zero)."""
+    bits = x.float().view(torch.int32)
+    low = (bits & ~0xFFFF).view(torch.float32)
+    high = ((bits & ~0xFFFF) + 0x10000).view(torch.float32)
+    return low, torch.where(bits & 0xFFFF == 0, low, high)
+
+
+def bf16_tables(params, moments, steps):
+    return AdamWTables(params, [m for m, _ in moments], [v for _, v in moments], steps)
+
+
+def test_bf16_moments_store_a_bf16_neighbour_of_the_fp32_update():
+    """One update from bf16 moments: the weights are the fp32 update from those moments, and each
+    stored moment is one of the two bf16 values around the fp32 moment it computed."""
+    torch.manual_seed(0)
+    params = [torch.randn(s, device=DEVICE) for s in SHAPES]
+    grads = [torch.randn_like(p) for p in params]
+    moments = [(torch.randn_like(p).to(torch.bfloat16), torch.rand_like(p).to(torch.bfloat16)) for p in params]
+    steps = [torch.full((), 4.0, device=DEVICE) for _ in params]
+    expected_p, expected_m, expected_v = [], [], []
+    for p, g, (m, v) in zip(params, grads, moments):  # the update in fp32, as the kernel's docstring writes it
+        m1, v1 = 0.9 * m.float() + 0.1 * g, 0.95 * v.float() + 0.05 * g * g
+        p1 = p * (1 - HYPER["lr"] * 0.1) - HYPER["lr"] / (1 - 0.9**5) * m1 / (v1.sqrt() / math.sqrt(1 - 0.95**5) + 1e-8)
+        expected_p.append(p1), expected_m.append(m1), expected_v.append(v1)
+    adamw_step_(bf16_tables(params, moments, steps), grads, lr=HYPER["lr"], beta1=0.9, beta2=0.95, eps=1e-8,
+                weight_decay=0.1)
+    for i, (p, (m, v)) in enumerate(zip(params, moments)):
+        torch.testing.assert_close(p, expected_p[i], rtol=1e-5, atol=1e-6, msg=f"param {i}")
+        for stored, fp32 in ((m, expected_m[i]), (v, expected_v[i])):
+            assert stored.dtype == torch.bfloat16
+            low, high = bf16_neighbours(fp32)
+            # by magnitude: the low neighbour is the truncation towards zero
+            lo, hi = torch.minimum(low, high), torch.maximum(low, high)
+            assert ((stored.float() >= lo) & (stored.float() <= hi)).all(), i
+        assert float(steps[i]) == 5.0
+
+
+def test_bf16_moments_decay_where_round_to_nearest_would_stick():
+    """With beta = 0.999 each step changes a moment by 0.1%, under half a bf16 step: rounded to
+    nearest, m * 0.999 is m again and the moments never decay. Stochastic rounding keeps their
+    mean on the fp32 value: 0.999^300 = 0.7407."""
+    n, steps_run = 4096, 300
+    p = torch.zeros(n, device=DEVICE)
+    m = torch.ones(n, device=DEVICE, dtype=torch.bfloat16)
+    v = torch.ones(n, device=DEVICE, dtype=torch.bfloat16)
+    step = torch.zeros((), device=DEVICE)  # kept alive: the tables hold its address only
+    tables = bf16_tables([p], [(m, v)], [step])
+    zero = torch.zeros(n, device=DEVICE)
+    assert torch.equal((m * 0.999).to(torch.bfloat16), m)  # what round to nearest would store
+    for _ in range(steps_run):
+        adamw_step_(tables, [zero], lr=1e-3, beta1=0.999, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    for moment in (m, v):
+        # the mean of 4096 draws, each off the fp32 value by at most one bf16 step (0.4%): well within 0.3%
+        assert float(moment.float().mean()) == pytest.approx(0.999**steps_run, rel=3e-3)
+        assert moment.unique().numel() > 1  # rounded both ways
+
+
+def test_bf16_moments_round_the_same_way_for_the_same_step_and_otherwise_differently():
+    """The random bits come from (tensor, element, step count): a replayed step (a resumed run)
+    stores the same moments, another step count other roundings."""
+    torch.manual_seed(1)
+    p0, g = torch.randn(3000, device=DEVICE), torch.randn(3000, device=DEVICE)
+    m0 = torch.randn(3000, device=DEVICE).to(torch.bfloat16)
+    v0 = torch.rand(3000, device=DEVICE).to(torch.bfloat16)
+    results = []
+    for count in (7.0, 7.0, 8.0):
+        p, m, v = p0.clone(), m0.clone(), v0.clone()
+        step = torch.full((), count, device=DEVICE)  # kept alive: the tables hold its address only
+        adamw_step_(bf16_tables([p], [(m, v)], [step]), [g], lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
+                    weight_decay=0.0)
+        results.append((m, v))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert not torch.equal(results[0][0], results[2][0])
+
+
+def test_bf16_state_trains_like_fp32_state_and_its_state_dict_loads_into_either():
+    """TritonAdamW(state_dtype=bfloat16) over steps follows the fp32-state optimizer closely; its
+    state dict (bf16 moments) loads into an fp32-state optimizer and the other way round, each
+    cast to the loading optimizer's dtype."""
+    ours = make_params()
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    opt_bf16 = TritonAdamW(groups(ours), state_dtype=torch.bfloat16, **HYPER)
+    opt_fp32 = TritonAdamW(groups(theirs), **HYPER)
+    for step in range(5):
+        step_both(ours, theirs, opt_bf16, opt_fp32, seed=step)
+    for p, q in zip(ours, theirs):
+        assert opt_bf16.state[p]["exp_avg"].dtype == torch.bfloat16
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=2e-4)  # 5 steps of lr 3e-3
+    to_fp32 = TritonAdamW(groups(ours), **HYPER)
+    to_fp32.load_state_dict(opt_bf16.state_dict())
+    to_bf16 = TritonAdamW(groups(theirs), state_dtype=torch.bfloat16, **HYPER)
+    to_bf16.load_state_dict(opt_fp32.state_dict())
+    for p, q in zip(ours, theirs):
+        assert to_fp32.state[p]["exp_avg"].dtype == torch.float32
+        assert torch.equal(to_fp32.state[p]["exp_avg"], opt_bf16.state[p]["exp_avg"].float())  # exact: a widening
+        assert to_bf16.state[q]["exp_avg_sq"].dtype == torch.bfloat16
+    step_both(ours, theirs, to_fp32, to_bf16, seed=9)  # both step from the loaded state
+
+
+def test_bf16_state_errors_name_the_problem():
+    with pytest.raises(ValueError, match="state_dtype must be torch.float32 or torch.bfloat16"):
+        TritonAdamW(make_params(), state_dtype=torch.float16, **HYPER)
+    p = torch.randn(8, device=DEVICE)
+    with pytest.raises(ValueError, match="moments must be fp32 or bf16"):
+        AdamWTables([p], [p.half()], [p.half()], [torch.zeros((), device=DEVICE)])
+    with pytest.raises(ValueError, match="exp_avg_sq must be contiguous bf16"):  # mixed moment dtypes
+        AdamWTables([p], [p.bfloat16()], [p.clone()], [torch.zeros((), device=DEVICE)])

@@ -113,6 +113,20 @@ def run(out_dir: str) -> None:
     second.fit()
     results["fsdp2_triton_adamw_split"] = losses(first) + losses(second)
     ours_split_state = full_state(second)
+
+    # bf16 moments on the shards, through the distributed checkpoint: an exact resume too.
+    bf16_moments = dict(optimizer=replace(first.cfg.optimizer, implementation="triton", state_dtype="bfloat16"))
+    straight_bf16 = trainer("fsdp2_bf16_moments", "fsdp2", **bf16_moments)
+    straight_bf16.fit()
+    moments = [s["exp_avg"] for s in straight_bf16.optimizer.state.values()]
+    results["fsdp2_bf16_moments_dtype"] = sorted({str(m.to_local().dtype) for m in moments})
+    results["fsdp2_bf16_moments"] = losses(straight_bf16)
+    first = trainer("fsdp2_bf16_moments_split", "fsdp2", **bf16_moments)
+    first.fit(until_step=SPLIT_AT)
+    second = trainer("fsdp2_bf16_moments_split", "fsdp2", **bf16_moments,
+                     checkpoint=CheckpointConfig(resume="auto", save_final=False, export_hf=False))
+    second.fit()
+    results["fsdp2_bf16_moments_split"] = losses(first) + losses(second)
     if rank == 0:
         results["fsdp2_split_bitwise"] = all(torch.equal(split_state[k], v) for k, v in straight_state.items())
         results["fsdp2_triton_adamw_split_bitwise"] = all(

@@ -113,6 +113,16 @@ def test_triton_adamw_on_fsdp2_shards_matches_torch_and_resumes_exactly(two_rank
     assert results["fsdp2_triton_adamw_split_bitwise"] is True
 
 
+def test_bf16_moments_on_fsdp2_shards_resume_exactly(two_ranks):
+    """optimizer.state_dtype: bfloat16 under FSDP2: bf16 local shards, saved and loaded through the
+    distributed checkpoint, the resumed losses bit for bit those of the straight run, and close
+    to the fp32-moment run's."""
+    _, results = two_ranks
+    assert results["fsdp2_bf16_moments_dtype"] == ["torch.bfloat16"]
+    assert results["fsdp2_bf16_moments_split"] == results["fsdp2_bf16_moments"]  # bitwise
+    assert results["fsdp2_bf16_moments"] == pytest.approx(results["fsdp2_triton_adamw"], rel=1e-2)
+
+
 def test_two_rank_checkpoint_resumes_in_one_process(two_ranks, tmp_path):
     out, results = two_ranks
     ckpt = out / "fsdp2_split" / "checkpoints" / f"step_{SPLIT_AT:08d}"

@@ -98,6 +98,12 @@ def test_optimizer_implementation_auto_takes_triton_on_cuda_only_where_it_applie
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         build_optimizer(model, OptimizerConfig(implementation="triton"), cpu)
+    # bf16 moments: auto resolves to torch's AdamW on the CPU, which cannot round them stochastically
+    with pytest.raises(ConfigError, match="state_dtype=bfloat16 needs our Triton AdamW.*device cpu"):
+        build_optimizer(model, OptimizerConfig(state_dtype="bfloat16"), cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    opt = build_optimizer(model, OptimizerConfig(implementation="triton", state_dtype="bfloat16"), cpu)
+    assert opt.state_dtype == torch.bfloat16
 
 
 def test_total_grad_norm_and_clipping_match_torch_plain_and_sharded(tmp_path):
