@@ -8,7 +8,9 @@ The parameters have the model config's shapes, in fp32, grouped as the trainer g
 one `step()` (`triton.testing.do_bench`, launches included: ours is two, torch's fused one per
 group and dtype). The rate counts the 28 bytes per parameter an AdamW update must move at least
 (gradient, parameter and both moments read; the last three written) and is set against a
-device-to-device copy measured in the same run, the ceiling for this memory-bound op.
+device-to-device copy measured in the same run, the ceiling for this memory-bound op. The row
+`triton bf16 moments` (`optimizer.state_dtype: bfloat16`) moves 20 bytes per parameter, and its
+rate counts those.
 
     python benchmarks/optimizer.py                                          # Qwen2-0.5B's parameters
     python benchmarks/optimizer.py --model configs/model/gpt_125m.yaml
@@ -37,6 +39,7 @@ from src.models import AutoModelForCausalLM, load_model_config  # noqa: E402
 from src.trainer.optimizer import TritonAdamW, clip_grads_, param_groups  # noqa: E402
 
 BYTES_PER_PARAM = 28  # fp32: gradient, parameter, exp_avg, exp_avg_sq read; the last three written
+BYTES_PER_PARAM_BF16_MOMENTS = 20  # the same with 2-byte moments
 HYPER = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
 WEIGHT_DECAY = 0.1
 
@@ -81,8 +84,9 @@ def build(provider: str, groups: list[dict], launch: tuple[int, int] = (BLOCK, N
     # Fresh group dicts: an optimizer writes its defaults into the dicts it is given (TritonAdamW's
     # foreach=False and fused=None would then turn the next one's fused=True off).
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]
-    if provider == "triton":
-        opt = TritonAdamW(groups, block=launch[0], num_warps=launch[1], **HYPER)
+    if provider in ("triton", "triton bf16 moments"):
+        state_dtype = torch.bfloat16 if provider == "triton bf16 moments" else torch.float32
+        opt = TritonAdamW(groups, block=launch[0], num_warps=launch[1], state_dtype=state_dtype, **HYPER)
         device = groups[0]["params"][0].device
         opt.grad_scale = torch.ones((), device=device)  # the clip coefficient, as the trainer passes it
         opt.found_inf = torch.zeros((), device=device)
@@ -106,14 +110,15 @@ def step_fn(opt: torch.optim.Optimizer, groups: list[dict], clip: bool):
     return step
 
 
-def max_update_error(shapes: list[list[tuple[int, ...]]], device: torch.device, launch: tuple[int, int]) -> float:
+def max_update_error(shapes: list[list[tuple[int, ...]]], device: torch.device, launch: tuple[int, int],
+                     provider: str = "triton") -> float:
     """Largest difference between our update and torch's foreach AdamW after two steps, on the
     model's smallest tensors of each group and its first matrix (the same math must hold whatever
-    the launch setting)."""
+    the launch setting; with bf16 moments, to their rounding)."""
     picked = [sorted(set(g), key=lambda s: torch.Size(s).numel())[:3] for g in shapes]
     picked[0] = picked[0] + [shapes[0][0]]
     ours, theirs = make_groups(picked, device, seed=1), make_groups(picked, device, seed=1)
-    opt_a, opt_b = build("triton", ours, launch), build("torch foreach", theirs)
+    opt_a, opt_b = build(provider, ours, launch), build("torch foreach", theirs)
     for _ in range(2):
         opt_a.step()
         opt_b.step()
@@ -131,7 +136,7 @@ def copy_tbps(device: torch.device) -> float:
 
 
 def format_table(rows: list[dict], copy_rate: float) -> str:
-    header = f"{'provider':<30} {'launch':>8} {'step ms':>8} {'TB/s (28 B/param)':>18} {'of copy':>8} {'max err':>8}"
+    header = f"{'provider':<30} {'launch':>8} {'step ms':>8} {'TB/s (bytes moved)':>18} {'of copy':>8} {'max err':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
         err = f"{r['max_err']:.1e}" if r.get("max_err") is not None else "-"
@@ -180,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     copy_rate = copy_tbps(device)
     print(f"{numel / 1e6:.1f}M parameters, {BYTES_PER_PARAM * numel / 1e9:.2f} GB per update; copy {copy_rate:.2f} TB/s",
           flush=True)
-    runs = [("triton", (BLOCK, NUM_WARPS), False), ("torch fused", None, False), ("torch fused", None, True),
+    runs = [("triton", (BLOCK, NUM_WARPS), False), ("triton bf16 moments", (BLOCK, NUM_WARPS), False),
+            ("torch fused", None, False), ("torch fused", None, True),
             ("torch foreach", None, False), ("torch foreach", None, True)]
     runs += [("triton", launch, False) for launch in args.sweep if launch != (BLOCK, NUM_WARPS)]
     groups = make_groups(shapes, device)
@@ -189,9 +195,10 @@ def main(argv: list[str] | None = None) -> None:
         opt = build(provider, groups, launch or (BLOCK, NUM_WARPS))  # the launch setting is ours alone
         step = step_fn(opt, groups, clip)
         ms = triton.testing.do_bench(step, return_mode="median")
+        moved = BYTES_PER_PARAM_BF16_MOMENTS if provider == "triton bf16 moments" else BYTES_PER_PARAM
         row = {"provider": provider + (" + clip pass" if clip else ""), "launch": "x".join(map(str, launch or ())),
-               "step_ms": ms, "tbps": BYTES_PER_PARAM * numel / ms / 1e9,
-               "max_err": max_update_error(shapes, device, launch) if launch else None}
+               "step_ms": ms, "tbps": moved * numel / ms / 1e9, "bytes_per_param": moved,
+               "max_err": max_update_error(shapes, device, launch, provider) if launch else None}
         rows.append(row)
         print(f"  {row['provider']} {row['launch']}: {ms:.3f} ms", flush=True)
         del opt, step

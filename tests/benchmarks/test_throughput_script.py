@@ -29,6 +29,8 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
     # + the residual stream in fp32, + selective AC, + selective AC with each of SELECTIVE_FLIPS
     selective_flips = [op for op in throughput.SELECTIVE_FLIPS if op in optimized]
     n_best_ablations = sum(len(throughput.ALTERNATIVES[op]) - 1 for op in optimized) + 2 + len(selective_flips)
+    n_lean = 2 + (family == "qwen2")  # the bf16-moment rows, last
+    n_best_ablations += n_lean
     assert names[-6 - n_best_ablations:-n_best_ablations] == [
         "optimized +selective AC", "optimized +CUDA graphs", "reference+compile whole model",
         "optimized +whole-model compile", best, f"{best} optimizer=torch"]
@@ -44,6 +46,18 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
         flip = by_name[f"{best} +selective AC {op}={throughput.SELECTIVE_FLIPS[op]}"]
         assert flip.activation_checkpointing == "selective" and flip.kernels[op] == throughput.SELECTIVE_FLIPS[op]
     assert bool(selective_flips) == (family == "qwen2")
+    lean = [by_name[name] for name in names[-n_lean:]]
+    assert [v.name for v in lean[:2]] == [f"{best} +bf16 moments", f"{best} +selective AC +bf16 moments"]
+    assert all(v.optimizer_state == "bfloat16" and v.compile_mode == "reduce-overhead" for v in lean)
+    if family == "qwen2":  # and without h kept, the 12 GiB configuration without checkpointing
+        assert lean[2].kernels == dict(optimized, swiglu="fused_linear_recompute")
+        assert lean[2].activation_checkpointing == "none"
+    cfg = throughput.train_config(throughput.parse_args([]), lean[0], 10, "unused")
+    assert cfg.optimizer.state_dtype == "bfloat16"
+    with_layers = {v.name: v for v in throughput.our_variants(family, "none", ac_layers=(3,))}
+    if family == "qwen2":
+        partial = with_layers[f"{best} +bf16 moments swiglu=fused_linear_recompute +selective AC on 3 blocks"]
+        assert (partial.ac_layers, partial.activation_checkpointing) == (3, "selective")
     # the optimized rows carry the residual stream in bf16, the references and the ablation in fp32
     for v in by_name.values():
         expected = "fp32" if v.name.startswith("reference") or v.name.endswith("residual=fp32") else "bf16"
