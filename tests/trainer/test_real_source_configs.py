@@ -1,12 +1,18 @@
 """The ready configs for real data sources load and check cleanly (no network: nothing is read)."""
 
+import dataclasses
+import sys
+from pathlib import Path
+
 import pytest
+import yaml
 
 from src.trainer.config import load_config
 from tests.models.hf_helpers import tiny_hf_qwen2
 
 REAL = {
     "configs/train/pretrain_fineweb.yaml": ("pretrain", "streaming"),
+    "configs/train/pretrain_fineweb_qwen2_0.5b.yaml": ("pretrain", "streaming"),
     "configs/train/pretrain_openwebtext_shards.yaml": ("pretrain", "shards"),
     "configs/train/sft_alpaca_qwen2.yaml": ("sft", "streaming"),
     "configs/train/dpo_ultrafeedback_qwen2.yaml": ("dpo", "streaming"),
@@ -17,7 +23,7 @@ REAL = {
 def test_real_source_config_loads(path, tmp_path):
     task, data_type = REAL[path]
     overrides = []
-    if "qwen2" in path:  # init_from names a downloaded checkpoint: stand in a tiny one of the same family
+    if "init_from" in yaml.safe_load(open(path)):  # a downloaded checkpoint: stand in a tiny one of the same family
         _, hf_dir = tiny_hf_qwen2(tmp_path)
         overrides.append(f"init_from={hf_dir}")
     cfg = load_config(path, overrides, task=task)
@@ -25,3 +31,22 @@ def test_real_source_config_loads(path, tmp_path):
     assert cfg.trainer.max_steps or cfg.trainer.max_tokens
     if data_type == "shards":
         assert cfg.data.source_config().type == "streaming"  # what the prepare step reads
+
+
+def test_the_12_gib_qwen2_config_is_the_measured_row():
+    """configs/train/pretrain_fineweb_qwen2_0.5b.yaml is what benchmarks/throughput.py measured as
+    `... +bf16 moments swiglu=fused_linear_recompute`: the same kernels, compile and optimizer
+    state, so the numbers quoted in its header stay its own."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import throughput
+
+    cfg = load_config("configs/train/pretrain_fineweb_qwen2_0.5b.yaml", [], task="pretrain")
+    row = {v.name: v for v in throughput.our_variants("qwen2", "none")}[
+        "optimized +whole-model +CUDA graphs +bf16 moments swiglu=fused_linear_recompute"]
+    kernels = {k: v for k, v in dataclasses.asdict(cfg.kernels).items() if k in row.kernels}
+    assert kernels == row.kernels
+    assert (cfg.compile, cfg.compile_scope, cfg.compile_mode) == (True, row.compile_scope, row.compile_mode)
+    assert cfg.optimizer.state_dtype == row.optimizer_state == "bfloat16"
+    assert cfg.trainer.residual_dtype == row.residual_dtype
+    assert cfg.trainer.activation_checkpointing == "none" and cfg.trainer.grad_accum_steps == 1
+    assert (cfg.trainer.micro_batch_size, cfg.trainer.seq_len) == (4, 2048)
