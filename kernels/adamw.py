@@ -20,10 +20,10 @@ block) and tables of the tensors' addresses let one launch cover all the paramet
 however many tensors and of whatever sizes. Reference: torch.optim.AdamW, whose state (step,
 exp_avg, exp_avg_sq) and state_dict `TritonAdamW` (src/trainer/optimizer.py) keeps.
 
-Moments in bf16 (`optimizer.state_dtype: bfloat16`) halve the state, 4 bytes per parameter less
-(1.84 GiB for Qwen2-0.5B), and the bytes the update moves (24 per element instead of 32). The
-update still runs in fp32 on the loaded moments; only the stores round. Round to nearest would
-lose every change smaller than half a bf16 step (2^-9 relative): with beta2 = 0.999, v * beta2
+Moments in bf16 (`optimizer.state_dtype: bfloat16`) halve the optimizer state: 4 bytes per
+parameter less (1.84 GiB for Qwen2-0.5B). The update then moves 20 bytes per element instead of
+28. It still runs in fp32 on the loaded moments; only the stores round. Round to nearest would
+lose every change smaller than half a bf16 step (2^-9 to 2^-8 relative): with beta2 = 0.999, v * beta2
 rounds back to v, and the second moment would never decay. So the stores round stochastically:
 up with probability equal to the dropped fraction of the step, so the stored moment is the fp32
 one in expectation. The random bits are a hash of (tensor, element, step count): the same step
