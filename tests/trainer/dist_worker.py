@@ -5,7 +5,8 @@
 DDP runs (eager, and compiled whole through its wrapper with persistent gradient buffers) and
 FSDP2 runs (2 micro-steps of 2 sequences per rank), and an FSDP2 run split by a checkpoint at
 step 2 and resumed; the same FSDP2 runs with our Triton AdamW on the local shards (through the
-Triton interpreter: the caller sets TRITON_INTERPRET=1). Rank 0 writes OUT_DIR/results.json and
+Triton interpreter: the caller sets TRITON_INTERPRET=1), and with bf16 moments under DDP and
+FSDP2. Rank 0 writes OUT_DIR/results.json and
 the gathered FSDP2 weights at step 2 (OUT_DIR/fsdp2_step2.pt) for the single-process checks.
 """
 
@@ -64,6 +65,18 @@ def run(out_dir: str) -> None:
     assert ddp_compiled.persistent_grads
     ddp_compiled.fit()
     results["ddp_compiled_model"] = losses(ddp_compiled)
+
+    # DDP with bf16 AdamW moments: every replica must round its moments alike (the random bits
+    # come from tensor, element and step, not the rank), or the weights would drift apart.
+    ddp_moments = trainer("ddp_bf16_moments", "ddp", optimizer=replace(ddp.cfg.optimizer, implementation="triton",
+                                                                      state_dtype="bfloat16"))
+    ddp_moments.fit()
+    results["ddp_bf16_moments"] = losses(ddp_moments)
+    flat = torch.cat([p.detach().flatten() for p in ddp_moments.bare.parameters()]
+                     + [s["exp_avg_sq"].float().flatten() for s in ddp_moments.optimizer.state.values()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(gathered, flat)
+    results["ddp_bf16_moments_replicas_equal"] = all(torch.equal(g, gathered[0]) for g in gathered)
 
     # DDP with the optimized run's precision settings (bf16 autocast on the CPU)
     ddp_bf16 = trainer("ddp_bf16_optimized", "ddp", kernels=BF16_OPTIMIZED["kernels"],

@@ -113,6 +113,14 @@ def test_triton_adamw_on_fsdp2_shards_matches_torch_and_resumes_exactly(two_rank
     assert results["fsdp2_triton_adamw_split_bitwise"] is True
 
 
+def test_bf16_moments_keep_ddp_replicas_identical(two_ranks):
+    """Under DDP each rank updates a full copy: with bf16 moments every copy rounds alike, so
+    weights and moments stay bit for bit the same on both ranks; the losses stay near fp32's."""
+    _, results = two_ranks
+    assert results["ddp_bf16_moments_replicas_equal"] is True
+    assert results["ddp_bf16_moments"] == pytest.approx(results["ddp"], rel=1e-2)
+
+
 def test_bf16_moments_on_fsdp2_shards_resume_exactly(two_ranks):
     """optimizer.state_dtype: bfloat16 under FSDP2: bf16 local shards, saved and loaded through the
     distributed checkpoint, the resumed losses bit for bit those of the straight run, and close
