@@ -23,17 +23,19 @@ exp_avg, exp_avg_sq) and state_dict `TritonAdamW` (src/trainer/optimizer.py) kee
 Moments in bf16 (`optimizer.state_dtype: bfloat16`) halve the optimizer state: 4 bytes per
 parameter less (1.84 GiB for Qwen2-0.5B). The update then moves 20 bytes per element instead of
 28. It still runs in fp32 on the loaded moments; only the stores round. Round to nearest would
-lose every change smaller than half a bf16 step (2^-9 to 2^-8 relative): with beta2 = 0.999, v * beta2
-rounds back to v, and the second moment would never decay. So the stores round stochastically:
-up with probability equal to the dropped fraction of the step, so the stored moment is the fp32
-one in expectation. The random bits are a hash of (tensor, element, step count): the same step
-rounds the same way again, which keeps resumed runs exact. The two moments take the two halves
-of one 32-bit hash. Parameters stay fp32 (the master weights).
+lose every change smaller than half a bf16 step (2^-9 to 2^-8 relative): with beta2 = 0.999,
+v * beta2 rounds back to v, and the second moment would never decay. So the stores round
+stochastically, up with probability equal to the dropped fraction of the step, so the stored
+moment is the fp32 one in expectation. The random bits are a hash of (tensor, element, step
+count): the same step rounds the same way again, which keeps resumed runs exact, and DDP replicas
+round alike. The two moments take the two halves of one 32-bit hash. Parameters stay fp32 (the
+master weights).
 
-Limits: fp32 parameters and gradients, fp32 or bf16 moments (both of one dtype), contiguous, on one device (under FSDP2 the
-caller passes each DTensor's local shard); lr, betas, eps and weight decay are Python floats (the
-same for the whole list). Tensors that all start on 16 bytes get vectorised accesses; any other
-start (a view into a flat buffer at an odd offset) takes the same kernel without that hint.
+Limits: fp32 parameters and gradients, fp32 or bf16 moments (both of one dtype), contiguous, on
+one device (under FSDP2 the caller passes each DTensor's local shard); at most 2^32 - 1 elements
+per tensor; lr, betas, eps and weight decay are Python floats (the same for the whole list).
+Tensors that all start on 16 bytes get vectorised accesses; any other start (a view into a flat
+buffer at an odd offset) takes the same kernel without that hint.
 """
 
 from __future__ import annotations
