@@ -39,7 +39,15 @@ from src.models import AutoModelForCausalLM, load_model_config  # noqa: E402
 from src.trainer.optimizer import TritonAdamW, clip_grads_, param_groups  # noqa: E402
 
 BYTES_PER_PARAM = 28  # fp32: gradient, parameter, exp_avg, exp_avg_sq read; the last three written
-BYTES_PER_PARAM_BF16_MOMENTS = 20  # the same with 2-byte moments
+# Our AdamW's rows and the dtype of their moments
+TRITON_STATE_DTYPE = {"triton": torch.float32, "triton bf16 moments": torch.bfloat16}
+
+
+def bytes_per_param(provider: str) -> int:
+    """What one parameter's update moves: fp32 gradient read, fp32 parameter read and written,
+    both moments read and written in their dtype (fp32 for torch's AdamW)."""
+    moment_bytes = TRITON_STATE_DTYPE.get(provider, torch.float32).itemsize
+    return 4 + 2 * 4 + 2 * 2 * moment_bytes
 HYPER = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
 WEIGHT_DECAY = 0.1
 
@@ -84,9 +92,9 @@ def build(provider: str, groups: list[dict], launch: tuple[int, int] = (BLOCK, N
     # Fresh group dicts: an optimizer writes its defaults into the dicts it is given (TritonAdamW's
     # foreach=False and fused=None would then turn the next one's fused=True off).
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]
-    if provider in ("triton", "triton bf16 moments"):
-        state_dtype = torch.bfloat16 if provider == "triton bf16 moments" else torch.float32
-        opt = TritonAdamW(groups, block=launch[0], num_warps=launch[1], state_dtype=state_dtype, **HYPER)
+    if provider in TRITON_STATE_DTYPE:
+        opt = TritonAdamW(groups, block=launch[0], num_warps=launch[1], state_dtype=TRITON_STATE_DTYPE[provider],
+                          **HYPER)
         device = groups[0]["params"][0].device
         opt.grad_scale = torch.ones((), device=device)  # the clip coefficient, as the trainer passes it
         opt.found_inf = torch.zeros((), device=device)
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         opt = build(provider, groups, launch or (BLOCK, NUM_WARPS))  # the launch setting is ours alone
         step = step_fn(opt, groups, clip)
         ms = triton.testing.do_bench(step, return_mode="median")
-        moved = BYTES_PER_PARAM_BF16_MOMENTS if provider == "triton bf16 moments" else BYTES_PER_PARAM
+        moved = bytes_per_param(provider)
         row = {"provider": provider + (" + clip pass" if clip else ""), "launch": "x".join(map(str, launch or ())),
                "step_ms": ms, "tbps": moved * numel / ms / 1e9, "bytes_per_param": moved,
                "max_err": max_update_error(shapes, device, launch, provider) if launch else None}

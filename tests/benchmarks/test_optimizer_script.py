@@ -41,6 +41,11 @@ def test_every_timed_launch_setting_is_checked_against_torch(launch):
     assert optimizer.max_update_error(shapes, torch.device(DEVICE), launch) < 1e-6
 
 
+def test_bytes_moved_per_parameter():
+    assert optimizer.bytes_per_param("triton") == optimizer.bytes_per_param("torch fused") == optimizer.BYTES_PER_PARAM
+    assert optimizer.bytes_per_param("triton bf16 moments") == 20
+
+
 @needs_triton
 def test_the_bf16_moment_row_is_checked_too():
     """Two steps of lr 1e-3 from the same state: bf16 moments move the weights by the fp32 update

@@ -52,6 +52,15 @@ def run(out_dir: str) -> None:
         cfg = replace(cfg, **changes)
         return Trainer(cfg, model_fn(kernels=kernels), SyntheticLoader(2, rank, world), None, info)
 
+    def split_run(name: str, **changes) -> tuple[Trainer, Trainer]:
+        """`name` trained to SPLIT_AT, then a fresh trainer resumed from its checkpoint to the end."""
+        first = trainer(name, "fsdp2", **changes)
+        first.fit(until_step=SPLIT_AT)
+        second = trainer(name, "fsdp2", **changes,
+                         checkpoint=CheckpointConfig(resume="auto", save_final=False, export_hf=False))
+        second.fit()
+        return first, second
+
     results = {}
     ddp = trainer("ddp", "ddp")
     ddp.fit()
@@ -119,11 +128,7 @@ def run(out_dir: str) -> None:
     moments = [s["exp_avg"] for s in ours.optimizer.state.values()]
     results["fsdp2_triton_adamw_dtensor_moments"] = bool(moments) and all(isinstance(m, DTensor) for m in moments)
     ours_state = full_state(ours)
-    first = trainer("fsdp2_triton_adamw_split", "fsdp2", **triton_adamw)
-    first.fit(until_step=SPLIT_AT)
-    second = trainer("fsdp2_triton_adamw_split", "fsdp2", **triton_adamw,
-                     checkpoint=CheckpointConfig(resume="auto", save_final=False, export_hf=False))
-    second.fit()
+    first, second = split_run("fsdp2_triton_adamw_split", **triton_adamw)
     results["fsdp2_triton_adamw_split"] = losses(first) + losses(second)
     ours_split_state = full_state(second)
 
@@ -134,11 +139,7 @@ def run(out_dir: str) -> None:
     moments = [s["exp_avg"] for s in straight_bf16.optimizer.state.values()]
     results["fsdp2_bf16_moments_dtype"] = sorted({str(m.to_local().dtype) for m in moments})
     results["fsdp2_bf16_moments"] = losses(straight_bf16)
-    first = trainer("fsdp2_bf16_moments_split", "fsdp2", **bf16_moments)
-    first.fit(until_step=SPLIT_AT)
-    second = trainer("fsdp2_bf16_moments_split", "fsdp2", **bf16_moments,
-                     checkpoint=CheckpointConfig(resume="auto", save_final=False, export_hf=False))
-    second.fit()
+    first, second = split_run("fsdp2_bf16_moments_split", **bf16_moments)
     results["fsdp2_bf16_moments_split"] = losses(first) + losses(second)
     if rank == 0:
         results["fsdp2_split_bitwise"] = all(torch.equal(split_state[k], v) for k, v in straight_state.items())
