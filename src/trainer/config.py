@@ -177,6 +177,10 @@ class ParallelConfig:
     # fsdp2: free each block's gathered parameters after forward (ZeRO-3), but the last block's;
     # the root's (embeddings, final norm, head) stay gathered until backward, which needs them first
     reshard_after_forward: bool = True
+    # fsdp2: consecutive blocks per all-gather / reduce-scatter unit. FSDP2's hooks cost host time
+    # per unit, so fewer, larger units make a host-bound step faster and each collective larger,
+    # for the gathered parameters of more blocks alive at once (benchmarks/README.md, "FSDP2 units").
+    fsdp_blocks_per_unit: int = 1
 
 
 @dataclass
@@ -226,6 +230,12 @@ class TrainConfig:
         if self.compile_scope != "blocks" and not self.compile:
             raise ConfigError(f"compile_scope={self.compile_scope} says what torch.compile compiles; "
                               "set compile: true as well")
+        if self.parallel.fsdp_blocks_per_unit < 1:
+            raise ConfigError(f"parallel.fsdp_blocks_per_unit must be >= 1, got {self.parallel.fsdp_blocks_per_unit}")
+        if self.parallel.fsdp_blocks_per_unit != 1 and self.parallel.strategy != "fsdp2":
+            raise ConfigError(f"parallel.fsdp_blocks_per_unit ({self.parallel.fsdp_blocks_per_unit}) groups FSDP2's "
+                              f"units; strategy {self.parallel.strategy!r} has none: set parallel.strategy: fsdp2 "
+                              "or leave it at 1")
         if self.compile_scope == "model" and self.parallel.strategy == "fsdp2":
             raise ConfigError("compile_scope=model does not work with FSDP2, which gathers parameters block by block "
                               "between compiled graphs; use compile_scope: blocks, or parallel.strategy ddp / none")

@@ -155,12 +155,14 @@ def apply_compile(
         model.lm_output = torch.compile(model.lm_output, **options)
 
 
-def apply_fsdp2(model: nn.Module, info: DistInfo, bf16: bool, reshard_after_forward: bool) -> None:
-    """Shard parameters, gradients and optimizer state over all ranks: each block is one
-    all-gather unit; the root holds the embeddings, final norm and head (tied weights stay in one
-    unit). bf16 compute with fp32 gradient reduction when `bf16`.
+def apply_fsdp2(model: nn.Module, info: DistInfo, bf16: bool, reshard_after_forward: bool,
+                blocks_per_unit: int = 1) -> None:
+    """Shard parameters, gradients and optimizer state over all ranks: each `blocks_per_unit`
+    consecutive blocks are one all-gather unit (`fsdp_units`); the root holds the embeddings,
+    final norm and head (tied weights stay in one unit). bf16 compute with fp32 gradient reduction
+    when `bf16`.
 
-    `reshard_after_forward` applies to the blocks but the last trainable one, whose backward runs
+    `reshard_after_forward` applies to the units but the last trainable one, whose backward runs
     first. False skips each block's second all-gather in backward for the memory of every block's
     gathered parameters (Qwen2-0.5B on one H100: +0.64 GiB, the same speed within the run-to-run
     noise of its host-bound step). The root never reshards after forward: its
@@ -176,21 +178,43 @@ def apply_fsdp2(model: nn.Module, info: DistInfo, bf16: bool, reshard_after_forw
         if bf16
         else MixedPrecisionPolicy()
     )
-    blocks = transformer_blocks(model)
-    # Backward starts with the last block that has gradients: freeing its parameters after
+    units = fsdp_units(transformer_blocks(model), blocks_per_unit)
+    # Backward starts with the last unit that has gradients: freeing its parameters after
     # forward would only make backward gather them again at once (torchtitan's rule too).
-    first_in_backward = max((i for i, b in enumerate(blocks) if _trainable(b)), default=-1)
-    for i, block in enumerate(blocks):
+    first_in_backward = max((i for i, unit in enumerate(units) if _trainable(unit[0])), default=-1)
+    for i, unit in enumerate(units):
         reshard = reshard_after_forward and i != first_in_backward
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
+        # a list is one FSDP2 group: one all-gather before its first block, one reduce-scatter
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+
+
+def fsdp_units(blocks: list[nn.Module], blocks_per_unit: int) -> list[list[nn.Module]]:
+    """`blocks` in order, `blocks_per_unit` at a time (the last unit may be shorter), never mixing
+    trainable and frozen blocks in one unit (DPO lists the policy's layers, then the frozen
+    reference's, which run in another forward)."""
+    if blocks_per_unit < 1:
+        raise ValueError(f"blocks_per_unit must be >= 1, got {blocks_per_unit}")
+    units: list[list[nn.Module]] = []
+    for block in blocks:
+        last = units[-1] if units else None
+        if last is not None and len(last) < blocks_per_unit and _trainable(last[0]) == _trainable(block):
+            last.append(block)
+        else:
+            units.append([block])
+    return units
 
 
 def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    # Gradients as views into DDP's all-reduce buckets. Without it every gradient is copied into
+    # its bucket before the all-reduce and back out after it, and .grad and the buckets each hold
+    # all of them after backward. A gradient that is not a bucket view yet (the first step, after
+    # zero_grad's set_to_none) is copied in once and replaced by the view. On one H200, Qwen2-0.5B
+    # in its 12 GiB configuration under DDP: 125.3k -> 127.4k tokens/s, 0.2 GiB less reserved.
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool) -> tuple[nn.Module, nn.Module]:
@@ -214,7 +238,8 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool
     if cfg.compile and not whole_model_ddp:
         apply_compile(model, cfg.compile_mode, cfg.trainer.activation_memory_budget, cfg.compile_scope)
     if strategy == "fsdp2":
-        apply_fsdp2(model, info, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward)
+        apply_fsdp2(model, info, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward,
+                    blocks_per_unit=cfg.parallel.fsdp_blocks_per_unit)
         return model, model
     if strategy == "ddp":
         ddp = apply_ddp(model, info)

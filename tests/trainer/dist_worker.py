@@ -18,6 +18,7 @@ import sys
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from src.trainer import CheckpointConfig, Trainer
@@ -74,6 +75,11 @@ def run(out_dir: str) -> None:
     assert ddp_compiled.persistent_grads
     ddp_compiled.fit()
     results["ddp_compiled_model"] = losses(ddp_compiled)
+    # Its gradients are views into DDP's all-reduce buckets (gradient_as_bucket_view), so they
+    # share a few bucket storages instead of holding one copy each.
+    grads = [p.grad for p in ddp_compiled.bare.parameters() if p.requires_grad]
+    results["ddp_grads"] = len(grads)
+    results["ddp_grad_storages"] = len({g.untyped_storage().data_ptr() for g in grads if g is not None})
 
     # DDP with bf16 AdamW moments: every replica must round its moments alike (the random bits
     # come from tensor, element and step, not the rank), or the weights would drift apart.
@@ -141,6 +147,16 @@ def run(out_dir: str) -> None:
     results["fsdp2_bf16_moments"] = losses(straight_bf16)
     first, second = split_run("fsdp2_bf16_moments_split", **bf16_moments)
     results["fsdp2_bf16_moments_split"] = losses(first) + losses(second)
+    # Both blocks in one FSDP2 unit (parallel.fsdp_blocks_per_unit): one all-gather and one
+    # reduce-scatter for the two, the same losses, and an exact resume through the checkpoint.
+    units = dict(parallel=replace(straight.cfg.parallel, fsdp_blocks_per_unit=2))
+    grouped = trainer("fsdp2_units", "fsdp2", **units)
+    blocks = list(grouped.bare.layers)
+    results["fsdp2_units_shared_state"] = fully_shard.state(blocks[0]) is fully_shard.state(blocks[1])
+    grouped.fit()
+    results["fsdp2_units"] = losses(grouped)
+    first, second = split_run("fsdp2_units_split", **units)
+    results["fsdp2_units_split"] = losses(first) + losses(second)
     if rank == 0:
         results["fsdp2_split_bitwise"] = all(torch.equal(split_state[k], v) for k, v in straight_state.items())
         results["fsdp2_triton_adamw_split_bitwise"] = all(

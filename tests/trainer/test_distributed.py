@@ -16,7 +16,8 @@ from src.trainer import CheckpointConfig, Trainer
 from src.utils.distributed import DistInfo
 
 from .dist_worker import MAX_STEPS, SPLIT_AT
-from .helpers import BF16_OPTIMIZED, GELU_MLP_OP, SWIGLU_FUSED, SyntheticLoader, make_config, tiny_model, tiny_qwen2_model
+from .helpers import (BF16_OPTIMIZED, GELU_MLP_OP, SWIGLU_FUSED, SyntheticLoader, make_config, replace, tiny_model,
+                      tiny_qwen2_model)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
@@ -52,6 +53,8 @@ def test_ddp_and_fsdp2_match_one_process(two_ranks, tmp_path):
     assert results["ddp"] == pytest.approx(single, rel=1e-5)
     assert results["ddp_compiled_model"] == pytest.approx(single, rel=1e-5)
     assert results["fsdp2"] == pytest.approx(single, rel=1e-5)
+    # DDP's gradients live in its buckets: no second copy of every gradient
+    assert results["ddp_grads"] > 4 and 1 <= results["ddp_grad_storages"] <= 2
 
 
 def test_ddp_with_the_optimized_precision_settings_matches_one_process(two_ranks, tmp_path):
@@ -103,6 +106,15 @@ def test_fsdp2_exact_resume(two_ranks):
     assert results["fsdp2_resumed_at"] == SPLIT_AT
     assert results["fsdp2_split"] == results["fsdp2"]  # bitwise
     assert results["fsdp2_split_bitwise"] is True
+
+
+def test_fsdp2_units_of_two_blocks_match_and_resume_exactly(two_ranks):
+    """parallel.fsdp_blocks_per_unit: 2 puts both blocks in one FSDP2 group (one shared state):
+    the losses of one block per unit, and a bitwise resume through the distributed checkpoint."""
+    _, results = two_ranks
+    assert results["fsdp2_units_shared_state"] is True
+    assert results["fsdp2_units"] == pytest.approx(results["fsdp2"], rel=1e-5)
+    assert results["fsdp2_units_split"] == results["fsdp2_units"]  # bitwise
 
 
 def test_triton_adamw_on_fsdp2_shards_matches_torch_and_resumes_exactly(two_ranks):
@@ -168,6 +180,45 @@ def test_fsdp2_root_keeps_its_parameters_gathered_after_forward(monkeypatch):
     calls.clear()
     parallelize.apply_fsdp2(tiny_model(), CPU, bf16=False, reshard_after_forward=False)
     assert [r for _, r in calls] == [False] * (len(blocks) + 1)
+
+
+def test_fsdp2_units_group_consecutive_blocks_without_mixing_frozen_ones(monkeypatch):
+    """fsdp_units: `blocks_per_unit` blocks at a time, the last unit shorter, never a trainable and
+    a frozen block together (DPO's policy, then reference layers); apply_fsdp2 hands each unit of
+    several blocks to fully_shard as one list, and the last trainable unit keeps its parameters."""
+    import torch.distributed.fsdp as fsdp
+
+    from src.trainer import parallelize
+
+    blocks = [torch.nn.Linear(2, 2) for _ in range(7)]
+    for block in blocks[5:]:
+        block.requires_grad_(False)
+    assert parallelize.fsdp_units(blocks, 1) == [[b] for b in blocks]
+    assert parallelize.fsdp_units(blocks, 2) == [blocks[0:2], blocks[2:4], blocks[4:5], blocks[5:7]]
+    assert parallelize.fsdp_units(blocks, 8) == [blocks[0:5], blocks[5:7]]
+    with pytest.raises(ValueError, match="blocks_per_unit"):
+        parallelize.fsdp_units(blocks, 0)
+
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append((module, kw["reshard_after_forward"])))
+    monkeypatch.setattr(parallelize, "build_device_mesh", lambda info: None)
+    model = tiny_model(n_layer=5)
+    parallelize.apply_fsdp2(model, CPU, bf16=False, reshard_after_forward=True, blocks_per_unit=2)
+    layers = list(model.layers)
+    assert [m for m, _ in calls] == [layers[0:2], layers[2:4], layers[4], model]
+    assert [r for _, r in calls] == [True, True, False, False]
+
+
+def test_fsdp_blocks_per_unit_config_errors(tmp_path):
+    from src.trainer.config import ParallelConfig
+    from src.utils.config import ConfigError
+
+    cfg = make_config(tmp_path, max_steps=1)
+    with pytest.raises(ConfigError, match="fsdp_blocks_per_unit must be >= 1"):
+        replace(cfg, parallel=ParallelConfig(strategy="fsdp2", fsdp_blocks_per_unit=0))
+    with pytest.raises(ConfigError, match="set parallel.strategy: fsdp2"):
+        replace(cfg, parallel=ParallelConfig(strategy="ddp", fsdp_blocks_per_unit=4))
+    assert replace(cfg, parallel=ParallelConfig(strategy="fsdp2", fsdp_blocks_per_unit=4)).parallel.fsdp_blocks_per_unit == 4
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
