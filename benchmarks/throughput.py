@@ -18,6 +18,7 @@ peak FLOP/s (DESIGN.md), FLOPs per token = 6N + 12 L H Q T from `model.flops_per
     python benchmarks/throughput.py --model configs/model/gpt_125m.yaml --grad-accum 4     # 4 micro-batches a step
     python benchmarks/throughput.py --nproc 8 --model configs/model/qwen2_0.5b.yaml --variants optimized
     python benchmarks/throughput.py --strategy fsdp2 --variants optimized "optimized optimizer=torch"  # FSDP2, one GPU
+    python benchmarks/throughput.py --strategy fsdp2 --fsdp-units 4 --variants optimized "optimized +FSDP units of 4 blocks"
     python benchmarks/throughput.py --strategy ddp --variants optimized "optimized +whole-model +CUDA graphs"
     python benchmarks/throughput.py --help
 
@@ -114,6 +115,7 @@ class Variant:
     optimizer: str = "auto"  # optimizer.implementation: the reference keeps torch's AdamW
     optimizer_state: str = "float32"  # optimizer.state_dtype (bfloat16: our AdamW's stochastically rounded moments)
     reshard_after_forward: bool = True  # parallel.reshard_after_forward (FSDP2 only)
+    fsdp_blocks_per_unit: int = 1  # parallel.fsdp_blocks_per_unit (FSDP2 only)
     residual_dtype: str = "fp32"  # trainer.residual_dtype
 
 
@@ -125,7 +127,7 @@ def kernel_flips(optimized: dict) -> list[tuple[str, dict]]:
 
 def our_variants(
     family: str, ac: str, sharded: bool = False, memory_budgets: tuple[float, ...] = (), grad_accum: int = 1,
-    ac_layers: tuple[int, ...] = (),
+    ac_layers: tuple[int, ...] = (), fsdp_units: tuple[int, ...] = (),
 ) -> list[Variant]:
     ref = dataclass_dict(KernelConfig.reference())
     optimized = OPTIMIZED[family]
@@ -145,6 +147,17 @@ def our_variants(
     if sharded:  # keep each block's gathered parameters from forward to backward: no second all-gather
         variants.append(Variant("optimized reshard_after_forward=false", "ours", dict(optimized), compile=True,
                                 activation_checkpointing=ac, reshard_after_forward=False, residual_dtype=res))
+        for per_unit in fsdp_units:  # fewer FSDP2 units: fewer hooks on the host, larger collectives
+            variants.append(Variant(f"optimized +FSDP units of {per_unit} blocks", "ours", dict(optimized),
+                                    compile=True, activation_checkpointing=ac, fsdp_blocks_per_unit=per_unit,
+                                    residual_dtype=res))
+        # bf16 moments on the local shards (FSDP2 has no whole-model graph, so per-block compile here)
+        variants.append(Variant("optimized +bf16 moments", "ours", dict(optimized), compile=True,
+                                activation_checkpointing=ac, optimizer_state="bfloat16", residual_dtype=res))
+        if optimized.get("swiglu") == "fused_linear":
+            variants.append(Variant("optimized +bf16 moments swiglu=fused_linear_recompute", "ours",
+                                    dict(optimized, swiglu="fused_linear_recompute"), compile=True,
+                                    activation_checkpointing=ac, optimizer_state="bfloat16", residual_dtype=res))
     if ac == "none":
         # the memory-lean configuration: recompute elementwise ops in backward
         variants.append(Variant("optimized +selective AC", "ours", dict(optimized), compile=True,
@@ -319,7 +332,8 @@ def train_config(args, variant: Variant, steps: int, out_dir: str) -> TrainConfi
             "schedule": {"type": "cosine", "warmup_steps": min(20, steps // 10), "min_lr": args.lr / 10},
             "checkpoint": {"save_final": False, "export_hf": False},
             "logging": {"log_every": 10**9},
-            "parallel": {"strategy": args.strategy, "reshard_after_forward": variant.reshard_after_forward},
+            "parallel": {"strategy": args.strategy, "reshard_after_forward": variant.reshard_after_forward,
+                         "fsdp_blocks_per_unit": variant.fsdp_blocks_per_unit},
         },
         where="benchmarks/throughput.py",
     )
@@ -597,6 +611,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strategy", default="none", choices=["none", "ddp", "fsdp2"],
                    help="parallel strategy inside each process (set by --nproc)")
+    p.add_argument("--fsdp-units", type=int, nargs="*", default=[], metavar="N",
+                   help="with --strategy fsdp2: add one 'optimized +FSDP units of N blocks' variant per value "
+                        "(parallel.fsdp_blocks_per_unit)")
     p.add_argument("--nproc", type=int, default=1, help="GPUs: relaunch under torchrun with FSDP2")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per GPU for MFU (default: by device name)")
     p.add_argument("--profile", action="store_true",
@@ -611,6 +628,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.grad_accum < 1:
         raise SystemExit(f"--grad-accum must be at least 1, got {args.grad_accum}")
+    if args.fsdp_units and args.strategy != "fsdp2" and args.nproc == 1:  # --nproc N relaunches with fsdp2
+        raise SystemExit("--fsdp-units groups FSDP2's units: add --strategy fsdp2 (or --nproc N)")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
         forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
@@ -626,7 +645,7 @@ def main(argv=None) -> None:
     family = model_config.model_family
     variants = our_variants(family, args.activation_checkpointing, sharded=args.strategy == "fsdp2",
                             memory_budgets=tuple(args.memory_budgets), grad_accum=args.grad_accum,
-                            ac_layers=tuple(args.ac_layers))
+                            ac_layers=tuple(args.ac_layers), fsdp_units=tuple(args.fsdp_units))
     if args.peers and not args.loss_check and info.world_size == 1:
         variants += peer_variants(family)
     if args.variants:

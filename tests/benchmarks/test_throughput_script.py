@@ -75,6 +75,13 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
     cfg = throughput.train_config(throughput.parse_args(["--strategy", "fsdp2"]), keep_gathered, 10, "unused")
     assert (cfg.parallel.strategy, cfg.parallel.reshard_after_forward) == ("fsdp2", False)
     assert "optimized reshard_after_forward=false" not in names  # an FSDP2 choice only
+    sharded_lean = {v.name: v for v in throughput.our_variants(family, "none", sharded=True, fsdp_units=(4,))}
+    grouped = sharded_lean["optimized +FSDP units of 4 blocks"]
+    cfg = throughput.train_config(throughput.parse_args(["--strategy", "fsdp2"]), grouped, 10, "unused")
+    assert (cfg.parallel.strategy, cfg.parallel.fsdp_blocks_per_unit) == ("fsdp2", 4)
+    assert sharded_lean["optimized +bf16 moments"].optimizer_state == "bfloat16"  # moments on the shards
+    assert sharded_lean["optimized +bf16 moments"].compile_scope == "blocks"
+    assert ("optimized +bf16 moments swiglu=fused_linear_recompute" in sharded_lean) == (family == "qwen2")
     accumulating = [v.name for v in throughput.our_variants(family, "none", grad_accum=2)]
     assert "optimized +whole-model compile" in accumulating
     assert "optimized +whole-model +CUDA graphs" in accumulating  # the trainer keeps persistent .grad buffers
