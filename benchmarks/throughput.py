@@ -333,7 +333,8 @@ def train_config(args, variant: Variant, steps: int, out_dir: str) -> TrainConfi
             "checkpoint": {"save_final": False, "export_hf": False},
             "logging": {"log_every": 10**9},
             "parallel": {"strategy": args.strategy, "reshard_after_forward": variant.reshard_after_forward,
-                         "fsdp_blocks_per_unit": variant.fsdp_blocks_per_unit},
+                         "fsdp_blocks_per_unit": variant.fsdp_blocks_per_unit,
+                         "ddp_bucket_cap_mb": args.ddp_bucket_cap_mb},
         },
         where="benchmarks/throughput.py",
     )
@@ -614,6 +615,8 @@ def parse_args(argv=None):
     p.add_argument("--fsdp-units", type=int, nargs="*", default=[], metavar="N",
                    help="with --strategy fsdp2: add one 'optimized +FSDP units of N blocks' variant per value "
                         "(parallel.fsdp_blocks_per_unit)")
+    p.add_argument("--ddp-bucket-cap-mb", type=float, default=25.0, metavar="MB",
+                   help="with --strategy ddp: DDP's gradient bucket size for every variant (parallel.ddp_bucket_cap_mb)")
     p.add_argument("--nproc", type=int, default=1, help="GPUs: relaunch under torchrun with FSDP2")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per GPU for MFU (default: by device name)")
     p.add_argument("--profile", action="store_true",
@@ -705,6 +708,7 @@ def main(argv=None) -> None:
             "steps": steps, "warmup": args.warmup,
             "peak_flops": peak, "activation_checkpointing": args.activation_checkpointing,
             "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "strategy": args.strategy,
+            "ddp_bucket_cap_mb": args.ddp_bucket_cap_mb,
             # host-bound steps (per-block compile, FSDP2 hooks) move with the host's speed
             "host_cpu": host_cpu(), "host_cores": os.cpu_count(),
         }

@@ -181,6 +181,9 @@ class ParallelConfig:
     # per unit, so fewer, larger units make a host-bound step faster and each collective larger,
     # for the gathered parameters of more blocks alive at once (benchmarks/README.md, "FSDP2 units").
     fsdp_blocks_per_unit: int = 1
+    # ddp: gradients all-reduced in buckets of this many MB (torch's default, 25). Under
+    # compile_scope: model Dynamo splits the graph at every bucket (benchmarks/README.md).
+    ddp_bucket_cap_mb: float = 25.0
 
 
 @dataclass
@@ -230,6 +233,8 @@ class TrainConfig:
         if self.compile_scope != "blocks" and not self.compile:
             raise ConfigError(f"compile_scope={self.compile_scope} says what torch.compile compiles; "
                               "set compile: true as well")
+        if not self.parallel.ddp_bucket_cap_mb > 0:
+            raise ConfigError(f"parallel.ddp_bucket_cap_mb must be positive, got {self.parallel.ddp_bucket_cap_mb}")
         if self.parallel.fsdp_blocks_per_unit < 1:
             raise ConfigError(f"parallel.fsdp_blocks_per_unit must be >= 1, got {self.parallel.fsdp_blocks_per_unit}")
         if self.parallel.fsdp_blocks_per_unit != 1 and self.parallel.strategy != "fsdp2":

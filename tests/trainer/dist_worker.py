@@ -22,6 +22,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from src.trainer import CheckpointConfig, Trainer
+from src.trainer.config import ParallelConfig
 from src.trainer.optimizer import TritonAdamW
 from src.utils.distributed import init_distributed, shutdown_distributed
 
@@ -63,7 +64,9 @@ def run(out_dir: str) -> None:
         return first, second
 
     results = {}
-    ddp = trainer("ddp", "ddp")
+    # small buckets (parallel.ddp_bucket_cap_mb): several all-reduces per step, the same math
+    ddp = trainer("ddp", "ddp", parallel=ParallelConfig(strategy="ddp", ddp_bucket_cap_mb=0.01))
+    results["ddp_bucket_bytes_cap"] = ddp.model.bucket_bytes_cap
     ddp.fit()
     results["ddp"] = losses(ddp)
     results["ddp_grad_norms"] = grad_norms(ddp)

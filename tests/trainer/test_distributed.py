@@ -53,6 +53,7 @@ def test_ddp_and_fsdp2_match_one_process(two_ranks, tmp_path):
     assert results["ddp"] == pytest.approx(single, rel=1e-5)
     assert results["ddp_compiled_model"] == pytest.approx(single, rel=1e-5)
     assert results["fsdp2"] == pytest.approx(single, rel=1e-5)
+    assert results["ddp_bucket_bytes_cap"] == int(0.01 * 2**20)
     # DDP's gradients live in its buckets: no second copy of every gradient
     assert results["ddp_grads"] > 4 and 1 <= results["ddp_grad_storages"] <= 2
 
@@ -219,6 +220,8 @@ def test_fsdp_blocks_per_unit_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="set parallel.strategy: fsdp2"):
         replace(cfg, parallel=ParallelConfig(strategy="ddp", fsdp_blocks_per_unit=4))
     assert replace(cfg, parallel=ParallelConfig(strategy="fsdp2", fsdp_blocks_per_unit=4)).parallel.fsdp_blocks_per_unit == 4
+    with pytest.raises(ConfigError, match="ddp_bucket_cap_mb must be positive"):
+        replace(cfg, parallel=ParallelConfig(strategy="ddp", ddp_bucket_cap_mb=0))
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
