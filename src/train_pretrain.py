@@ -1,7 +1,7 @@
 """Pretraining: next-token prediction on packed windows of text.
 
     python -m src.train_pretrain --config configs/train/pretrain.yaml [--set key.sub=value ...] [--resume auto|PATH]
-    torchrun --nproc_per_node=8 -m src.train_pretrain --config configs/train/pretrain.yaml --set parallel.strategy=fsdp2
+    torchrun --nproc_per_node=8 -m src.train_pretrain --config configs/train/pretrain.yaml --set parallel.strategy=ddp
 """
 
 from __future__ import annotations

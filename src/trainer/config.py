@@ -1,6 +1,6 @@
 """The train config: one YAML file describes one complete job (configs/train/*.yaml).
 
-    cfg = load_config("configs/train/pretrain.yaml", ["trainer.max_steps=50", "compile=false"])
+    cfg = load_config("configs/train/pretrain.yaml", ["trainer.max_steps=50"])
 
 `load_config` reads the YAML, applies `--set key.sub=value` overrides, builds the dataclasses
 strictly (an unknown key names the closest valid one), loads the model YAML named by
@@ -225,14 +225,24 @@ class TrainConfig:
             raise ConfigError("trainer.activation_memory_budget is applied by torch.compile's partitioner; set "
                               "compile: true, or use trainer.activation_checkpointing without compile")
         if self.compile_mode != "default" and not self.compile:
-            raise ConfigError(f"compile_mode={self.compile_mode} applies to compiled blocks; set compile: true as well")
-        if self.cuda_graphs and self.parallel.strategy == "fsdp2":
-            raise ConfigError(f"compile_mode={self.compile_mode} (CUDA graphs) does not work with FSDP2's per-block "
-                              "all-gathers; use compile_mode: default or max-autotune-no-cudagraphs, or "
-                              "parallel.strategy ddp / none")
+            raise ConfigError(f"compile_mode={self.compile_mode} applies to compiled blocks; set compile: true as well, "
+                              "or compile_mode: default to run without compile (--set compile_mode=default)")
+        if self.parallel.strategy == "fsdp2" and (self.cuda_graphs or self.compile_scope == "model"):
+            # one message for both settings, which the GPT-2 pretrain files set together
+            problems, fixes = [], []
+            if self.cuda_graphs:
+                problems.append(f"compile_mode={self.compile_mode} (CUDA graphs) does not work with FSDP2's per-block "
+                                "all-gathers (default and max-autotune-no-cudagraphs do)")
+                fixes.append(("compile_mode", "default"))
+            if self.compile_scope == "model":
+                problems.append("compile_scope=model does not work with FSDP2, which gathers parameters block by "
+                                "block between compiled graphs")
+                fixes.append(("compile_scope", "blocks"))
+            raise ConfigError("; ".join(problems) + "; set " + " and ".join(f"{k}: {v}" for k, v in fixes)
+                              + " (" + " ".join(f"--set {k}={v}" for k, v in fixes) + "), or parallel.strategy ddp / none")
         if self.compile_scope != "blocks" and not self.compile:
-            raise ConfigError(f"compile_scope={self.compile_scope} says what torch.compile compiles; "
-                              "set compile: true as well")
+            raise ConfigError(f"compile_scope={self.compile_scope} says what torch.compile compiles; set compile: true "
+                              "as well, or compile_scope: blocks to run without compile (--set compile_scope=blocks)")
         if not self.parallel.ddp_bucket_cap_mb > 0:
             raise ConfigError(f"parallel.ddp_bucket_cap_mb must be positive, got {self.parallel.ddp_bucket_cap_mb}")
         if self.parallel.fsdp_blocks_per_unit < 1:
@@ -241,9 +251,6 @@ class TrainConfig:
             raise ConfigError(f"parallel.fsdp_blocks_per_unit ({self.parallel.fsdp_blocks_per_unit}) groups FSDP2's "
                               f"units; strategy {self.parallel.strategy!r} has none: set parallel.strategy: fsdp2 "
                               "or leave it at 1")
-        if self.compile_scope == "model" and self.parallel.strategy == "fsdp2":
-            raise ConfigError("compile_scope=model does not work with FSDP2, which gathers parameters block by block "
-                              "between compiled graphs; use compile_scope: blocks, or parallel.strategy ddp / none")
         if self.checkpoint.resume is not None and self.checkpoint.resume != "auto" and self.init_from is not None:
             raise ConfigError("checkpoint.resume continues a run and init_from starts a new one; set only one of them")
 

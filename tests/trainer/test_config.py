@@ -75,6 +75,8 @@ def test_missing_model_yaml_lists_what_exists(tmp_path):
         (["optimizer.state_dtype=fp16"], "optimizer.state_dtype"),
         (["compile_scope=model"], "says what torch.compile compiles; set compile: true"),
         (["compile=true", "compile_scope=model", "parallel.strategy=fsdp2"], "compile_scope=model does not work with FSDP2"),
+        (["compile=true", "compile_scope=model", "compile_mode=reduce-overhead", "parallel.strategy=fsdp2"],
+         r"set compile_mode: default and compile_scope: blocks \(--set compile_mode=default --set compile_scope=blocks\)"),
         (["compile=true", "compile_scope=layers"], "compile_scope"),
         (["trainer.activation_memory_budget=0.5"], "applied by torch.compile's partitioner; set compile: true"),
         (["trainer.activation_memory_budget=1.5"], r"activation_memory_budget must be in \[0, 1\]"),

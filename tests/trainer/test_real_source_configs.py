@@ -50,3 +50,24 @@ def test_the_12_gib_qwen2_config_is_the_measured_row():
     assert cfg.trainer.residual_dtype == row.residual_dtype
     assert cfg.trainer.activation_checkpointing == "none" and cfg.trainer.grad_accum_steps == 1
     assert (cfg.trainer.micro_batch_size, cfg.trainer.seq_len) == (4, 2048)
+
+
+@pytest.mark.parametrize("path", ["configs/train/pretrain.yaml", "configs/train/pretrain_fineweb.yaml",
+                                  "configs/train/pretrain_openwebtext_shards.yaml"])
+def test_the_gpt2_pretrain_configs_are_the_fastest_measured_row(path):
+    """The GPT-2 pretrain files run what benchmarks/throughput.py measured fastest,
+    `optimized +whole-model +CUDA graphs`: its kernels, compile scope and mode, residual stream; and
+    the FSDP2 line their headers give loads."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import throughput
+
+    cfg = load_config(path, [], task="pretrain")
+    row = {v.name: v for v in throughput.our_variants("gpt2", "none")}["optimized +whole-model +CUDA graphs"]
+    kernels = {k: v for k, v in dataclasses.asdict(cfg.kernels).items() if k in row.kernels}
+    assert kernels == row.kernels
+    assert (cfg.compile, cfg.compile_scope, cfg.compile_mode) == (True, row.compile_scope, row.compile_mode)
+    assert cfg.trainer.residual_dtype == row.residual_dtype
+    header = open(path).read()
+    assert "--set parallel.strategy=ddp" in header and "--set compile_scope=blocks --set compile_mode=default" in header
+    fsdp2 = load_config(path, ["parallel.strategy=fsdp2", "compile_scope=blocks", "compile_mode=default"], task="pretrain")
+    assert (fsdp2.parallel.strategy, fsdp2.compile_scope, fsdp2.cuda_graphs) == ("fsdp2", "blocks", False)
