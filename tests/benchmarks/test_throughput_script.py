@@ -210,3 +210,9 @@ def test_profile_steps_runs_one_untraced_step_first_and_syncs_around_the_traced_
     names = [e.name() for e in traced[0].profiler.kineto_results.events()]
     assert names.count("aten::ones") == 2 and "aten::zeros" not in names  # the warm-up step is not traced
     assert set(profile) >= {"gpu_ms_per_step", "categories_ms", "top_kernels", "idle_ms_per_step", "host_api", "gaps"}
+
+
+def test_fsdp_units_need_fsdp2(capsys):
+    """--fsdp-units only adds FSDP2 rows: without --strategy fsdp2 (or --nproc) it is refused up front."""
+    with pytest.raises(SystemExit, match="--fsdp-units groups FSDP2's units"):
+        throughput.main(["--fsdp-units", "4"])
