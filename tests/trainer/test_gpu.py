@@ -176,3 +176,33 @@ def test_triton_adamw_under_fsdp2_trains_like_torch_adamw(tmp_path, nccl_world_o
             assert all(isinstance(s["exp_avg"], DTensor) for s in trainer.optimizer.state.values())
     torch.testing.assert_close(losses["auto"], losses["torch"], rtol=2e-2, atol=2e-2)
     assert losses["auto"][-1] < losses["auto"][0] - 0.5
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_ddp_bucket_views_and_fsdp2_units_on_nccl_train_like_no_strategy(tmp_path, nccl_world_of_one, strategy):
+    """Over NCCL on the GPU: DDP with its gradients as bucket views, under the whole-model CUDA-graph
+    compile with two micro-batches per step (the trainer's persistent .grad buffers become views
+    into the buckets), and FSDP2 with both blocks in one unit; each trains as one process without
+    a strategy does."""
+    from src.trainer.config import ParallelConfig
+
+    if strategy == "ddp":
+        changes = dict(compile=True, compile_scope="model", compile_mode="reduce-overhead")
+        trainer_changes, batch = dict(micro_batch_size=4, grad_accum_steps=2), 4
+        parallel = ParallelConfig(strategy="ddp")
+    else:
+        changes, trainer_changes, batch = dict(compile=True), {}, 8
+        parallel = ParallelConfig(strategy="fsdp2", fsdp_blocks_per_unit=2)
+    losses = {}
+    for name, par in (("none", ParallelConfig()), (strategy, parallel)):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        cfg = replace(cuda_config(tmp_path / name, **trainer_changes), parallel=par, **changes)
+        trainer = Trainer(cfg, tiny_model(), SyntheticLoader(batch), None, nccl_world_of_one)
+        trainer.fit()
+        losses[name] = torch.tensor([r["loss"] for r in trainer.history if r["split"] == "train"])
+    torch.testing.assert_close(losses[strategy], losses["none"], rtol=2e-2, atol=2e-2)
+    assert losses[strategy][-1] < losses[strategy][0] - 0.5
+    if strategy == "ddp":
+        grads = [p.grad for p in trainer.bare.parameters() if p.requires_grad]
+        assert len({g.untyped_storage().data_ptr() for g in grads}) <= 2 < len(grads)
