@@ -631,6 +631,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.grad_accum < 1:
         raise SystemExit(f"--grad-accum must be at least 1, got {args.grad_accum}")
+    if args.ddp_bucket_cap_mb != 25.0 and args.strategy != "ddp":
+        raise SystemExit("--ddp-bucket-cap-mb sizes DDP's gradient buckets: add --strategy ddp")
     if args.fsdp_units and args.strategy != "fsdp2" and args.nproc == 1:  # --nproc N relaunches with fsdp2
         raise SystemExit("--fsdp-units groups FSDP2's units: add --strategy fsdp2 (or --nproc N)")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:

@@ -245,6 +245,10 @@ class TrainConfig:
                               "as well, or compile_scope: blocks to run without compile (--set compile_scope=blocks)")
         if not self.parallel.ddp_bucket_cap_mb > 0:
             raise ConfigError(f"parallel.ddp_bucket_cap_mb must be positive, got {self.parallel.ddp_bucket_cap_mb}")
+        if self.parallel.ddp_bucket_cap_mb != 25.0 and self.parallel.strategy != "ddp":
+            raise ConfigError(f"parallel.ddp_bucket_cap_mb ({self.parallel.ddp_bucket_cap_mb}) sizes DDP's gradient "
+                              f"buckets; strategy {self.parallel.strategy!r} has none: set parallel.strategy: ddp or "
+                              "leave it at 25")
         if self.parallel.fsdp_blocks_per_unit < 1:
             raise ConfigError(f"parallel.fsdp_blocks_per_unit must be >= 1, got {self.parallel.fsdp_blocks_per_unit}")
         if self.parallel.fsdp_blocks_per_unit != 1 and self.parallel.strategy != "fsdp2":

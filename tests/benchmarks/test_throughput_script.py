@@ -212,7 +212,10 @@ def test_profile_steps_runs_one_untraced_step_first_and_syncs_around_the_traced_
     assert set(profile) >= {"gpu_ms_per_step", "categories_ms", "top_kernels", "idle_ms_per_step", "host_api", "gaps"}
 
 
-def test_fsdp_units_need_fsdp2(capsys):
-    """--fsdp-units only adds FSDP2 rows: without --strategy fsdp2 (or --nproc) it is refused up front."""
+def test_strategy_flags_need_their_strategy():
+    """--fsdp-units adds FSDP2 rows and --ddp-bucket-cap-mb sizes DDP's buckets: without their
+    strategy each is refused up front, not ignored."""
     with pytest.raises(SystemExit, match="--fsdp-units groups FSDP2's units"):
         throughput.main(["--fsdp-units", "4"])
+    with pytest.raises(SystemExit, match="--ddp-bucket-cap-mb sizes DDP's gradient buckets"):
+        throughput.main(["--ddp-bucket-cap-mb", "100"])

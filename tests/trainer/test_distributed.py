@@ -222,6 +222,8 @@ def test_fsdp_blocks_per_unit_config_errors(tmp_path):
     assert replace(cfg, parallel=ParallelConfig(strategy="fsdp2", fsdp_blocks_per_unit=4)).parallel.fsdp_blocks_per_unit == 4
     with pytest.raises(ConfigError, match="ddp_bucket_cap_mb must be positive"):
         replace(cfg, parallel=ParallelConfig(strategy="ddp", ddp_bucket_cap_mb=0))
+    with pytest.raises(ConfigError, match="set parallel.strategy: ddp or leave it at 25"):
+        replace(cfg, parallel=ParallelConfig(strategy="fsdp2", ddp_bucket_cap_mb=100))
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
