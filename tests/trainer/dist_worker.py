@@ -160,6 +160,14 @@ def run(out_dir: str) -> None:
     results["fsdp2_units"] = losses(grouped)
     first, second = split_run("fsdp2_units_split", **units)
     results["fsdp2_units_split"] = losses(first) + losses(second)
+    # A checkpoint written with one block per unit resumes with two: the same parameter names.
+    first = trainer("fsdp2_units_changed", "fsdp2")
+    first.fit(until_step=SPLIT_AT)
+    second = trainer("fsdp2_units_changed", "fsdp2", **units,
+                     checkpoint=CheckpointConfig(resume="auto", save_final=False, export_hf=False))
+    results["fsdp2_units_changed_resumed_at"] = second.step
+    second.fit()
+    results["fsdp2_units_changed"] = losses(first) + losses(second)
     if rank == 0:
         results["fsdp2_split_bitwise"] = all(torch.equal(split_state[k], v) for k, v in straight_state.items())
         results["fsdp2_triton_adamw_split_bitwise"] = all(

@@ -111,11 +111,15 @@ def test_fsdp2_exact_resume(two_ranks):
 
 def test_fsdp2_units_of_two_blocks_match_and_resume_exactly(two_ranks):
     """parallel.fsdp_blocks_per_unit: 2 puts both blocks in one FSDP2 group (one shared state):
-    the losses of one block per unit, and a bitwise resume through the distributed checkpoint."""
+    the losses of one block per unit, a bitwise resume through the distributed checkpoint, and a
+    resume from a checkpoint written with one block per unit."""
     _, results = two_ranks
     assert results["fsdp2_units_shared_state"] is True
     assert results["fsdp2_units"] == pytest.approx(results["fsdp2"], rel=1e-5)
     assert results["fsdp2_units_split"] == results["fsdp2_units"]  # bitwise
+    # resumed with another unit size than the checkpoint was written with
+    assert results["fsdp2_units_changed_resumed_at"] == SPLIT_AT
+    assert results["fsdp2_units_changed"] == pytest.approx(results["fsdp2"], rel=1e-6)
 
 
 def test_triton_adamw_on_fsdp2_shards_matches_torch_and_resumes_exactly(two_ranks):
