@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere: the repository root on the path
 
 from src.models import AutoModelForCausalLM, KernelConfig, load_model_config  # noqa: E402
-from src.trainer.config import TrainConfig  # noqa: E402
+from src.trainer.config import DDP_BUCKET_CAP_MB, TrainConfig  # noqa: E402
 from src.trainer.trainer import Trainer  # noqa: E402
 from src.utils.config import from_dict  # noqa: E402
 from src.utils.distributed import init_distributed, shutdown_distributed  # noqa: E402
@@ -615,7 +615,7 @@ def parse_args(argv=None):
     p.add_argument("--fsdp-units", type=int, nargs="*", default=[], metavar="N",
                    help="with --strategy fsdp2: add one 'optimized +FSDP units of N blocks' variant per value "
                         "(parallel.fsdp_blocks_per_unit)")
-    p.add_argument("--ddp-bucket-cap-mb", type=float, default=25.0, metavar="MB",
+    p.add_argument("--ddp-bucket-cap-mb", type=float, default=DDP_BUCKET_CAP_MB, metavar="MB",
                    help="with --strategy ddp: DDP's gradient bucket size for every variant (parallel.ddp_bucket_cap_mb)")
     p.add_argument("--nproc", type=int, default=1, help="GPUs: relaunch under torchrun with FSDP2")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per GPU for MFU (default: by device name)")
@@ -631,7 +631,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.grad_accum < 1:
         raise SystemExit(f"--grad-accum must be at least 1, got {args.grad_accum}")
-    if args.ddp_bucket_cap_mb != 25.0 and args.strategy != "ddp":
+    if args.ddp_bucket_cap_mb != DDP_BUCKET_CAP_MB and args.strategy != "ddp":
         raise SystemExit("--ddp-bucket-cap-mb sizes DDP's gradient buckets: add --strategy ddp")
     if args.fsdp_units and args.strategy != "fsdp2" and args.nproc == 1:  # --nproc N relaunches with fsdp2
         raise SystemExit("--fsdp-units groups FSDP2's units: add --strategy fsdp2 (or --nproc N)")

@@ -171,6 +171,9 @@ class LoggingConfig:
             raise ConfigError(f"logging.log_every must be >= 1, got {self.log_every}")
 
 
+DDP_BUCKET_CAP_MB = 25.0  # torch's DistributedDataParallel default
+
+
 @dataclass
 class ParallelConfig:
     strategy: Literal["none", "ddp", "fsdp2"] = "none"
@@ -183,7 +186,7 @@ class ParallelConfig:
     fsdp_blocks_per_unit: int = 1
     # ddp: gradients all-reduced in buckets of this many MB (torch's default, 25). Under
     # compile_scope: model Dynamo splits the graph at every bucket (benchmarks/README.md).
-    ddp_bucket_cap_mb: float = 25.0
+    ddp_bucket_cap_mb: float = DDP_BUCKET_CAP_MB
 
 
 @dataclass
@@ -245,10 +248,10 @@ class TrainConfig:
                               "as well, or compile_scope: blocks to run without compile (--set compile_scope=blocks)")
         if not self.parallel.ddp_bucket_cap_mb > 0:
             raise ConfigError(f"parallel.ddp_bucket_cap_mb must be positive, got {self.parallel.ddp_bucket_cap_mb}")
-        if self.parallel.ddp_bucket_cap_mb != 25.0 and self.parallel.strategy != "ddp":
+        if self.parallel.ddp_bucket_cap_mb != DDP_BUCKET_CAP_MB and self.parallel.strategy != "ddp":
             raise ConfigError(f"parallel.ddp_bucket_cap_mb ({self.parallel.ddp_bucket_cap_mb}) sizes DDP's gradient "
                               f"buckets; strategy {self.parallel.strategy!r} has none: set parallel.strategy: ddp or "
-                              "leave it at 25")
+                              f"leave it at {DDP_BUCKET_CAP_MB:g}")
         if self.parallel.fsdp_blocks_per_unit < 1:
             raise ConfigError(f"parallel.fsdp_blocks_per_unit must be >= 1, got {self.parallel.fsdp_blocks_per_unit}")
         if self.parallel.fsdp_blocks_per_unit != 1 and self.parallel.strategy != "fsdp2":

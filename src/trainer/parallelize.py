@@ -205,7 +205,7 @@ def fsdp_units(blocks: list[nn.Module], blocks_per_unit: int) -> list[list[nn.Mo
     return units
 
 
-def apply_ddp(model: nn.Module, info: DistInfo, bucket_cap_mb: float = 25.0) -> nn.Module:
+def apply_ddp(model: nn.Module, info: DistInfo, bucket_cap_mb: float) -> nn.Module:
     """DDP over all ranks, gradients all-reduced in buckets of `bucket_cap_mb` MB. A compiled
     DDP model (compile_scope: model) is split into one graph per bucket."""
     from torch.nn.parallel import DistributedDataParallel
