@@ -55,6 +55,8 @@ def ws_dgate_up_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, STORE_H: tl.constexpr,
 ):
+    """kernels/swiglu_linear.py's `_dgate_up_kernel` with device-built descriptors: dh = dy @ w
+    tile by tile, then [dgate | dup] of the SwiGLU into dgu (M, 2H), and with STORE_H h too."""
     dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M, D], strides=[D, 1], block_shape=[BM, BK])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[D, H], strides=[H, 1], block_shape=[BK, BN])
     gate_desc = tl.make_tensor_descriptor(gu_ptr, shape=[M, H], strides=[2 * H, 1], block_shape=[BM, BN])
@@ -148,39 +150,32 @@ def ws_dw_kernel(
 
 
 VARIANTS = {}  # name: (kernel, signature, constexprs, warps, stages)
+DGATE_UP_SIG = {**{n: "*bf16" for n in ("dy_ptr", "w_ptr", "gu_ptr", "dgu_ptr", "h_ptr")}, "M": "i32", "H": "i32", "D": "i32"}
+LOGITS_SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "stats_ptr": "*fp32", "M": "i32", "V": "i32", "K": "i32"}
+DW_SIG = {"g_ptr": "*bf16", "x_ptr": "*bf16", "dw_ptr": "*bf16", "V": "i32", "H": "i32", "C": "i32"}
+TILES = {"BM": 128, "BK": 64, "GROUP_M": 8}
 
 
 def add(name, kernel, signature, consts, warps, stages):
-    VARIANTS[name] = (kernel, signature, consts, warps, stages)
+    VARIANTS[name] = (kernel, signature, dict(TILES, **consts), warps, stages)
 
 
+# Warp-specialized: 4 warps per group (the pass needs them); stages as shared memory allows.
 for stages in (3, 4):
     for store_h in (False, True):
-        add(f"dgate_up ws=1 128x128x64 s{stages}{' +h' if store_h else ''}", ws_dgate_up_kernel,
-            {"dy_ptr": "*bf16", "w_ptr": "*bf16", "gu_ptr": "*bf16", "dgu_ptr": "*bf16", "h_ptr": "*bf16",
-             "M": "i32", "H": "i32", "D": "i32"},
-            {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "WS": True, "STORE_H": store_h}, 4, stages)
-add("dgate_up ws=1 128x256x64 s3", ws_dgate_up_kernel,
-    {"dy_ptr": "*bf16", "w_ptr": "*bf16", "gu_ptr": "*bf16", "dgu_ptr": "*bf16", "h_ptr": "*bf16",
-     "M": "i32", "H": "i32", "D": "i32"},
-    {"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "WS": True, "STORE_H": False}, 4, 3)
-# Controls: the same kernels without the pass (8 warps, `flatten` pipelining, as committed kernels run).
-add("dgate_up ws=0 128x128x64 s4", ws_dgate_up_kernel,
-    {"dy_ptr": "*bf16", "w_ptr": "*bf16", "gu_ptr": "*bf16", "dgu_ptr": "*bf16", "h_ptr": "*bf16",
-     "M": "i32", "H": "i32", "D": "i32"},
-    {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "WS": False, "STORE_H": False}, 8, 4)
-add("dW+= ws=0 128x128x64", ws_dw_kernel,
-    {"g_ptr": "*bf16", "x_ptr": "*bf16", "dw_ptr": "*bf16", "V": "i32", "H": "i32", "C": "i32"},
-    {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "WS": False, "ACCUMULATE": True}, 8, 4)
+        add(f"dgate_up ws=1 128x128x64 s{stages}{' +h' if store_h else ''}", ws_dgate_up_kernel, DGATE_UP_SIG,
+            {"BN": 128, "WS": True, "STORE_H": store_h}, 4, stages)
+add("dgate_up ws=1 128x256x64 s3", ws_dgate_up_kernel, DGATE_UP_SIG, {"BN": 256, "WS": True, "STORE_H": False}, 4, 3)
 for stats in (False, True):
     for bn in (128, 256):
-        add(f"logits ws=1 128x{bn}x64{' +stats' if stats else ''}", ws_logits_kernel,
-            {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "stats_ptr": "*fp32", "M": "i32", "V": "i32", "K": "i32"},
-            {"BM": 128, "BN": bn, "BK": 64, "GROUP_M": 8, "WS": True, "STATS": stats}, 4, 4 if bn == 128 else 3)
+        add(f"logits ws=1 128x{bn}x64{' +stats' if stats else ''}", ws_logits_kernel, LOGITS_SIG,
+            {"BN": bn, "WS": True, "STATS": stats}, 4, 4 if bn == 128 else 3)
 for bn in (128, 256):
-    add(f"dW+= ws=1 128x{bn}x64", ws_dw_kernel,
-        {"g_ptr": "*bf16", "x_ptr": "*bf16", "dw_ptr": "*bf16", "V": "i32", "H": "i32", "C": "i32"},
-        {"BM": 128, "BN": bn, "BK": 64, "GROUP_M": 8, "WS": True, "ACCUMULATE": True}, 4, 4 if bn == 128 else 3)
+    add(f"dW+= ws=1 128x{bn}x64", ws_dw_kernel, DW_SIG, {"BN": bn, "WS": True, "ACCUMULATE": True}, 4, 4 if bn == 128 else 3)
+# Controls: the same kernels and descriptors without the pass (8 warps, `flatten` pipelining, as
+# the committed kernels run).
+add("dgate_up ws=0 128x128x64 s4", ws_dgate_up_kernel, DGATE_UP_SIG, {"BN": 128, "WS": False, "STORE_H": False}, 8, 4)
+add("dW+= ws=0 128x128x64", ws_dw_kernel, DW_SIG, {"BN": 128, "WS": False, "ACCUMULATE": True}, 8, 4)
 
 
 def compile_only():
