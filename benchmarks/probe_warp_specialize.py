@@ -38,15 +38,7 @@ import triton.language as tl
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere
 
-
-@triton.jit
-def _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    per_group = GROUP_M * num_pid_n
-    first_m = (tile_id // per_group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile_id % group_m)
-    pid_n = (tile_id % per_group) // group_m
-    return pid_m, pid_n
+from kernels.swiglu_linear import _tile_ids  # noqa: E402  (the committed kernels' tile order)
 
 
 @triton.jit
