@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))  # run from anywhere
 
 import kernels.fused_linear_cross_entropy as flce  # noqa: E402
 from kernels import num_sms  # noqa: E402
-from kernels.cross_entropy import ce_forward_backward_rows  # noqa: E402
+from kernels.cross_entropy import ce_forward_backward_rows, check_logits_labels  # noqa: E402
 
 # -- the kernel -----------------------------------------------------------------------------------
 
@@ -150,7 +150,8 @@ def _cross_entropy_split_kernel(
 
 def split_launch_params(vocab: int) -> dict:
     """Columns per segment, warps, register cap and programs per SM: 4K columns over 8 warps
-    (16 values per thread) in 64 registers, four programs resident per SM."""
+    (16 values per thread) in 64 registers, four programs resident per SM, the setting the GPU
+    tests run (the sweep's fastest on an H100 was 4K columns, 4 warps, 96 registers, 5 per SM)."""
     block = min(4096, triton.next_power_of_2(vocab))
     return {"BLOCK": block, "num_warps": max(1, min(8, block // 512)), "ctas_per_sm": 4, "maxnreg": 64}
 
@@ -178,6 +179,9 @@ def ce_forward_backward_rows_split(
     """Per-row loss of `logits` (M, V) into `loss` (M,) fp32, and the gradient of their sum
     written over `logits`, reading the logits once (see the module docstring). Returns the
     compiled kernel of the last launch (its registers and spills are in `n_regs`, `n_spills`)."""
+    check_logits_labels(logits, labels, "probe_ce_split")
+    if logits.stride(-1) != 1:
+        raise ValueError("probe_ce_split: logits need a unit stride on the vocabulary dimension; pass logits.contiguous()")
     M, V = logits.shape
     params = split_launch_params(V)
     block = BLOCK or params["BLOCK"]
@@ -186,7 +190,7 @@ def ce_forward_backward_rows_split(
     maxnreg = maxnreg or params["maxnreg"]
     segments = triton.cdiv(V, block)
     if segments > num_sms(logits.device) * per_sm and logits.device.type == "cuda":
-        raise ValueError(f"cross_entropy_split: {segments} segments of {block} columns do not run at once on this device")
+        raise ValueError(f"probe_ce_split: {segments} segments of {block} columns do not run at once on this device")
     programs = programs_for(M, segments, logits.device, per_sm)
     partials = torch.empty((M, segments, 3), dtype=torch.float32, device=logits.device)
     arrived = torch.zeros(M, dtype=torch.int32, device=logits.device)
@@ -229,7 +233,7 @@ def check(log):
                 x, labels = logits_labels(M, V, ignore_every=5)
                 a, b = x.clone(), x.clone()
                 la, lb = torch.empty(M, device="cuda"), torch.empty(M, device="cuda")
-                ce_forward_backward_rows(a, labels, la, -100, ls, z, 4 * 132)
+                ce_forward_backward_rows(a, labels, la, -100, ls, z, flce.ce_programs(a.device))
                 ce_forward_backward_rows_split(b, labels, lb, -100, ls, z, two_launches=two)
                 torch.cuda.synchronize()
                 row = {
@@ -251,7 +255,7 @@ def sweep(M, V, log):
     copy_ms = do_bench(lambda: x0.copy_(src), warmup=25, rep=200)
     out = {"M": M, "V": V, "copy_ms": copy_ms, "copy_tbps": nbytes / copy_ms / 1e9, "rows": []}
     x = x0.clone()
-    base_ms = do_bench(lambda: ce_forward_backward_rows(x, labels, loss, -100, 0.0, 0.0, 4 * 132), warmup=25, rep=200)
+    base_ms = do_bench(lambda: ce_forward_backward_rows(x, labels, loss, -100, 0.0, 0.0, flce.ce_programs(x.device)), warmup=25, rep=200)
     out["committed_ms"] = base_ms
     log(f"{M}x{V}: copy {copy_ms:.4f} ms ({out['copy_tbps']:.2f} TB/s); committed two-read kernel {base_ms:.4f} ms")
     for block, warps, maxnreg, per_sm_choices in SETTINGS:

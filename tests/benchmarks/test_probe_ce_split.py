@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.cross_entropy import ce_forward_backward_rows
+from kernels.fused_linear_cross_entropy import ce_programs
 from tests.kernels.helpers import DEVICE, DTYPES, assert_close, needs_triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -71,6 +72,11 @@ def test_split_launch_plan():
     assert programs_for(1000, 38, torch.device("cpu"), 4) == 38  # the interpreter counts 4 SMs
     assert programs_for(1000, 3, torch.device("cpu"), 4) == 5 * 3
     assert programs_for(3, 2, torch.device("cpu"), 4) == 3 * 2
+    logits = torch.zeros(3, 10, device=DEVICE)
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        ce_forward_backward_rows_split(logits, torch.zeros(3, device=DEVICE), torch.empty(3, device=DEVICE), -100, 0.0, 0.0)
+    with pytest.raises(ValueError, match="unit stride"):
+        ce_forward_backward_rows_split(logits.t(), torch.zeros(10, dtype=torch.long, device=DEVICE), torch.empty(10, device=DEVICE), -100, 0.0, 0.0)
     params = split_launch_params(151936)
     assert params["BLOCK"] * params["num_warps"] > 0 and split_launch_params(100)["BLOCK"] == 128
 
@@ -89,6 +95,6 @@ def test_split_rows_one_launch_real_sizes_gpu(vocab, label_smoothing, z_loss):
     assert torch.equal(one[1], two[1])
     committed = logits.clone()
     loss = torch.empty(2048, device="cuda")
-    ce_forward_backward_rows(committed, labels, loss, -100, label_smoothing, z_loss, 528)
+    ce_forward_backward_rows(committed, labels, loss, -100, label_smoothing, z_loss, ce_programs(committed.device))
     torch.testing.assert_close(one[0], loss, atol=1e-4, rtol=1e-5)
     assert_close(one[1], committed, torch.bfloat16, "dlogits")
