@@ -350,7 +350,7 @@ def run_ours(args, variant: Variant, groups: list[list[dict]], steps: int, info)
         step_fn = lambda group, i: trainer.train_step(group)[0]  # noqa: E731  (a group: one step's micro-batches)
         result = time_steps(step_fn, groups, steps, args, info)
         if args.profile and info.rank == 0 and info.device.type == "cuda":
-            result["profile"] = profile_steps(step_fn, groups, variant.name)
+            result["profile"] = profile_steps(step_fn, groups, variant.name, ops=args.profile_ops)
         result["flops_per_token"] = trainer.flops_per_token
         result["params"] = trainer.bare.num_parameters()
         del trainer, model, step_fn
@@ -451,9 +451,12 @@ def kernel_category(name: str) -> str:
     return next((category for category, pattern in KERNEL_CATEGORIES if pattern.search(name)), "elementwise/other")
 
 
-def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3, sync=None, activities=None) -> dict:
+def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3, sync=None, activities=None,
+                  ops: bool = False) -> dict:
     """The GPU time per step by category and the costliest kernels over a few steps (after
-    warm-up): the 15 costliest printed, the 40 costliest returned (for the JSON).
+    warm-up): the 15 costliest printed, the 40 costliest returned (for the JSON). With `ops`, the
+    host's ops are traced too and each kernel row names the ops that launched it
+    (`kernel_launchers`).
 
     One untraced step runs first, inside the profiler's schedule (the profiler's own start-up
     costs fall in it), and a sync follows it: CUPTI records a kernel by when the GPU runs it, so
@@ -464,13 +467,18 @@ def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3, 
 
     sync = sync or torch.cuda.synchronize
     one_untraced_then_traced = schedule(wait=0, warmup=1, active=steps, repeat=1)
-    with profile(activities=activities or [ProfilerActivity.CUDA], schedule=one_untraced_then_traced) as prof:
+    if activities is None:
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if ops else [ProfilerActivity.CUDA]
+    with profile(activities=activities, schedule=one_untraced_then_traced) as prof:
         for i in range(1 + steps):
             step_fn(groups[i % len(groups)], i)
             if i == 0 or i == steps:  # the warm-up's GPU work before the trace starts; the traced steps' before it stops
                 sync()
             prof.step()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    # With the host's ops traced, an op's row also counts its kernels' time (and Inductor's Triton
+    # launches are ops named as their kernels): only the GPU's own rows then.
+    events = [e for e in prof.key_averages()
+              if e.device_type.name == "CUDA" or (not ops and getattr(e, "self_device_time_total", 0))]
     total = sum(getattr(e, "self_device_time_total", 0) for e in events) or 1
     categories: dict[str, float] = {}
     for e in events:
@@ -479,12 +487,18 @@ def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3, 
     top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:40]
     rows = [{"kernel": e.key[:120], "ms_per_step": e.self_device_time_total / 1e3 / steps,
              "share": e.self_device_time_total / total, "calls_per_step": e.count / steps} for e in top]
+    if ops:
+        launchers = kernel_launchers(prof.events(), steps)
+        for r in rows:
+            r["launched_by"] = launchers.get(r["kernel"], [])
     idle = gpu_idle(prof, steps)
     print(f"\nprofile of '{name}': GPU time {total / 1e3 / steps:.1f} ms per step, "
           f"GPU idle {idle['idle_ms_per_step']:.2f} ms per step between kernels")
     print("  " + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(categories.items(), key=lambda kv: -kv[1])))
     for r in rows[:15]:
         print(f"  {r['ms_per_step']:7.2f} ms {100 * r['share']:5.1f}% x{r['calls_per_step']:<5.0f} {r['kernel']}")
+        for launcher in r.get("launched_by", [])[:2]:
+            print(f"      x{launcher['calls_per_step']:<5.0f} from {launcher['op']}")
     print(f"  host calls that wait for the GPU, per step: {idle['host_syncs_per_step'] or 'none'}")
     print("  host time in CUDA runtime calls, per step: " + ", ".join(
         f"{a['call']} {a['ms_per_step']:.2f} ms (x{a['calls_per_step']:.0f}, max {a['max_ms']:.2f})" for a in idle["host_api"][:4]))
@@ -492,6 +506,31 @@ def profile_steps(step_fn, groups: list[list[dict]], name: str, steps: int = 3, 
     for g in idle["gaps"][:8]:
         print(f"  {g['ms_per_step']:7.3f} ms x{g['calls_per_step']:<5.0f} {g['after'][:50]} -> {g['before'][:50]}")
     return {"gpu_ms_per_step": total / 1e3 / steps, "categories_ms": categories, "top_kernels": rows, **idle}
+
+
+def kernel_launchers(events, steps: int, depth: int = 3) -> dict[str, list[dict]]:
+    """For each GPU kernel (and memset, copy) name, the host ops that launched it, costliest first:
+    the innermost op and `depth - 1` of its callers ("aten::sum < aten::linalg_vector_norm < ..."),
+    with its GPU time and calls per step. `events` is the profiler's event list (`prof.events()`),
+    traced with CPU activity: the profiler links each kernel to the op that was running when it
+    was launched. Under CUDA graphs every kernel of a graph comes from one graph launch, so this
+    is useful on steps without them."""
+    by_kernel: dict[str, dict[str, list[float]]] = {}
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU or not e.kernels:
+            continue
+        chain, parent = [e.name], e.cpu_parent
+        while parent is not None and len(chain) < depth:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        op = " < ".join(chain)
+        for k in e.kernels:
+            by_kernel.setdefault(k.name[:120], {}).setdefault(op, []).append(k.duration / 1e3)
+    return {
+        kernel: [{"op": op, "ms_per_step": sum(ms) / steps, "calls_per_step": len(ms) / steps}
+                 for op, ms in sorted(ops.items(), key=lambda kv: -sum(kv[1]))[:5]]
+        for kernel, ops in by_kernel.items()
+    }
 
 
 def gpu_idle(prof, steps: int) -> dict:
@@ -623,6 +662,9 @@ def parse_args(argv=None):
                    help="after timing, profile 3 steps of each variant: GPU time by category, the 15 costliest "
                         "kernels (40 in the JSON), the GPU's idle time between kernels and its largest gaps, "
                         "and host calls that wait for the GPU")
+    p.add_argument("--profile-ops", action="store_true",
+                   help="with --profile: trace the host's ops too and name, for each costly kernel, the ops that "
+                        "launched it (informative without CUDA graphs, whose kernels all come from a graph launch)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/throughput_<model>_<device>.json)")
     return p.parse_args(argv)
 
@@ -635,6 +677,8 @@ def main(argv=None) -> None:
         raise SystemExit("--ddp-bucket-cap-mb sizes DDP's gradient buckets: add --strategy ddp")
     if args.fsdp_units and args.strategy != "fsdp2" and args.nproc == 1:  # --nproc N relaunches with fsdp2
         raise SystemExit("--fsdp-units groups FSDP2's units: add --strategy fsdp2 (or --nproc N)")
+    if args.profile_ops and not args.profile:
+        raise SystemExit("--profile-ops names the ops behind the profile's kernels: add --profile")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
         forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]

@@ -192,6 +192,37 @@ def test_gpu_idle_sums_the_uncovered_time_between_kernels_by_the_pair_around_it(
     assert idle["host_api"][1]["call"] == "cudaLaunchKernel"
 
 
+def test_kernel_launchers_name_the_op_chain_behind_each_kernel_costliest_first():
+    from collections import namedtuple
+
+    Kernel = namedtuple("Kernel", "name device duration")  # as the profiler's: duration in us
+
+    class Op:
+        def __init__(self, name, parent=None, kernels=(), device=torch.autograd.DeviceType.CPU):
+            self.name, self.cpu_parent, self.kernels, self.device_type = name, parent, list(kernels), device
+
+    step = Op("Optimizer.step")
+    norm = Op("aten::linalg_vector_norm", step)
+    graph = Op("CompiledFunctionBackward")
+    events = [
+        step, norm, graph,
+        Op("aten::sum", norm, [Kernel("reduce_kernel", 0, 30.0), Kernel("Memset (Device)", 0, 2.0)]),
+        Op("aten::sum", Op("aten::sum_grad", graph), [Kernel("reduce_kernel", 0, 50.0)] * 2),
+        Op("aten::mm", graph, [Kernel("nvjet_gemm", 0, 400.0)]),
+        Op("reduce_kernel", None, [Kernel("reduce_kernel", 0, 99.0)], device=torch.autograd.DeviceType.CUDA),
+    ]
+    launchers = throughput.kernel_launchers(events, steps=2)
+    assert launchers["reduce_kernel"] == [  # the GPU-side event is not a launcher
+        {"op": "aten::sum < aten::sum_grad < CompiledFunctionBackward", "ms_per_step": 0.05, "calls_per_step": 1.0},
+        {"op": "aten::sum < aten::linalg_vector_norm < Optimizer.step", "ms_per_step": 0.015, "calls_per_step": 0.5},
+    ]
+    assert launchers["Memset (Device)"][0]["op"].startswith("aten::sum < aten::linalg_vector_norm")
+    assert launchers["nvjet_gemm"] == [{"op": "aten::mm < CompiledFunctionBackward", "ms_per_step": 0.2,
+                                        "calls_per_step": 0.5}]
+    with pytest.raises(SystemExit, match="add --profile"):
+        throughput.main(["--profile-ops"])
+
+
 def test_profile_steps_runs_one_untraced_step_first_and_syncs_around_the_traced_ones(monkeypatch):
     calls = []  # ("step", i) and ("sync",) in order
 
