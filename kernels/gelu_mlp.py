@@ -14,9 +14,17 @@ Unfused, the GELU forward is a pass of its own over the (M, H) activations (read
 and the backward writes dh, then reads it back with pre to write dpre (Inductor sums the bias
 gradient in the same pass). Fused, the GELU and its derivative run on each tile's fp32 accumulator
 inside cuBLAS's kernels, and h is kept from the forward instead of being recomputed in backward.
-The fc bias gradient is still one more read of dpre: cuBLAS runs its BGRADB epilogue as a kernel
-of its own (43 us per gpt_125m layer on an H200, about what `dpre.sum(0)` costs), and the
-DGELU_BGRAD epilogue that would sum it in the DGELU GEMM took 436 us against 170 us without it.
+The fc bias gradient is one more read of dpre if it is summed on its own: cuBLAS runs its BGRADB
+epilogue as a kernel of its own (43 us per gpt_125m layer on an H200, 48 on an H100, about what
+`dpre.sum(0)` costs), and the DGELU_BGRAD epilogue that would sum it in the DGELU GEMM took 436 us
+against 170 us without it. So the weight-gradient GEMM sums it instead, from a column of ones:
+the op's input is kept as x_ext = [x | 1 | 0 ... 0] (M, D + 8), written by the norm before it
+(under torch.compile, Inductor writes the norm's output straight into that buffer), the forward
+GEMM reads its first D columns (a row stride of D + 8), and
+
+    dpre.T @ x_ext = [dfc_weight | dfc_bias | 0 ... 0]                        (H, D + 8), fp32
+
+The eight columns keep each row 16-byte aligned; the seven zero ones cost 1% more of that GEMM.
 The epilogue works from the accumulator, so h and dpre come from unrounded values (the unfused
 path rounds pre and dh to the activation dtype first): the same function, within bf16 rounding.
 In the compiled gpt_125m step the op gained 1.6-2.1% tokens/s on an H200 (kernels/README.md).
@@ -40,7 +48,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import cublaslt, mm_out
+from kernels import as_rows, cublaslt, mm_out
+
+ONES_COLUMN_PAD = 8  # x_ext's extra columns: one of ones (the bias gradient), seven of zeros (alignment)
 
 # -- host launchers -------------------------------------------------------------------------------
 
@@ -81,11 +91,15 @@ def _dgelu(dy2: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor) -> torch.Tens
 
 
 def _fc_weight_grad(
-    dpre: torch.Tensor, x2: torch.Tensor, weight_dtype: torch.dtype, bias_grad: bool
+    dpre: torch.Tensor, x2: torch.Tensor, weight_dtype: torch.dtype, bias_grad: bool, x_ext: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(dfc_weight = dpre.T @ x2 in weight_dtype, dfc_bias = sum_rows(dpre) fp32 or None): with a
-    bias, one cuBLASLt GEMM whose epilogue sums the bias gradient from the dpre tiles it reads."""
+    """(dfc_weight = dpre.T @ x2 in weight_dtype, dfc_bias = sum_rows(dpre) fp32 or None). With
+    x_ext = [x2 | 1 | 0...] one GEMM writes both, the bias gradient from the column of ones;
+    otherwise, with a bias, one cuBLASLt GEMM whose BGRADB epilogue sums it from the dpre tiles."""
     H, D = dpre.shape[1], x2.shape[1]
+    if bias_grad and x_ext is not None:
+        both = mm_out(dpre.t(), x_ext, weight_dtype)  # (H, D + pad): [dW | db | 0...]
+        return both[:, :D].contiguous(), both[:, D].contiguous()  # contiguous, as the parameters
     if bias_grad and _fused_supported(dpre):
         dw = torch.empty((H, D), dtype=weight_dtype, device=dpre.device)
         db = torch.empty(H, dtype=weight_dtype, device=dpre.device)
@@ -115,6 +129,7 @@ def _check(x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor) 
 
 def _gelu_mlp_fwd_launch(
     x: torch.Tensor,
+    x_ext: torch.Tensor | None,
     fc_weight: torch.Tensor,
     fc_weight_c: torch.Tensor,
     fc_bias: torch.Tensor | None,
@@ -123,9 +138,10 @@ def _gelu_mlp_fwd_launch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y without the projection's bias, h, pre). The `_c` weights are the parameters cast to x's
     dtype (the compute copies); the parameters themselves are inputs only so that autograd routes
-    their gradients here."""
+    their gradients here. x may be the first D columns of x_ext (rows with a stride of D + pad);
+    x_ext itself is only kept for backward."""
     with torch.autocast(x.device.type, enabled=False):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, D)
+        x2 = as_rows(x, x.shape[-1])  # (M, D), rows with a unit column stride (x_ext's view as it is)
         b1 = fc_bias.to(x.dtype) if fc_bias is not None else None
         h, pre = _fc_gelu(x2, fc_weight_c, b1)  # each (M, H)
         y = torch.mm(h, proj_weight_c.t())  # (M, D)
@@ -135,6 +151,7 @@ def _gelu_mlp_fwd_launch(
 def _gelu_mlp_bwd_launch(
     dy: torch.Tensor,
     x: torch.Tensor,
+    x_ext: torch.Tensor | None,
     fc_weight_c: torch.Tensor,
     proj_weight_c: torch.Tensor,
     h: torch.Tensor,
@@ -148,10 +165,10 @@ def _gelu_mlp_bwd_launch(
     with torch.autocast(dy.device.type, enabled=False):
         D = proj_weight_c.shape[0]
         dy2 = dy.reshape(-1, D).to(dtype).contiguous()  # (M, D); an expanded gradient is copied
-        x2 = x.reshape(-1, D)  # (M, D)
+        x2 = as_rows(x, D)  # (M, D)
         dproj_weight = mm_out(dy2.t(), h, weight_dtype)  # (D, H)
         dpre = _dgelu(dy2, proj_weight_c, pre)  # (M, H)
-        dfc_weight, dfc_bias = _fc_weight_grad(dpre, x2, weight_dtype, fc_bias_grad)  # (H, D), (H,)
+        dfc_weight, dfc_bias = _fc_weight_grad(dpre, x2, weight_dtype, fc_bias_grad, x_ext)  # (H, D), (H,)
         dx = torch.mm(dpre, fc_weight_c).view(x.shape)  # (M, D) -> x's shape
     dfc_bias = dfc_bias.to(weight_dtype) if dfc_bias is not None else dfc_weight.new_empty(0)
     return dx, dfc_weight, dfc_bias, dproj_weight
@@ -168,13 +185,13 @@ _gelu_mlp_bwd = torch.library.custom_op("kernels::gelu_mlp_bwd", _gelu_mlp_bwd_l
 
 
 @_gelu_mlp_fwd.register_fake
-def _(x, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c):
+def _(x, x_ext, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c):
     M, H = x.numel() // x.shape[-1], fc_weight.shape[0]
     return x.new_empty(x.shape), x.new_empty((M, H)), x.new_empty((M, H))
 
 
 @_gelu_mlp_bwd.register_fake
-def _(dy, x, fc_weight_c, proj_weight_c, h, pre, fc_bias_grad, weight_dtype):
+def _(dy, x, x_ext, fc_weight_c, proj_weight_c, h, pre, fc_bias_grad, weight_dtype):
     H, D = fc_weight_c.shape
     dfc_bias = torch.empty(H if fc_bias_grad else 0, dtype=weight_dtype, device=x.device)
     return (
@@ -184,22 +201,23 @@ def _(dy, x, fc_weight_c, proj_weight_c, h, pre, fc_bias_grad, weight_dtype):
 
 
 def _gelu_mlp_setup(ctx, inputs, output):
-    x, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c = inputs
+    x, x_ext, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c = inputs
     _, h, pre = output
-    ctx.save_for_backward(x, fc_weight_c, proj_weight_c, h, pre)
+    ctx.save_for_backward(x, x_ext, fc_weight_c, proj_weight_c, h, pre)  # x: a view into x_ext when it is given
     ctx.has_fc_bias = fc_bias is not None
     ctx.weight_dtype = fc_weight.dtype
 
 
 def _gelu_mlp_grad(ctx, dy, _dh, _dpre):
-    x, fc_weight_c, proj_weight_c, h, pre = ctx.saved_tensors
+    x, x_ext, fc_weight_c, proj_weight_c, h, pre = ctx.saved_tensors
     dx, dfc_weight, dfc_bias, dproj_weight = _gelu_mlp_bwd(
-        dy, x, fc_weight_c, proj_weight_c, h, pre, ctx.has_fc_bias, ctx.weight_dtype
+        dy, x, x_ext, fc_weight_c, proj_weight_c, h, pre, ctx.has_fc_bias, ctx.weight_dtype
     )
     if not ctx.has_fc_bias:
         dfc_bias = None
-    # grads for (x, fc_weight, fc_weight_c: none, a detached copy; fc_bias, proj_weight, proj_weight_c: none)
-    return dx, dfc_weight, None, dfc_bias, dproj_weight, None
+    # grads for (x; x_ext: none, its first D columns are x; fc_weight; fc_weight_c: none, a
+    # detached copy; fc_bias, proj_weight; proj_weight_c: none)
+    return dx, None, dfc_weight, None, dfc_bias, dproj_weight, None
 
 
 _gelu_mlp_fwd.register_autograd(_gelu_mlp_grad, setup_context=_gelu_mlp_setup)
@@ -214,11 +232,16 @@ def gelu_mlp(
     fc_bias: torch.Tensor | None,
     proj_weight: torch.Tensor,
     proj_bias: torch.Tensor | None,
+    ones_column: bool | None = None,
 ) -> torch.Tensor:
     """gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias for x (..., D) -> (..., D);
     the result of `gelu_mlp_ref`, computed in the autocast dtype under autocast and in x's dtype
     otherwise, with the parameters' gradients in their dtypes. Without a gradient to compute (no
-    grad mode, or no input that requires one) it is the unfused reference math."""
+    grad mode, or no input that requires one) it is the unfused reference math.
+
+    `ones_column`: the fc bias gradient from a column of ones beside x (see the module's
+    docstring); None takes it where the fused GEMMs run (CUDA, fp16/bf16) and the fc layer has a
+    bias. The CPU tests force it on to check its math."""
     _check(x, fc_weight, proj_weight)
     if fc_weight.dtype != proj_weight.dtype:
         raise ValueError(
@@ -234,5 +257,15 @@ def gelu_mlp(
         x = x.to(torch.get_autocast_dtype(device))
     fc_weight_c = fc_weight.detach().to(x.dtype)  # (H, D), the compute copies (autocast's casts)
     proj_weight_c = proj_weight.detach().to(x.dtype)  # (D, H)
-    y = _gelu_mlp_fwd(x, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c)[0]
+    if ones_column is None:
+        ones_column = fc_bias is not None and _fused_supported(x)
+    shape, x_ext = x.shape, None
+    if ones_column and fc_bias is not None:
+        D = shape[-1]
+        x2 = x.reshape(-1, D)  # (M, D)
+        ones, zeros = x2.new_ones(x2.shape[0], 1), x2.new_zeros(x2.shape[0], ONES_COLUMN_PAD - 1)
+        x_ext = torch.cat([x2, ones, zeros], dim=1)  # (M, D + pad): [x | 1 | 0...]
+        x = x_ext[:, :D]  # (M, D), a row stride of D + pad
+    y = _gelu_mlp_fwd(x, x_ext, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c)[0]
+    y = y.view(shape)
     return y + proj_bias.to(y.dtype) if proj_bias is not None else y

@@ -56,6 +56,48 @@ def test_matches_reference(tokens, D, H, bias, dtype):
     _compare(args, dy, dtype)
 
 
+@pytest.mark.parametrize(
+    "tokens, D, H", [((2, 16), 24, 96), ((1,), 8, 40), ((3, 7), 123, 50)], ids=["batch", "single-row", "odd-widths"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_gradient_from_a_column_of_ones_matches_reference(tokens, D, H, dtype):
+    """The fc bias gradient from the weight-gradient GEMM's column of ones (the GPU default),
+    forced on here: the same gradients, x's included (it reaches x through x_ext's first D
+    columns)."""
+    args, dy = _inputs(tokens, D, H, dtype)
+    got = _run(lambda *a: gelu_mlp(*a, ones_column=True), args, dy)
+    want = _run(gelu_mlp_ref, args, dy)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, w.shape, g.dtype, w.dtype)
+        assert_close(g, w, dtype, name)
+
+
+def test_column_of_ones_with_fp32_master_weights_and_compiled():
+    args, dy = _inputs((4, 8), 32, 64, torch.float32)
+    mlp = torch.compile(lambda *a: gelu_mlp(*a, ones_column=True), fullgraph=True)
+    got = _run(mlp, args, dy.to(torch.bfloat16), torch.bfloat16)
+    want = _run(gelu_mlp_ref, args, dy.to(torch.bfloat16), torch.bfloat16)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == w.dtype, (name, g.dtype, w.dtype)
+        assert_close(g, w, torch.bfloat16, name)
+
+
+def test_column_of_ones_needs_a_bias_and_is_off_on_the_cpu(monkeypatch):
+    import kernels.gelu_mlp as gelu_mlp_module
+
+    seen = []  # the x_ext each forward was given
+    fwd = gelu_mlp_module._gelu_mlp_fwd
+    monkeypatch.setattr(gelu_mlp_module, "_gelu_mlp_fwd", lambda x, x_ext, *a: seen.append(x_ext) or fwd(x, x_ext, *a))
+    args, _ = _inputs((2, 5), 16, 32, torch.float32)
+    gelu_mlp(*[leaf(a) for a in args])  # auto: the fused GEMMs do not run here, so neither does this
+    no_bias, _ = _inputs((2, 5), 16, 32, torch.float32, bias=False)
+    gelu_mlp(*[leaf(a) if a is not None else None for a in no_bias], ones_column=True)  # nothing to sum
+    gelu_mlp(*[leaf(a) for a in args], ones_column=True)
+    assert seen[0] is None and seen[1] is None
+    assert seen[2].shape == (10, 16 + gelu_mlp_module.ONES_COLUMN_PAD)
+    assert torch.equal(seen[2][:, 16], torch.ones(10)) and not seen[2][:, 17:].any()
+
+
 def test_fp32_master_weights_under_autocast_get_fp32_gradients():
     args, dy = _inputs((4, 8), 32, 64, torch.float32)
     got = _run(gelu_mlp, args, dy.to(torch.bfloat16), torch.bfloat16)
@@ -137,9 +179,10 @@ def test_gemm_rejects_cpu_tensors_and_mismatched_epilogue_arguments():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("ones_column", [None, False], ids=["ones-column", "bgradb"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("M, D, H", [(16384, 768, 3072), (1000, 120, 344), (1, 8, 16)], ids=["gpt2", "odd", "one-row"])
-def test_epilogues_run_and_match_reference_gpu(M, D, H, bias, monkeypatch):
+def test_epilogues_run_and_match_reference_gpu(M, D, H, bias, ones_column, monkeypatch):
     fused_calls = []
     gemm = cublaslt.gemm
 
@@ -150,8 +193,13 @@ def test_epilogues_run_and_match_reference_gpu(M, D, H, bias, monkeypatch):
 
     monkeypatch.setattr(cublaslt, "gemm", counting_gemm)
     args, dy = _inputs((M,), D, H, torch.bfloat16, bias=bias)
-    _compare(args, dy, torch.bfloat16)
-    if bias:
+    got = _run(lambda *a: gelu_mlp(*a, ones_column=ones_column), args, dy)
+    want = _run(gelu_mlp_ref, args, dy)
+    for name, g, w in zip(NAMES if bias else ("y", "dx", "dfc_weight", "dproj_weight"), got, want):
+        assert_close(g, w, torch.bfloat16, name)
+    if bias and ones_column is None:  # the default on a GPU: the bias gradient from the column of ones
+        want = [cublaslt.EPILOGUE_GELU_AUX_BIAS, cublaslt.EPILOGUE_DGELU]
+    elif bias:
         want = [cublaslt.EPILOGUE_GELU_AUX_BIAS, cublaslt.EPILOGUE_DGELU, cublaslt.EPILOGUE_BGRAD_OF_A]
     else:
         want = [cublaslt.EPILOGUE_GELU_AUX, cublaslt.EPILOGUE_DGELU]

@@ -11,21 +11,22 @@ from src.models.components.linear import Linear, linear_fp32_wgrad
 TINY = {"gpt2": "configs/model/gpt2_tiny.yaml", "qwen2": "configs/model/qwen2_tiny.yaml"}  # the shipped tiny models
 
 
-def _grads(impl, x, layer, device):
+def _grads(impl, x, layer, device, ones_column=False):
     x = x.detach().clone().requires_grad_()
     with torch.autocast(device, dtype=torch.bfloat16):
-        y = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, impl=impl).to(device)
+        y = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, impl=impl,
+                   ones_column=ones_column).to(device)
         y.load_state_dict(layer.state_dict())
         out = y(x)
     out.float().pow(2).sum().backward()
     return out, x.grad, y.weight.grad, None if y.bias is None else y.bias.grad
 
 
-def _check_against_fp32_math(device):
+def _check_against_fp32_math(device, ones_column=False):
     torch.manual_seed(0)
     layer = torch.nn.Linear(24, 40, bias=True).to(device)
     x = torch.randn(3, 5, 24, device=device)  # (B, T, in): leading dims are flattened in backward
-    out, dx, dw, db = _grads("fp32_wgrad", x, layer, device)
+    out, dx, dw, db = _grads("fp32_wgrad", x, layer, device, ones_column)
     ref_out, ref_dx, ref_dw, ref_db = _grads("torch", x, layer, device)
     # forward and input gradient: autocast's own bf16 math
     assert out.dtype == torch.bfloat16 and dx.dtype == torch.float32
@@ -43,13 +44,34 @@ def _check_against_fp32_math(device):
     assert (dw - exact_dw).abs().max() < (ref_dw - exact_dw).abs().max()  # closer than the bf16-rounded one
 
 
-def test_fp32_wgrad_matches_fp32_math_cpu():
-    _check_against_fp32_math("cpu")
+@pytest.mark.parametrize("ones_column", [False, True], ids=["sum", "ones-column"])
+def test_fp32_wgrad_matches_fp32_math_cpu(ones_column):
+    _check_against_fp32_math("cpu", ones_column)
 
 
 @pytest.mark.gpu
-def test_fp32_wgrad_matches_fp32_math_gpu():
-    _check_against_fp32_math("cuda")
+@pytest.mark.parametrize("ones_column", [False, True], ids=["sum", "ones-column"])
+def test_fp32_wgrad_matches_fp32_math_gpu(ones_column):
+    _check_against_fp32_math("cuda", ones_column)
+
+
+def test_ones_column_only_where_it_applies():
+    """The bias gradient from the GEMM's column of ones: only under fp32_wgrad with a bias; a
+    frozen weight still gets no gradient, a trainable bias does."""
+    assert Linear(8, 6, impl="fp32_wgrad", ones_column=True).ones_column
+    assert not Linear(8, 6, impl="torch", ones_column=True).ones_column
+    assert not Linear(8, 6, bias=False, impl="fp32_wgrad", ones_column=True).ones_column
+    assert "ones_column=True" in repr(Linear(8, 6, impl="fp32_wgrad", ones_column=True))
+    torch.manual_seed(0)
+    layer = Linear(8, 6, impl="fp32_wgrad", ones_column=True)
+    layer.weight.requires_grad_(False)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.shape == (2, 3, 6)
+    y.float().sum().backward()
+    assert layer.weight.grad is None and x.grad.shape == x.shape
+    torch.testing.assert_close(layer.bias.grad, torch.full((6,), 6.0))  # d(sum)/db: one per token
 
 
 def test_fp32_wgrad_is_f_linear_without_autocast_or_fp32_weights():

@@ -35,7 +35,9 @@ class MultiHeadAttention(nn.Module):
         self.backend = backend
         self.layer_idx = layer_idx
         self.dropout = dropout
-        self.qkv = Linear(dim, 3 * dim, bias=bias, impl=linear_impl)
+        # Its input is a norm's output, which Inductor writes straight into the padded buffer the
+        # bias gradient's column of ones needs (components/linear.py).
+        self.qkv = Linear(dim, 3 * dim, bias=bias, impl=linear_impl, ones_column=True)
         self.proj = Linear(dim, dim, bias=bias, impl=linear_impl)
         self.resid_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
