@@ -55,6 +55,13 @@ ONES_COLUMN_PAD = 8  # x_ext's extra columns: one of ones (the bias gradient), s
 # -- host launchers -------------------------------------------------------------------------------
 
 
+def _rows(x: torch.Tensor, D: int) -> torch.Tensor:
+    """x (..., D) as (M, D) rows a GEMM can read: x_ext's first D columns as they are (a row
+    stride of D + pad), a copy only for layouts without one row after another (an expanded x)."""
+    x2 = as_rows(x, D)
+    return x2 if x2.stride(0) >= D else x2.contiguous()
+
+
 def _fused_supported(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
@@ -141,7 +148,7 @@ def _gelu_mlp_fwd_launch(
     their gradients here. x may be the first D columns of x_ext (rows with a stride of D + pad);
     x_ext itself is only kept for backward."""
     with torch.autocast(x.device.type, enabled=False):
-        x2 = as_rows(x, x.shape[-1])  # (M, D), rows with a unit column stride (x_ext's view as it is)
+        x2 = _rows(x, x.shape[-1])  # (M, D)
         b1 = fc_bias.to(x.dtype) if fc_bias is not None else None
         h, pre = _fc_gelu(x2, fc_weight_c, b1)  # each (M, H)
         y = torch.mm(h, proj_weight_c.t())  # (M, D)
@@ -165,7 +172,7 @@ def _gelu_mlp_bwd_launch(
     with torch.autocast(dy.device.type, enabled=False):
         D = proj_weight_c.shape[0]
         dy2 = dy.reshape(-1, D).to(dtype).contiguous()  # (M, D); an expanded gradient is copied
-        x2 = as_rows(x, D)  # (M, D)
+        x2 = _rows(x, D)  # (M, D)
         dproj_weight = mm_out(dy2.t(), h, weight_dtype)  # (D, H)
         dpre = _dgelu(dy2, proj_weight_c, pre)  # (M, H)
         dfc_weight, dfc_bias = _fc_weight_grad(dpre, x2, weight_dtype, fc_bias_grad, x_ext)  # (H, D), (H,)

@@ -98,6 +98,40 @@ def test_column_of_ones_needs_a_bias_and_is_off_on_the_cpu(monkeypatch):
     assert torch.equal(seen[2][:, 16], torch.ones(10)) and not seen[2][:, 17:].any()
 
 
+def test_rows_keep_a_row_stride_and_copy_only_layouts_without_one():
+    from kernels.gelu_mlp import _rows
+
+    x_ext = torch.randn(6, 16 + 8)
+    view = _rows(x_ext[:, :16], 16)
+    assert view.data_ptr() == x_ext.data_ptr() and view.stride() == (24, 1)  # no copy
+    expanded = torch.randn(1, 16).expand(6, 16)  # every row the same memory
+    rows = _rows(expanded, 16)
+    assert rows.is_contiguous() and torch.equal(rows, expanded)
+
+
+def _run_expanded(fn, args, dy, rows):
+    """fn on args whose x, one token (1, D), is broadcast to `rows` rows that share its memory."""
+    leaves = [leaf(a) if a is not None else None for a in args]
+    y = fn(leaves[0].expand(rows, leaves[0].shape[-1]), *leaves[1:])
+    y.backward(dy)
+    return [y] + [t.grad for t in leaves if t is not None]
+
+
+def _compare_expanded(rows, D, H, dtype):
+    args, dy = _inputs((rows,), D, H, dtype)
+    args[0] = args[0][:1]
+    got = _run_expanded(lambda *a: gelu_mlp(*a, ones_column=False), args, dy, rows)
+    got_ones = _run_expanded(lambda *a: gelu_mlp(*a, ones_column=True), args, dy, rows)
+    want = _run_expanded(gelu_mlp_ref, args, dy, rows)
+    for name, g, o, w in zip(NAMES, got, got_ones, want):
+        assert_close(g, w, dtype, name)
+        assert_close(o, w, dtype, name)
+
+
+def test_expanded_input_matches_reference():
+    _compare_expanded(5, 16, 32, torch.float32)
+
+
 def test_fp32_master_weights_under_autocast_get_fp32_gradients():
     args, dy = _inputs((4, 8), 32, 64, torch.float32)
     got = _run(gelu_mlp, args, dy.to(torch.bfloat16), torch.bfloat16)
@@ -204,6 +238,12 @@ def test_epilogues_run_and_match_reference_gpu(M, D, H, bias, ones_column, monke
     else:
         want = [cublaslt.EPILOGUE_GELU_AUX, cublaslt.EPILOGUE_DGELU]
     assert fused_calls == want, fused_calls
+
+
+@pytest.mark.gpu
+def test_expanded_input_gpu():
+    """An input whose rows share memory reaches the GEMMs as a copy, not as a layout they reject."""
+    _compare_expanded(64, 32, 128, torch.bfloat16)
 
 
 @pytest.mark.gpu
