@@ -42,3 +42,26 @@ def mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     if a.is_cuda and dtype == torch.float32:
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float()).to(dtype)
+
+
+# The bias gradient from a weight-gradient GEMM: a layer's input kept as x_ext = [x | 1 | 0 ... 0]
+# makes dy.T @ x_ext = [dW | db | 0 ...], the bias gradient one more output column instead of one
+# more pass over dy (kernels/gelu_mlp.py says where it pays). One column of ones, seven of zeros:
+# x_ext's rows stay 16-byte aligned.
+ONES_COLUMN_PAD = 8
+
+
+def with_ones_column(x2: torch.Tensor) -> torch.Tensor:
+    """x2 (M, D) -> x_ext (M, D + ONES_COLUMN_PAD) = [x2 | 1 | 0...]. Under torch.compile the
+    producer of x2 (a norm) writes straight into x_ext; read x2 back as the view x_ext[:, :D]."""
+    ones = x2.new_ones(x2.shape[0], 1)
+    zeros = x2.new_zeros(x2.shape[0], ONES_COLUMN_PAD - 1)
+    return torch.cat([x2, ones, zeros], dim=1)
+
+
+def grads_from_ones_column(dy2: torch.Tensor, x_ext: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dW (N, D), db (N,)) in `dtype`, contiguous as the parameters, from one GEMM: dy2 (M, N)
+    and x_ext (M, D + pad) from `with_ones_column`."""
+    D = x_ext.shape[1] - ONES_COLUMN_PAD
+    both = mm_out(dy2.t(), x_ext, dtype)  # (N, D + pad): [dW | db | 0...]
+    return both[:, :D].contiguous(), both[:, D].contiguous()

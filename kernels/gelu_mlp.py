@@ -48,9 +48,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import as_rows, cublaslt, mm_out
-
-ONES_COLUMN_PAD = 8  # x_ext's extra columns: one of ones (the bias gradient), seven of zeros (alignment)
+from kernels import as_rows, cublaslt, grads_from_ones_column, mm_out, with_ones_column
 
 # -- host launchers -------------------------------------------------------------------------------
 
@@ -105,8 +103,7 @@ def _fc_weight_grad(
     otherwise, with a bias, one cuBLASLt GEMM whose BGRADB epilogue sums it from the dpre tiles."""
     H, D = dpre.shape[1], x2.shape[1]
     if bias_grad and x_ext is not None:
-        both = mm_out(dpre.t(), x_ext, weight_dtype)  # (H, D + pad): [dW | db | 0...]
-        return both[:, :D].contiguous(), both[:, D].contiguous()  # contiguous, as the parameters
+        return grads_from_ones_column(dpre, x_ext, weight_dtype)
     if bias_grad and _fused_supported(dpre):
         dw = torch.empty((H, D), dtype=weight_dtype, device=dpre.device)
         db = torch.empty(H, dtype=weight_dtype, device=dpre.device)
@@ -270,8 +267,7 @@ def gelu_mlp(
     if ones_column and fc_bias is not None:
         D = shape[-1]
         x2 = x.reshape(-1, D)  # (M, D)
-        ones, zeros = x2.new_ones(x2.shape[0], 1), x2.new_zeros(x2.shape[0], ONES_COLUMN_PAD - 1)
-        x_ext = torch.cat([x2, ones, zeros], dim=1)  # (M, D + pad): [x | 1 | 0...]
+        x_ext = with_ones_column(x2)  # (M, D + pad): [x | 1 | 0...]
         x = x_ext[:, :D]  # (M, D), a row stride of D + pad
     y = _gelu_mlp_fwd(x, x_ext, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c)[0]
     y = y.view(shape)

@@ -8,6 +8,7 @@ themselves against the reference, and that they ran rather than the fallback.
 import pytest
 import torch
 
+import kernels
 import kernels.cublaslt as cublaslt
 from kernels.gelu_mlp import gelu_mlp
 from src.models.components.mlp import GeluMLP, gelu_mlp_ref
@@ -94,7 +95,7 @@ def test_column_of_ones_needs_a_bias_and_is_off_on_the_cpu(monkeypatch):
     gelu_mlp(*[leaf(a) if a is not None else None for a in no_bias], ones_column=True)  # nothing to sum
     gelu_mlp(*[leaf(a) for a in args], ones_column=True)
     assert seen[0] is None and seen[1] is None
-    assert seen[2].shape == (10, 16 + gelu_mlp_module.ONES_COLUMN_PAD)
+    assert seen[2].shape == (10, 16 + kernels.ONES_COLUMN_PAD)
     assert torch.equal(seen[2][:, 16], torch.ones(10)) and not seen[2][:, 17:].any()
 
 

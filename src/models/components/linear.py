@@ -29,15 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import grads_from_ones_column, mm_out, with_ones_column
+
 from .dispatch import get_kernel
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear`: under autocast, autograd's bf16 weight gradient cast to the weight's dtype."""
     return F.linear(x, weight, bias)
-
-
-ONES_COLUMN_PAD = 8  # x_ext's extra columns: one of ones (the bias gradient), seven of zeros (16-byte rows)
 
 
 class _LinearFp32WeightGrad(torch.autograd.Function):
@@ -66,26 +65,15 @@ class _LinearFp32WeightGrad(torch.autograd.Function):
                 dx = (dy2 @ w_c).view(x_c.shape).to(ctx.x_dtype)  # (M, in) -> x's shape
             bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
             if x_ext is not None and bias_grad:
-                n_in = x_c.shape[-1]
-                both = _mm_fp32_out(dy2.t(), x_ext)  # (out, in + pad) fp32: [dW | db | 0...]
-                dw, db = both[:, :n_in].contiguous(), both[:, n_in].contiguous()  # contiguous, as the parameters
+                dw, db = grads_from_ones_column(dy2, x_ext, torch.float32)  # (out, in), (out,) fp32
                 dw = dw if ctx.needs_input_grad[2] else None
             else:
                 if ctx.needs_input_grad[2]:
                     x2 = x_c.reshape(-1, x_c.shape[-1])  # (M, in)
-                    dw = _mm_fp32_out(dy2.t(), x2)  # (out, in) fp32
+                    dw = mm_out(dy2.t(), x2, torch.float32)  # (out, in) fp32 from the bf16 operands
                 if bias_grad:
                     db = dy2.sum(0, dtype=torch.float32)  # (out,)
         return dx, None, dw, db, None  # grads for (x, x_ext: none, x is its first columns; weight, bias, dtype)
-
-
-def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b accumulated and returned in fp32. CUDA: cuBLAS writes fp32 from bf16/fp16 operands.
-    Elsewhere (torch has no such kernel on the CPU): the same math on operands upcast to fp32,
-    whose products of bf16 values are exact."""
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
 
 
 def linear_fp32_wgrad(
@@ -104,8 +92,7 @@ def linear_fp32_wgrad(
         return _LinearFp32WeightGrad.apply(x, None, weight, bias, dtype)
     n_in = x.shape[-1]
     x2 = x.to(dtype).reshape(-1, n_in)  # (M, in)
-    ones, zeros = x2.new_ones(x2.shape[0], 1), x2.new_zeros(x2.shape[0], ONES_COLUMN_PAD - 1)
-    x_ext = torch.cat([x2, ones, zeros], dim=1)  # (M, in + pad): [x | 1 | 0...]
+    x_ext = with_ones_column(x2)  # (M, in + pad): [x | 1 | 0...]
     y = _LinearFp32WeightGrad.apply(x_ext[:, :n_in], x_ext, weight, bias, dtype)  # (M, out)
     return y.view(*x.shape[:-1], y.shape[-1])
 
