@@ -57,6 +57,7 @@ from kernels.cross_entropy import (  # noqa: E402
     check_logits_labels,
     cross_entropy,
 )
+from probe_ce_split import logits_labels  # noqa: E402  (benchmarks/, the script's own folder)
 
 # -- the kernel -----------------------------------------------------------------------------------
 
@@ -178,15 +179,6 @@ def ce_forward_backward_rows_resident(
 
 
 # -- measurement ----------------------------------------------------------------------------------
-
-
-def logits_labels(M, V, seed=0, ignore_every=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = (torch.randn(M, V, device="cuda", generator=g) * 4).to(torch.bfloat16)
-    labels = torch.randint(0, V, (M,), device="cuda", generator=g)
-    if ignore_every:
-        labels[::ignore_every] = -100
-    return x, labels
 
 
 def check(sms, log):

@@ -7,24 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tests.kernels.helpers import DEVICE, DTYPES, assert_close, needs_triton
+from tests.kernels.helpers import DEVICE, DTYPES, assert_close, needs_triton, row_losses_ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from probe_ce_resident import RESIDENT_MAX_VOCAB, ce_forward_backward_rows_resident, resident_blocks  # noqa: E402
 
 pytestmark = needs_triton
-
-
-def _reference(logits, labels, label_smoothing, z_loss, ignore_index=-100):
-    """Per-row losses (fp32) and the gradient of their sum, by autograd in fp32."""
-    x = logits.detach().float().requires_grad_(True)
-    rows = F.cross_entropy(x, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
-    rows = rows + z_loss * torch.logsumexp(x, dim=-1).square() * (labels != ignore_index)
-    rows.sum().backward()
-    return rows.detach(), x.grad
 
 
 def _resident(logits, labels, label_smoothing, z_loss, ignore_index=-100, programs=2):
@@ -43,7 +33,7 @@ def test_resident_rows_match_pytorch(n, vocab, label_smoothing, z_loss, dtype):
     labels[1::4] = -100
     labels[0] = vocab - 1  # the last column, in the masked tail of the last piece
     loss, grads = _resident(logits, labels, label_smoothing, z_loss)
-    loss_ref, grads_ref = _reference(logits, labels, label_smoothing, z_loss)
+    loss_ref, grads_ref = row_losses_ref(logits, labels, label_smoothing, z_loss)
     assert grads.dtype == dtype and loss.dtype == torch.float32
     assert_close(loss, loss_ref, torch.float32 if dtype == torch.float32 else dtype, "loss")
     assert_close(grads, grads_ref, dtype, "dlogits")
@@ -54,7 +44,7 @@ def test_resident_rows_other_ignore_index_and_all_ignored():
     logits = torch.randn(4, 700, device=DEVICE)
     labels = torch.tensor([3, 7, 699, 7], device=DEVICE)  # 7 is the ignore index here
     loss, grads = _resident(logits, labels, 0.0, 0.0, ignore_index=7, programs=1)
-    loss_ref, grads_ref = _reference(logits, labels, 0.0, 0.0, ignore_index=7)
+    loss_ref, grads_ref = row_losses_ref(logits, labels, 0.0, 0.0, ignore_index=7)
     assert_close(loss, loss_ref, torch.float32, "loss")
     assert_close(grads, grads_ref, torch.float32, "dlogits")
     loss, grads = _resident(logits, torch.full((4,), -100, device=DEVICE), 0.0, 0.0)

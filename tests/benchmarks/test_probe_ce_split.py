@@ -9,26 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kernels.cross_entropy import ce_forward_backward_rows
 from kernels.fused_linear_cross_entropy import ce_programs
-from tests.kernels.helpers import DEVICE, DTYPES, assert_close, needs_triton
+from tests.kernels.helpers import DEVICE, DTYPES, assert_close, needs_triton, row_losses_ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from probe_ce_split import ce_forward_backward_rows_split, programs_for, split_launch_params  # noqa: E402
 
 pytestmark = needs_triton
-
-
-def _reference(logits, labels, label_smoothing, z_loss, ignore_index=-100):
-    """Per-row losses (fp32) and the gradient of their sum, by autograd in fp32."""
-    x = logits.detach().float().requires_grad_(True)
-    rows = F.cross_entropy(x, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
-    rows = rows + z_loss * torch.logsumexp(x, dim=-1).square() * (labels != ignore_index)
-    rows.sum().backward()
-    return rows.detach(), x.grad
 
 
 def _split(logits, labels, label_smoothing, z_loss, ignore_index=-100, **launch):
@@ -47,7 +37,7 @@ def test_split_rows_match_pytorch(n, vocab, block, label_smoothing, z_loss, dtyp
     labels[1::4] = -100
     labels[0] = vocab - 1  # the last column, in the masked tail of the last segment
     loss, grads = _split(logits, labels, label_smoothing, z_loss, BLOCK=block, num_warps=1, ctas_per_sm=2)
-    loss_ref, grads_ref = _reference(logits, labels, label_smoothing, z_loss)
+    loss_ref, grads_ref = row_losses_ref(logits, labels, label_smoothing, z_loss)
     assert grads.dtype == dtype and loss.dtype == torch.float32
     assert_close(loss, loss_ref, torch.float32 if dtype == torch.float32 else dtype, "loss")
     assert_close(grads, grads_ref, dtype, "dlogits")
@@ -59,7 +49,7 @@ def test_split_rows_other_ignore_index_all_ignored_and_minus_inf_segment():
     logits[2, :256] = float("-inf")  # a whole segment that adds nothing to the row's sum
     labels = torch.tensor([3, 7, 600, 7, 699], device=DEVICE)  # 7 is the ignore index here
     loss, grads = _split(logits, labels, 0.0, 0.0, ignore_index=7, BLOCK=256, num_warps=1, ctas_per_sm=1)
-    loss_ref, grads_ref = _reference(logits, labels, 0.0, 0.0, ignore_index=7)
+    loss_ref, grads_ref = row_losses_ref(logits, labels, 0.0, 0.0, ignore_index=7)
     assert torch.isfinite(loss).all() and torch.isfinite(grads).all()
     assert_close(loss, loss_ref, torch.float32, "loss")
     assert_close(grads, grads_ref, torch.float32, "dlogits")

@@ -42,3 +42,13 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
 
 def grads(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.grad for t in tensors]
+
+
+def row_losses_ref(logits, labels, label_smoothing, z_loss, ignore_index=-100):
+    """Per-row cross-entropy losses (fp32, z-loss included) and the gradient of their sum, by
+    autograd in fp32: the reference of the one-launch loss + gradient row kernels."""
+    x = logits.detach().float().requires_grad_(True)
+    rows = torch.nn.functional.cross_entropy(x, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
+    rows = rows + z_loss * torch.logsumexp(x, dim=-1).square() * (labels != ignore_index)
+    rows.sum().backward()
+    return rows.detach(), x.grad
