@@ -6,6 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from src.models import AutoModelForCausalLM, KernelConfig
+from src.utils.config import ConfigError, from_dict
 
 from .helpers import DEVICE, INTERPRET, assert_close, needs_triton
 
@@ -188,3 +189,35 @@ def test_selective_checkpointing_saves_gelu_mlp():
     checkpointing, and the gradients are those without checkpointing."""
     plain, selective = _selective_against_plain(TINY_GPT2, KernelConfig(attention="sdpa", gelu="cublaslt"))
     assert plain["kernels::gelu_mlp_fwd"] == selective["kernels::gelu_mlp_fwd"] == 2  # once per block
+
+
+@pytest.mark.parametrize("family", [TINY_GPT2, TINY_QWEN2], ids=["gpt2", "qwen2"])
+def test_loss_chunk_tokens_reaches_the_fused_loss(family):
+    # kernels.loss_chunk_tokens: the model's fused loss runs in chunks of that many tokens (16 tokens
+    # in chunks of 5: three full chunks and a partial one) and gives the reference's loss and gradients.
+    input_ids, labels = _batch(family["vocab_size"])
+    off = KernelConfig(attention="sdpa")
+    on = KernelConfig(attention="sdpa", cross_entropy="fused_linear", loss_chunk_tokens=5)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(dict(family), kernels=on).to(DEVICE)
+    chunks, fused = [], model.loss_fn._fn
+
+    def recording(*args, chunk_size, **kwargs):
+        chunks.append(chunk_size)
+        return fused(*args, chunk_size=chunk_size, **kwargs)
+
+    model.loss_fn._fn = recording
+    loss = model(input_ids, labels=labels).loss
+    loss.backward()
+    assert chunks == [5]
+    loss_ref, grads_ref = _loss_and_grads(family, off, input_ids, labels)
+    assert_close(loss, loss_ref, torch.float32, "loss")
+    for name, p in model.named_parameters():
+        assert_close(p.grad, grads_ref[name], torch.float32, name)
+
+
+def test_loss_chunk_tokens_must_not_be_negative():
+    with pytest.raises(ValueError, match="kernels.loss_chunk_tokens must be >= 0"):
+        KernelConfig(loss_chunk_tokens=-1)
+    with pytest.raises(ConfigError, match="loss_chunk_tokens"):
+        from_dict(KernelConfig, {"cross_entropy": "fused_linear", "loss_chunk_tokens": -8}, prefix="kernels.")

@@ -63,11 +63,13 @@ class LMLoss:
     """Mean next-token cross-entropy over labels != -100, through the configured kernel.
 
     `choice` is the `kernels.cross_entropy` value: `fused_linear` never builds the logits, the
-    others compute logits = hidden @ lm_head.weight.T and then the loss.
+    others compute logits = hidden @ lm_head.weight.T and then the loss. `chunk_tokens`
+    (`kernels.loss_chunk_tokens`) sets the fused op's tokens per chunk; 0 lets it choose.
     """
 
-    def __init__(self, choice: str):
+    def __init__(self, choice: str, chunk_tokens: int = 0):
         self.fused = choice == "fused_linear"
+        self.chunk_tokens = chunk_tokens or None
         if self.fused:
             self._fn = get_kernel("fused_linear_cross_entropy", "triton")
         else:
@@ -80,7 +82,7 @@ class LMLoss:
         # Clamp avoids 0/0 for a batch with no supervised token (loss is then 0, with zero gradients).
         n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
         if self.fused:
-            total = self._fn(hidden.reshape(-1, hidden.shape[-1]), weight, labels)
+            total = self._fn(hidden.reshape(-1, hidden.shape[-1]), weight, labels, chunk_size=self.chunk_tokens)
         else:
             total = self._fn(logits.reshape(-1, logits.shape[-1]), labels)
         return total / n_valid

@@ -37,7 +37,7 @@ class GPT2LMHeadModel(CausalLM):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.loss_fn = LMLoss(kernels.cross_entropy)
+        self.loss_fn = LMLoss(kernels.cross_entropy, kernels.loss_chunk_tokens)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
