@@ -23,6 +23,7 @@ from src.models.modeling_utils import CausalLM
 from src.utils.distributed import DistInfo, build_device_mesh, ensure_process_group
 
 from .config import TrainConfig
+from .graph_passes import install_tied_embedding_pass
 
 # Selective checkpointing keeps the outputs of the expensive ops (matmuls and attention) and
 # recomputes the cheap elementwise ones (norms, activations, residual adds) in backward: most
@@ -132,6 +133,9 @@ def apply_compile(
     # Read by AOTAutograd's min-cut partitioner when each graph compiles (at its first call). It
     # is process-wide: one training run per process.
     torch._functorch.config.activation_memory_budget = activation_memory_budget
+    # A tied embedding's gradient built without a zero-filled (V, D) buffer (graph_passes.py);
+    # it applies where the lookup and the loss head are in one graph (scope="model").
+    install_tied_embedding_pass()
     # The loss head is compiled with the PyTorch cross-entropy (Inductor fuses the log-softmax) and
     # with the fused linear+CE (an opaque op: the graph holds the casts around it). The Triton
     # `cross_entropy` writes its gradient into the logits in place; under compile that mutation is
