@@ -139,7 +139,8 @@ def apply_compile(
     # The loss head is compiled with the PyTorch cross-entropy (Inductor fuses the log-softmax) and
     # with the fused linear+CE (an opaque op: the graph holds the casts around it). The Triton
     # `cross_entropy` writes its gradient into the logits in place; under compile that mutation is
-    # functionalized, which may copy the (N, V) logits, so that head stays eager.
+    # functionalized, which may copy the (N, V) logits (Inductor re-inplaced it on the CPU; not
+    # measured on a GPU), so that head stays eager.
     inner = getattr(model, "module", model)  # the model inside a DDP wrapper
     kernels = getattr(inner, "kernels", None)
     compile_head = hasattr(inner, "lm_output") and (kernels is None or kernels.cross_entropy in ("torch", "fused_linear"))
