@@ -50,6 +50,7 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
+import torch._inductor.config as inductor_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere: the repository root on the path
@@ -349,6 +350,10 @@ def run_ours(args, variant: Variant, groups: list[list[dict]], steps: int, info)
         cfg = train_config(args, variant, steps, out_dir)
         model = AutoModelForCausalLM.from_config(model_config, kernels=cfg.kernels)
         trainer = Trainer(cfg, model, train_loader=None, val_loader=None, info=info)
+        if variant.kernels == dataclass_dict(KernelConfig.reference()):
+            # The pure-PyTorch reference compiles as plain torch.compile does, without the graph
+            # pass that preparing the model installed (read when the graph compiles, at the first step).
+            inductor_config.post_grad_custom_post_pass = None
         step_fn = lambda group, i: trainer.train_step(group)[0]  # noqa: E731  (a group: one step's micro-batches)
         result = time_steps(step_fn, groups, steps, args, info)
         if args.profile and info.rank == 0 and info.device.type == "cuda":
@@ -376,6 +381,9 @@ def run_hf(args, variant: Variant, groups: list[list[dict]], steps: int, info) -
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=info.device.type == "cuda"
     )
+    # The peer is compiled as transformers users compile it: without the Inductor graph pass that
+    # an earlier variant of ours may have installed in this process (src/trainer/graph_passes.py).
+    inductor_config.post_grad_custom_post_pass = None
     forward = torch.compile(model) if variant.compile else model
     autocast = (
         contextlib.nullcontext() if variant.bf16_params else torch.autocast(info.device.type, dtype=torch.bfloat16)

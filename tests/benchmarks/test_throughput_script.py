@@ -125,6 +125,26 @@ def test_loss_check_smoke_run_on_cpu(tmp_path):
     assert rows[0]["losses"][0] > rows[0]["losses"][-1]  # the loss falls on the chain
 
 
+def test_the_compiled_reference_runs_without_our_graph_pass(tmp_path, monkeypatch):
+    # Preparing a compiled model installs the tied-embedding pass (src/trainer/graph_passes.py);
+    # the pure-PyTorch reference must compile as plain torch.compile does, so its variant clears it
+    # before the first step, when the graph compiles.
+    import torch._inductor.config as inductor_config
+
+    seen = []
+    time_steps = throughput.time_steps
+
+    def recording(*args, **kwargs):
+        seen.append(inductor_config.post_grad_custom_post_pass)
+        return time_steps(*args, **kwargs)
+
+    monkeypatch.setattr(throughput, "time_steps", recording)
+    with inductor_config.patch(post_grad_custom_post_pass=None):
+        throughput.main(["--model", "configs/model/gpt2_tiny.yaml", "--batch", "2", "--seq-len", "32", "--loss-check", "2",
+                         "--warmup", "1", "--variants", "reference+compile", "--out", str(tmp_path / "ref.json")])
+    assert seen == [None]
+
+
 @pytest.mark.parametrize("name, category", [
     ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", "attention"),
