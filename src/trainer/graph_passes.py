@@ -93,8 +93,13 @@ class TiedEmbeddingGradient(CustomGraphPass):
         return True
 
     def uuid(self) -> str:
-        # Inductor's FX graph cache keys compiled graphs on this: the pass's source.
-        return hashlib.sha256(inspect.getsource(TiedEmbeddingGradient).encode()).hexdigest()
+        # Inductor's FX graph cache keys compiled graphs on this: the pass's source (a fixed name
+        # where the source is not shipped).
+        try:
+            source = inspect.getsource(TiedEmbeddingGradient)
+        except OSError:
+            return "TiedEmbeddingGradient-1"
+        return hashlib.sha256(source.encode()).hexdigest()
 
 
 def install_tied_embedding_pass() -> TiedEmbeddingGradient | None:

@@ -104,3 +104,16 @@ def test_install_keeps_another_pass(fresh_inductor):
     inductor_config.post_grad_custom_post_pass = None
     first = install_tied_embedding_pass()
     assert install_tied_embedding_pass() is first  # installed once
+
+
+def test_uuid_is_stable_and_falls_back_without_source(monkeypatch):
+    # Inductor's FX graph cache keys on the uuid: the same for every instance, and defined even
+    # where the pass's source cannot be read.
+    assert TiedEmbeddingGradient().uuid() == TiedEmbeddingGradient().uuid()
+    import src.trainer.graph_passes as graph_passes
+
+    def no_source(obj):
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr(graph_passes.inspect, "getsource", no_source)
+    assert TiedEmbeddingGradient().uuid() == "TiedEmbeddingGradient-1"
