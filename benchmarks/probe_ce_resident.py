@@ -35,9 +35,7 @@ tests/benchmarks/test_probe_ce_resident.py (the interpreter).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -57,7 +55,7 @@ from kernels.cross_entropy import (  # noqa: E402
     check_logits_labels,
     cross_entropy,
 )
-from probe_ce_split import logits_labels  # noqa: E402  (benchmarks/, the script's own folder)
+from probe_ce_split import device_slug, logits_labels, probe_result  # noqa: E402  (benchmarks/, the script's own folder)
 
 # -- the kernel -----------------------------------------------------------------------------------
 
@@ -287,15 +285,7 @@ def main():
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--e2e", action="store_true", help="then gpt_125m end to end through benchmarks/throughput.py")
     args = parser.parse_args()
-    device = torch.cuda.get_device_name().lower().replace(" ", "_").replace("-", "_")
-    path = Path(args.out) / f"probe_{device}_ce_resident.json"
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "date": time.strftime("%Y-%m-%d"), "check": [], "row_kernels": [], "gpt2_head": []}  # fmt: skip
-
-    def log(msg):
-        print(msg, flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
+    result, log = probe_result(args.out, "ce_resident", ("check", "row_kernels", "gpt2_head"))
 
     sms = num_sms(torch.device("cuda"))
     result["check"] = check(sms, log)
@@ -319,7 +309,7 @@ def main():
         best = "optimized +whole-model +CUDA graphs"
         throughput.main(["--model", "configs/model/gpt_125m.yaml", "--batch", "16", "--seq-len", "1024", "--steps", "18",
                          "--warmup", "5", "--variants", "reference+compile", best, f"{best} cross_entropy=fused_linear",
-                         "--out", str(Path(args.out) / f"throughput_gpt_125m_{device}_ce_resident.json")])  # fmt: skip
+                         "--out", str(Path(args.out) / f"throughput_gpt_125m_{device_slug()}_ce_resident.json")])  # fmt: skip
 
 
 if __name__ == "__main__":

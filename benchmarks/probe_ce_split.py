@@ -304,20 +304,33 @@ def flce_time(N, H, V, chunk, row_kernel, log):
     return {"N": N, "H": H, "V": V, "chunk": chunk, "row_kernel": row_kernel.__name__, "ms": ms, "extra_peak_gib": extra}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--skip-sweep", action="store_true")
-    args = parser.parse_args()
-    device = torch.cuda.get_device_name().lower().replace(" ", "_").replace("-", "_")
-    path = Path(args.out) / f"probe_{device}_ce_split.json"
+def device_slug() -> str:
+    """The GPU's name as results files spell it, e.g. nvidia_h100_80gb_hbm3."""
+    return torch.cuda.get_device_name().lower().replace(" ", "_").replace("-", "_")
+
+
+def probe_result(out_dir: str, name: str, sections: tuple[str, ...]):
+    """The result dict of a probe (device, versions, date, an empty list per section) and a `log`
+    that prints a line and rewrites `probe_<device>_<name>.json` in `out_dir`, so that a run cut
+    short keeps what it measured."""
+    path = Path(out_dir) / f"probe_{device_slug()}_{name}.json"
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "date": time.strftime("%Y-%m-%d"), "check": [], "sweep": [], "flce": []}  # fmt: skip
+              "date": time.strftime("%Y-%m-%d"), **{section: [] for section in sections}}  # fmt: skip
 
     def log(msg):
         print(msg, flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
+
+    return result, log
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--skip-sweep", action="store_true")
+    args = parser.parse_args()
+    result, log = probe_result(args.out, "ce_split", ("check", "sweep", "flce"))
 
     result["check"] = check(log)
     best = {}

@@ -52,3 +52,14 @@ def row_losses_ref(logits, labels, label_smoothing, z_loss, ignore_index=-100):
     rows = rows + z_loss * torch.logsumexp(x, dim=-1).square() * (labels != ignore_index)
     rows.sum().backward()
     return rows.detach(), x.grad
+
+
+def assert_rows_match_ref(loss, grads, logits, labels, label_smoothing, z_loss, ignore_index=-100):
+    """A row kernel's per-row losses and logits gradient against `row_losses_ref`, at the logits'
+    dtype tolerance (the loss is fp32); ignored rows exactly 0."""
+    loss_ref, grads_ref = row_losses_ref(logits, labels, label_smoothing, z_loss, ignore_index)
+    assert grads.dtype == logits.dtype and loss.dtype == torch.float32
+    assert_close(loss, loss_ref, logits.dtype, "loss")
+    assert_close(grads, grads_ref, logits.dtype, "dlogits")
+    ignored = labels == ignore_index
+    assert (grads[ignored] == 0).all() and (loss[ignored] == 0).all()
