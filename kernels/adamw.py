@@ -31,7 +31,13 @@ count): the same step rounds the same way again, which keeps resumed runs exact,
 round alike. The two moments take the two halves of one 32-bit hash. Parameters stay fp32 (the
 master weights).
 
-Limits: fp32 parameters and gradients, fp32 or bf16 moments (both of one dtype), contiguous, on
+bf16 copies of the weights (`optimizer.bf16_weight_copy`): for the parameters given a copy, the
+update also stores the new fp32 value rounded to bf16 (to nearest even, exactly `p.to(bfloat16)`),
+2 bytes more per element. The model's matmuls read those copies under bf16 autocast instead of
+casting the fp32 weights again in every forward and backward (src/models/components/linear.py),
+which reads 4 bytes and writes 2 per weight and cast.
+
+Limits: fp32 parameters and gradients, fp32 or bf16 moments (both of one dtype), bf16 copies, contiguous, on
 one device (under FSDP2 the caller passes each DTensor's local shard); at most 2^32 - 1 elements
 per tensor; lr, betas, eps and weight decay are Python floats (the same for the whole list).
 Tensors that all start on 16 bytes get vectorised accesses; any other start (a view into a flat
@@ -69,6 +75,17 @@ def _round_bf16_stochastic(x, random16):
 
 
 @triton.jit
+def _round_bf16_nearest(x):
+    """fp32 -> bf16 rounded to nearest, ties to even: bit for bit `Tensor.to(torch.bfloat16)`.
+    Written out because Triton's interpreter truncates in `.to(tl.bfloat16)`; the GPU's conversion
+    rounds the same way as this. NaN stays NaN."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    rounded = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded).to(tl.bfloat16)  # exact: the low half is zero
+
+
+@triton.jit
 def _adamw_block(
     p_ptr,
     g_ptr,
@@ -85,6 +102,7 @@ def _adamw_block(
     bias_correction1,
     bias_correction2_sqrt,
     key,  # uint32 scalar of (tensor, step): the stochastic rounding's stream (MOMENTS_BF16)
+    c_ptr,  # the parameter's bf16 copy, or None
     MOMENTS_BF16: tl.constexpr,
 ):
     g = tl.load(g_ptr + offs, mask=mask) * scale
@@ -96,6 +114,8 @@ def _adamw_block(
     v = beta2 * v + (1.0 - beta2) * g * g
     p = p - (lr / bias_correction1) * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
     tl.store(p_ptr + offs, p, mask=mask)
+    if c_ptr is not None:
+        tl.store(c_ptr + offs, _round_bf16_nearest(p), mask=mask)
     if MOMENTS_BF16:
         random = _hash32(offs.to(tl.uint32) ^ key)  # element index < 2^32 (checked by the launcher)
         tl.store(m_ptr + offs, _round_bf16_stochastic(m, random >> 16), mask=mask)
@@ -112,6 +132,7 @@ def _adamw_kernel(
     EXP_AVG_PTRS,  # (T,) int64 addresses of the first moments (fp32, or bf16 when MOMENTS_BF16), updated in place
     EXP_AVG_SQ_PTRS,  # (T,) int64 addresses of the second moments (as the first), updated in place
     STEP_PTRS,  # (T,) int64 addresses of the fp32 step counts before this update
+    COPY_PTRS,  # (T,) int64 addresses of the parameters' bf16 copies (0: none); read when HAS_COPIES
     NUMELS,  # (T,) int64 element counts
     BLOCK_TENSOR,  # (n_blocks,) int32: the tensor of each program's block
     BLOCK_START,  # (n_blocks,) int64: the first element of each program's block (a multiple of BLOCK)
@@ -126,6 +147,7 @@ def _adamw_kernel(
     HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,  # every tensor starts on 16 bytes (checked by the launcher)
     MOMENTS_BF16: tl.constexpr,  # bf16 moments, stored with stochastic rounding
+    HAS_COPIES: tl.constexpr,  # some parameters have a bf16 copy to write (COPY_PTRS)
     BLOCK: tl.constexpr,
 ):
     if HAS_FOUND_INF:
@@ -156,12 +178,26 @@ def _adamw_kernel(
     # One stream of random bits per (tensor, step); the element index picks within it.
     key = _hash32(t.to(tl.uint32) * 0x9E3779B9 ^ step.to(tl.uint32))
     offs = start + tl.arange(0, BLOCK)
-    if start + BLOCK <= n:  # the same branch for the whole program
+    full = start + BLOCK <= n  # the same branch for the whole program
+    if HAS_COPIES:
+        copy_address = tl.load(COPY_PTRS + t)
+        if copy_address != 0:  # this tensor has a bf16 copy: the update writes it too
+            c_ptr = copy_address.to(tl.pointer_type(tl.bfloat16), bitcast=True)
+            if ALIGNED:
+                c_ptr = tl.multiple_of(c_ptr, 16)
+            if full:
+                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, scale, lr, beta1, beta2, eps, weight_decay,
+                             bias_correction1, bias_correction2_sqrt, key, c_ptr, MOMENTS_BF16)
+            else:  # the tensor's last, partial block
+                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, scale, lr, beta1, beta2, eps, weight_decay,
+                             bias_correction1, bias_correction2_sqrt, key, c_ptr, MOMENTS_BF16)
+            return
+    if full:
         _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, scale, lr, beta1, beta2, eps, weight_decay,
-                     bias_correction1, bias_correction2_sqrt, key, MOMENTS_BF16)
+                     bias_correction1, bias_correction2_sqrt, key, None, MOMENTS_BF16)
     else:  # the tensor's last, partial block
         _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, scale, lr, beta1, beta2, eps, weight_decay,
-                     bias_correction1, bias_correction2_sqrt, key, MOMENTS_BF16)
+                     bias_correction1, bias_correction2_sqrt, key, None, MOMENTS_BF16)
 
 
 @triton.jit
@@ -224,7 +260,8 @@ class AdamWTables:
     change (the caching allocator usually hands every step's gradients the same memory)."""
 
     def __init__(self, params: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                 steps: list[torch.Tensor], *, block: int = BLOCK, num_warps: int = NUM_WARPS):
+                 steps: list[torch.Tensor], *, copies: list[torch.Tensor | None] | None = None, block: int = BLOCK,
+                 num_warps: int = NUM_WARPS):
         check_launch(block, num_warps)
         device = params[0].device
         self.block, self.num_warps = block, num_warps  # the launch settings the block table is cut for
@@ -238,7 +275,19 @@ class AdamWTables:
         aligned = [_check(params, numels, device, "parameters"),
                    _check(exp_avgs, numels, device, "exp_avg", moment_dtype),
                    _check(exp_avg_sqs, numels, device, "exp_avg_sq", moment_dtype)]
+        # bf16 copies of some parameters (`optimizer.bf16_weight_copy`), written by the update
+        copies = copies if copies is not None and any(c is not None for c in copies) else None
+        if copies is not None:
+            if len(copies) != len(params):
+                raise ValueError(f"adamw_step_: {len(copies)} weight copies for {len(params)} parameters (None: no copy)")
+            present = [(c, n) for c, n in zip(copies, numels) if c is not None]
+            aligned.append(_check([c for c, _ in present], [n for _, n in present], device, "weight copies",
+                                  torch.bfloat16))
         self.aligned = all(aligned)  # and the gradients' (grads_aligned)
+        self.copies = None
+        if copies is not None:  # 0 for a parameter without one
+            host = torch.tensor([c.data_ptr() if c is not None else 0 for c in copies], dtype=torch.int64)
+            self.copies = host.to(device)
         self.device = device
         self.numel_list = numels
         self.params = _addresses(params, device)
@@ -284,12 +333,14 @@ def adamw_step_(
     if tables.n_blocks:  # none when every tensor is empty (an FSDP2 rank can hold no elements of a small one)
         _adamw_kernel[(tables.n_blocks,)](
             tables.params, grad_table, tables.exp_avgs, tables.exp_avg_sqs, tables.steps,
+            tables.copies if tables.copies is not None else dummy,
             tables.numels, tables.block_tensor, tables.block_start,
             grad_scale if grad_scale is not None else dummy,
             found_inf if found_inf is not None else dummy,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-            ALIGNED=tables.aligned and tables.grads_aligned, MOMENTS_BF16=tables.moments_bf16, BLOCK=tables.block,
+            ALIGNED=tables.aligned and tables.grads_aligned, MOMENTS_BF16=tables.moments_bf16,
+            HAS_COPIES=tables.copies is not None, BLOCK=tables.block,
             num_warps=tables.num_warps,
         )  # fmt: skip
     _adamw_count_kernel[(len(tables.numel_list),)](

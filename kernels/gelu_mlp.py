@@ -33,7 +33,8 @@ Weights: under autocast they are fp32 masters and the activations bf16. `gelu_ml
 weights to the activations' dtype outside the op (where Inductor schedules the casts, as autocast's)
 and hands the op both the compute copies and the parameters, so that the op returns the weight and
 bias gradients in the parameters' dtype, the weight gradients straight from the matmul's fp32
-accumulator (as `kernels.linear: fp32_wgrad`).
+accumulator (as `kernels.linear: fp32_wgrad`). With `optimizer.bf16_weight_copy` the compute copies
+are the ones the optimizer keeps (`fc_weight_copy`, `proj_weight_copy`): no cast at all.
 
 Where the fused GEMMs run: CUDA, fp16 / bf16 activations, and shapes cuBLASLt has an epilogue
 kernel for (it reports when it has none). Everywhere else (the CPU, fp32) the op computes the
@@ -114,6 +115,16 @@ def _fc_weight_grad(
             pass
     dw = mm_out(dpre.t(), x2, weight_dtype)
     return dw, dpre.sum(0, dtype=torch.float32) if bias_grad else None
+
+
+def _compute_copy(weight: torch.Tensor, copy: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in `dtype`, detached: `copy` when it is one (the optimizer's), else autocast's cast."""
+    if copy is not None and copy.dtype == dtype and weight.dtype != dtype:
+        if copy.shape != weight.shape or copy.device != weight.device:
+            raise ValueError(f"gelu_mlp: weight copy {tuple(copy.shape)} on {copy.device} is not a copy of the "
+                             f"weight {tuple(weight.shape)} on {weight.device}")
+        return copy
+    return weight.detach().to(dtype)
 
 
 def _check(x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor) -> None:
@@ -237,6 +248,8 @@ def gelu_mlp(
     proj_weight: torch.Tensor,
     proj_bias: torch.Tensor | None,
     ones_column: bool | None = None,
+    fc_weight_copy: torch.Tensor | None = None,
+    proj_weight_copy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias for x (..., D) -> (..., D);
     the result of `gelu_mlp_ref`, computed in the autocast dtype under autocast and in x's dtype
@@ -245,7 +258,8 @@ def gelu_mlp(
 
     `ones_column`: the fc bias gradient from a column of ones beside x (see the module's
     docstring); None takes it where the fused GEMMs run (CUDA, fp16/bf16) and the fc layer has a
-    bias. The CPU tests force it on to check its math."""
+    bias. The CPU tests force it on to check its math. `fc_weight_copy` / `proj_weight_copy`: the
+    weights in the compute dtype, read instead of casting them."""
     _check(x, fc_weight, proj_weight)
     if fc_weight.dtype != proj_weight.dtype:
         raise ValueError(
@@ -259,8 +273,8 @@ def gelu_mlp(
     device = x.device.type
     if torch.is_autocast_enabled(device):
         x = x.to(torch.get_autocast_dtype(device))
-    fc_weight_c = fc_weight.detach().to(x.dtype)  # (H, D), the compute copies (autocast's casts)
-    proj_weight_c = proj_weight.detach().to(x.dtype)  # (D, H)
+    fc_weight_c = _compute_copy(fc_weight, fc_weight_copy, x.dtype)  # (H, D), the compute copies
+    proj_weight_c = _compute_copy(proj_weight, proj_weight_copy, x.dtype)  # (D, H)
     if ones_column is None:
         ones_column = fc_bias is not None and _fused_supported(x)
     shape, x_ext = x.shape, None

@@ -21,8 +21,10 @@ dh is rounded to the activation dtype before the SwiGLU gradient, as the unfused
 when it stores dh, so both paths compute the same function of the same bf16 values.
 
 Weights: under autocast the weight is fp32 and the activations bf16. The op casts the weight to
-the activations' dtype for its matmuls (as autocast would) and returns the weight gradient in the
-weight's dtype straight from the matmul's fp32 accumulator (as `kernels.linear: fp32_wgrad`).
+the activations' dtype for its matmuls (as autocast would), or reads `weight_copy`, a copy of the
+weight in that dtype that the optimizer keeps (`optimizer.bf16_weight_copy`), and returns the
+weight gradient in the weight's dtype straight from the matmul's fp32 accumulator (as
+`kernels.linear: fp32_wgrad`).
 
 Where the fused kernel runs: fp16 / bf16 activations on a GPU with TMA (compute capability 9.0+),
 H and D multiples of 8 and 16-byte-aligned tensors (TMA's rows and bases), and fp16 under the CPU
@@ -164,28 +166,35 @@ def _check(gate_up: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"swiglu_linear: gate_up is on {gate_up.device} but weight on {weight.device}")
 
 
-def _swiglu_linear_fwd_launch(h: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _compute_weight(weight: torch.Tensor, weight_copy: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The weight (D, H) in `dtype`, contiguous: the copy when there is one, else a cast."""
+    return (weight_copy if weight_copy is not None else weight.to(dtype)).contiguous()
+
+
+def _swiglu_linear_fwd_launch(
+    h: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None
+) -> torch.Tensor:
     with torch.autocast(h.device.type, enabled=False):
         h2 = h.reshape(-1, h.shape[-1])  # (M, H)
-        y = torch.mm(h2, weight.to(h.dtype).t())  # (M, D)
+        y = torch.mm(h2, _compute_weight(weight, weight_copy, h.dtype).t())  # (M, D)
     return y.view(*h.shape[:-1], weight.shape[0])
 
 
 def _backward_operands(
-    dy: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor
+    dy: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gate_up (M, 2H), dy (M, D) and the weight (D, H), contiguous, in the activations' dtype (an
     expanded gradient is copied)."""
     gu = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()
     dy2 = dy.reshape(-1, weight.shape[0]).to(gu.dtype).contiguous()
-    return gu, dy2, weight.to(gu.dtype).contiguous()
+    return gu, dy2, _compute_weight(weight, weight_copy, gu.dtype)
 
 
 def _swiglu_linear_bwd_launch(
-    dy: torch.Tensor, h: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor
+    dy: torch.Tensor, h: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(dy.device.type, enabled=False):
-        gu, dy2, w = _backward_operands(dy, gate_up, weight)
+        gu, dy2, w = _backward_operands(dy, gate_up, weight, weight_copy)
         h2 = h.reshape(-1, h.shape[-1])  # (M, H)
         if fused_backward_supported(gu, w, dy2):
             dgu = _dgate_up_fused(dy2, w, gu)
@@ -204,16 +213,18 @@ def _swiglu_linear_bwd_launch(
 # doubled that kernel's time on an H200).
 
 
-def _swiglu_linear_recompute_fwd_launch(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _swiglu_linear_recompute_fwd_launch(
+    gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None
+) -> torch.Tensor:
     h = _swiglu_packed_fwd_launch(gate_up)  # (..., H), freed when the op returns
-    return _swiglu_linear_fwd_launch(h, gate_up, weight)
+    return _swiglu_linear_fwd_launch(h, gate_up, weight, weight_copy)
 
 
 def _swiglu_linear_recompute_bwd_launch(
-    dy: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor
+    dy: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(dy.device.type, enabled=False):
-        gu, dy2, w = _backward_operands(dy, gate_up, weight)
+        gu, dy2, w = _backward_operands(dy, gate_up, weight, weight_copy)
         dh = torch.mm(dy2, w)  # (M, H), rounded to the activation dtype as the fused path rounds it
         dgu, h = _swiglu_packed_bwd_rows(dh, gu, store_y=True)
         dweight = mm_out(dy2.t(), h, weight.dtype)  # (D, H)
@@ -232,24 +243,25 @@ _swiglu_linear_bwd = torch.library.custom_op("kernels::swiglu_linear_bwd", _swig
 
 
 @_swiglu_linear_fwd.register_fake
-def _(h, gate_up, weight):
+def _(h, gate_up, weight, weight_copy):
     return h.new_empty((*h.shape[:-1], weight.shape[0]))
 
 
 @_swiglu_linear_bwd.register_fake
-def _(dy, h, gate_up, weight):
+def _(dy, h, gate_up, weight, weight_copy):
     return gate_up.new_empty(gate_up.shape), weight.new_empty(weight.shape)
 
 
 def _swiglu_linear_setup(ctx, inputs, output):
-    h, gate_up, weight = inputs
-    ctx.save_for_backward(h, gate_up, weight)
+    h, gate_up, weight, weight_copy = inputs
+    ctx.save_for_backward(h, gate_up, weight, weight_copy)
 
 
 def _swiglu_linear_grad(ctx, dy):
-    h, gate_up, weight = ctx.saved_tensors
-    dgate_up, dweight = _swiglu_linear_bwd(dy, h, gate_up, weight)
-    return None, dgate_up, dweight  # grads for (h: none, it carries no graph; gate_up; weight)
+    h, gate_up, weight, weight_copy = ctx.saved_tensors
+    dgate_up, dweight = _swiglu_linear_bwd(dy, h, gate_up, weight, weight_copy)
+    # grads for (h: none, it carries no graph; gate_up; weight; weight_copy: none, the optimizer writes it)
+    return None, dgate_up, dweight, None
 
 
 _swiglu_linear_fwd.register_autograd(_swiglu_linear_grad, setup_context=_swiglu_linear_setup)
@@ -263,23 +275,24 @@ _swiglu_linear_recompute_bwd = torch.library.custom_op(
 
 
 @_swiglu_linear_recompute_fwd.register_fake
-def _(gate_up, weight):
+def _(gate_up, weight, weight_copy):
     return gate_up.new_empty((*gate_up.shape[:-1], weight.shape[0]))
 
 
 @_swiglu_linear_recompute_bwd.register_fake
-def _(dy, gate_up, weight):
+def _(dy, gate_up, weight, weight_copy):
     return gate_up.new_empty(gate_up.shape), weight.new_empty(weight.shape)
 
 
 def _swiglu_linear_recompute_setup(ctx, inputs, output):
-    gate_up, weight = inputs
-    ctx.save_for_backward(gate_up, weight)  # not h
+    gate_up, weight, weight_copy = inputs
+    ctx.save_for_backward(gate_up, weight, weight_copy)  # not h
 
 
 def _swiglu_linear_recompute_grad(ctx, dy):
-    gate_up, weight = ctx.saved_tensors
-    return _swiglu_linear_recompute_bwd(dy, gate_up, weight)  # grads for (gate_up, weight)
+    gate_up, weight, weight_copy = ctx.saved_tensors
+    dgate_up, dweight = _swiglu_linear_recompute_bwd(dy, gate_up, weight, weight_copy)
+    return dgate_up, dweight, None  # grads for (gate_up, weight, weight_copy: none)
 
 
 _swiglu_linear_recompute_fwd.register_autograd(_swiglu_linear_recompute_grad, setup_context=_swiglu_linear_recompute_setup)
@@ -288,18 +301,32 @@ _swiglu_linear_recompute_fwd.register_autograd(_swiglu_linear_recompute_grad, se
 # -- functional -----------------------------------------------------------------------------------
 
 
-def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _usable_copy(gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None) -> torch.Tensor | None:
+    """`weight_copy` where it is the weight in the op's compute dtype (gate_up's); None elsewhere."""
+    if weight_copy is None or weight_copy.dtype != gate_up.dtype or weight.dtype == gate_up.dtype:
+        return None
+    if weight_copy.shape != weight.shape or weight_copy.device != weight.device:
+        raise ValueError(f"swiglu_linear: weight_copy {tuple(weight_copy.shape)} on {weight_copy.device} is not a copy "
+                         f"of weight {tuple(weight.shape)} on {weight.device}")
+    return weight_copy
+
+
+def swiglu_linear(
+    gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None = None
+) -> torch.Tensor:
     """silu(gate) * up @ weight.T for gate_up = [gate | up] (..., 2H) and weight (D, H) -> (..., D);
     the result of `swiglu_linear_ref`, computed in gate_up's dtype, with weight's gradient in
-    weight's dtype."""
+    weight's dtype. `weight_copy`: the weight in gate_up's dtype, read instead of a cast."""
     _check(gate_up, weight)
     h = swiglu_packed(gate_up.detach())  # (..., H); its gradient path is the op's own backward
-    return _swiglu_linear_fwd(h, gate_up, weight)
+    return _swiglu_linear_fwd(h, gate_up, weight, _usable_copy(gate_up, weight, weight_copy))
 
 
-def swiglu_linear_recompute(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def swiglu_linear_recompute(
+    gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None = None
+) -> torch.Tensor:
     """`swiglu_linear` without h = swiglu(gate_up) kept for backward (M x H less memory per layer):
     the backward writes h again from its SwiGLU pass. The same results as `swiglu_linear`'s
     unfused backward."""
     _check(gate_up, weight)
-    return _swiglu_linear_recompute_fwd(gate_up, weight)
+    return _swiglu_linear_recompute_fwd(gate_up, weight, _usable_copy(gate_up, weight, weight_copy))

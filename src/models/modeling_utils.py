@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .components import KVCache
+from .components import KVCache, compute_weight
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -237,7 +237,8 @@ class CausalLM(nn.Module):
         logits and `logits` is None unless `return_logits=True` asks for them.
         """
         if labels is not None and self.loss_fn.fused:
-            loss = self.loss_fn(hidden, self.lm_head.weight, labels, logits=None)
+            weight = compute_weight(self.lm_head.weight, self.lm_head.weight_copy)  # its bf16 copy, if kept
+            loss = self.loss_fn(hidden, weight, labels, logits=None)
             return CausalLMOutput(loss=loss, logits=self.lm_head(hidden) if return_logits else None)
         logits = self.lm_head(hidden)  # (B, T, V)
         loss = self.loss_fn(hidden, self.lm_head.weight, labels, logits) if labels is not None else None

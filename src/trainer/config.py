@@ -111,6 +111,12 @@ class OptimizerConfig:
     # exp_avg and exp_avg_sq: bfloat16 halves them (4 bytes per parameter less), stored with
     # stochastic rounding by our Triton AdamW (implementation auto on CUDA, or triton)
     state_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Keep a bf16 copy of every linear layer's weight (the LM head's included), rewritten by each
+    # update: under bf16 autocast the matmuls read it instead of casting the fp32 weights in every
+    # forward and backward. The same math (the copy is the cast), 2 bytes per weight more memory.
+    # Single GPU or DDP (FSDP2 casts when it gathers); our AdamW writes the copies in its update,
+    # torch's AdamW is followed by a copy pass.
+    bf16_weight_copy: bool = False
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -252,6 +258,13 @@ class TrainConfig:
             raise ConfigError(f"parallel.ddp_bucket_cap_mb ({self.parallel.ddp_bucket_cap_mb}) sizes DDP's gradient "
                               f"buckets; strategy {self.parallel.strategy!r} has none: set parallel.strategy: ddp or "
                               f"leave it at {DDP_BUCKET_CAP_MB:g}")
+        if self.optimizer.bf16_weight_copy and self.trainer.precision == "fp32":
+            raise ConfigError("optimizer.bf16_weight_copy stands in for bf16 autocast's casts of the weights, and "
+                              "trainer.precision is fp32; set trainer.precision: bf16 (or auto on CUDA), or drop "
+                              "bf16_weight_copy")
+        if self.optimizer.bf16_weight_copy and self.parallel.strategy == "fsdp2":
+            raise ConfigError("optimizer.bf16_weight_copy does not apply under FSDP2, whose mixed precision already "
+                              "gathers the weights in bf16; drop it, or use parallel.strategy ddp / none")
         if self.parallel.fsdp_blocks_per_unit < 1:
             raise ConfigError(f"parallel.fsdp_blocks_per_unit must be >= 1, got {self.parallel.fsdp_blocks_per_unit}")
         if self.parallel.fsdp_blocks_per_unit != 1 and self.parallel.strategy != "fsdp2":

@@ -73,16 +73,21 @@ class TritonAdamW(torch.optim.AdamW):
 
     `state_dtype=torch.bfloat16` keeps exp_avg and exp_avg_sq in bf16, stored with stochastic
     rounding (kernels/adamw.py); the state_dict then holds bf16 moments. A state dict of either
-    dtype loads into either: its moments are cast to this optimizer's state dtype."""
+    dtype loads into either: its moments are cast to this optimizer's state dtype.
+
+    `weight_copies` ({parameter: its bf16 copy}, from `weight_copies(model)`): the update writes
+    each listed parameter's new value, rounded to bf16, into its copy as well (kernels/adamw.py)."""
 
     def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float, block: int = BLOCK,
-                 num_warps: int = NUM_WARPS, state_dtype: torch.dtype = torch.float32):
+                 num_warps: int = NUM_WARPS, state_dtype: torch.dtype = torch.float32,
+                 weight_copies: dict[torch.Tensor, torch.Tensor] | None = None):
         check_launch(block, num_warps)
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"TritonAdamW: state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
         self.launch = {"block": block, "num_warps": num_warps}  # the update kernel's (benchmarks/optimizer.py sweeps them)
         self.state_dtype = state_dtype
+        self.weight_copies = dict(weight_copies or {})
         self.grad_scale: torch.Tensor | None = None
         self.found_inf: torch.Tensor | None = None
         # per group: (params, their local shards' addresses, step tensors, tables)
@@ -124,7 +129,8 @@ class TritonAdamW(torch.optim.AdamW):
                 states = [self._state_of(p) for p in params]
                 steps = [s["step"] for s in states]
                 tables = AdamWTables([local(p) for p in params], [local(s["exp_avg"]) for s in states],
-                                     [local(s["exp_avg_sq"]) for s in states], steps, **self.launch)
+                                     [local(s["exp_avg_sq"]) for s in states], steps,
+                                     copies=[self.weight_copies.get(p) for p in params], **self.launch)
                 cached = (params, addresses, steps, tables)  # the step tensors are kept alive with their addresses
                 self._tables[index] = cached
             tables = cached[3]
@@ -180,10 +186,12 @@ def resolve_implementation(cfg: OptimizerConfig, device: torch.device) -> str:
     return "triton" if device.type == "cuda" and cfg.fused is None else "torch"
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device,
+                    weight_copies: dict[torch.Tensor, torch.Tensor] | None = None) -> torch.optim.AdamW:
     """AdamW: `TritonAdamW` or torch's (fused on CUDA, multi-tensor `foreach` on the CPU), as
     `resolve_implementation` says. Build it after FSDP2 has sharded the model, so that it holds
-    the sharded parameters."""
+    the sharded parameters. `weight_copies`: bf16 copies that `TritonAdamW` writes with its update
+    (torch's AdamW does not: the caller refreshes them after its step)."""
     groups = param_groups(model, cfg.weight_decay)
     implementation = resolve_implementation(cfg, device)
     if cfg.state_dtype == "bfloat16" and implementation != "triton":
@@ -196,7 +204,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device
             raise ConfigError(f"optimizer.implementation=triton needs a CUDA device (this run is on {device.type}); "
                               "use optimizer.implementation: torch (or auto)")
         return TritonAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                           state_dtype=getattr(torch, cfg.state_dtype))
+                           state_dtype=getattr(torch, cfg.state_dtype), weight_copies=weight_copies)
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     return torch.optim.AdamW(
         groups,

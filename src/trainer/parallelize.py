@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from src.models.components import attach_weight_copies
 from src.models.modeling_utils import CausalLM
+from src.utils.config import ConfigError
 from src.utils.distributed import DistInfo, build_device_mesh, ensure_process_group
 
 from .config import TrainConfig
@@ -215,6 +217,11 @@ def apply_ddp(model: nn.Module, info: DistInfo, bucket_cap_mb: float) -> nn.Modu
     DDP model (compile_scope: model) is split into one graph per bucket."""
     from torch.nn.parallel import DistributedDataParallel
 
+    # The bf16 weight copies are buffers, which DDP would broadcast from rank 0 before every
+    # forward; each rank's optimizer writes the same values into its own.
+    copies = [name for name, _ in model.named_buffers() if name.rsplit(".", 1)[-1] == "weight_copy"]
+    if copies:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, copies)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     # Gradients as views into DDP's all-reduce buckets. Without it every gradient is copied into
     # its bucket before the all-reduce and back out after it, and .grad and the buckets each hold
@@ -240,6 +247,12 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool
     if strategy != "none":
         ensure_process_group(info)  # FSDP2 and DDP in one plain `python` process: a group of one
     model.to(info.device)
+    if cfg.optimizer.bf16_weight_copy:
+        if not bf16:
+            raise ConfigError(f"optimizer.bf16_weight_copy needs bf16 autocast, and trainer.precision "
+                              f"{cfg.trainer.precision} is fp32 on {info.device.type}; set trainer.precision: bf16, "
+                              "or drop bf16_weight_copy")
+        attach_weight_copies(model, torch.bfloat16)  # before compile: the graphs read them as buffers
     apply_residual_dtype(model, residual_dtype(cfg, bf16))
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing, cfg.trainer.activation_checkpointing_layers)
     whole_model_ddp = cfg.compile and cfg.compile_scope == "model" and strategy == "ddp"

@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from src.models.components import refresh_weight_copies, weight_copies
 from src.utils.config import to_dict
 from src.utils.distributed import DistInfo, all_reduce_sum, any_rank, broadcast_object, min_over_ranks, sum_over_ranks
 from src.utils.logger import MetricsLogger
@@ -84,11 +85,15 @@ class Trainer:
         self.bf16 = resolve_precision(t.precision, info.device) == "bf16"
         self.sharded = cfg.parallel.strategy == "fsdp2"
         self.model, self.bare = prepare_model(model, cfg, info, bf16=self.bf16)
-        self.optimizer = build_optimizer(self.bare, cfg.optimizer, self.device)
+        # {weight: bf16 copy} (optimizer.bf16_weight_copy): our AdamW writes them with its update;
+        # after torch's AdamW, or a checkpoint load, they are copied from the weights.
+        self.weight_copies = weight_copies(self.bare)
+        self.optimizer = build_optimizer(self.bare, cfg.optimizer, self.device, weight_copies=self.weight_copies)
         # Optimizers that read `found_inf` on the device (no host sync to skip a non-finite step);
         # ours also takes the clip coefficient as `grad_scale` instead of a clipping pass.
         self.scales_grads = isinstance(self.optimizer, TritonAdamW)
         self.fused_optimizer = self.scales_grads or bool(self.optimizer.defaults.get("fused"))
+        self.refresh_copies = bool(self.weight_copies) and not self.scales_grads
         # CUDA graphs replay into memory their pool owns. A gradient that a backward graph returns
         # would become a parameter's .grad and be overwritten by the next micro-batch's replay
         # (seen on an H100). Gradient buffers allocated once and zeroed after each step make
@@ -141,6 +146,8 @@ class Trainer:
         precision = "bf16" if self.bf16 else "fp32"
         if self.bf16 and cfg.trainer.residual_dtype == "bf16":
             precision += ", bf16 residual stream"
+        if self.weight_copies:
+            precision += f", bf16 copies of {len(self.weight_copies)} weights"
         self.logger.info(
             f"model {type(self.bare).__name__} {format_count(n_params)} parameters | {info.world_size} x {self.device.type} | "
             f"strategy {cfg.parallel.strategy} | {precision} | compile {compiled} | "
@@ -156,6 +163,7 @@ class Trainer:
         if path is None:
             return None, None
         meta, rank_state = self.ckpt.load(path, self.model, self.optimizer, self.bare.config)
+        refresh_weight_copies(self.weight_copies)  # the loaded weights, not the initial ones
         self.step = int(meta["step"])
         self.tokens = int(meta["tokens"])
         self.skipped.fill_(int(meta.get("skipped_steps", 0)))
@@ -232,6 +240,8 @@ class Trainer:
             self.optimizer.step()
         elif bool(finite):  # the multi-tensor path has no found_inf; on the CPU this read is free
             self.optimizer.step()
+        if self.refresh_copies:  # torch's AdamW does not write the bf16 weight copies
+            refresh_weight_copies(self.weight_copies)
         self.optimizer.zero_grad(set_to_none=not self.persistent_grads)
         self.skipped += (~finite).long()
         self.nonfinite_in_row = torch.where(finite, torch.zeros_like(self.nonfinite_in_row), self.nonfinite_in_row + 1)

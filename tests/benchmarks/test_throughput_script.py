@@ -29,8 +29,9 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
     # + the residual stream in fp32, + selective AC, + selective AC with each of SELECTIVE_FLIPS
     selective_flips = [op for op in throughput.SELECTIVE_FLIPS if op in optimized]
     n_best_ablations = sum(len(throughput.ALTERNATIVES[op]) - 1 for op in optimized) + 2 + len(selective_flips)
-    n_lean = 2 + (family == "qwen2")  # the bf16-moment rows, last
-    n_best_ablations += n_lean
+    n_lean = 2 + (family == "qwen2")  # the bf16-moment rows
+    n_copy = 1 + (family == "qwen2")  # the bf16 weight-copy rows, last
+    n_best_ablations += n_lean + n_copy
     assert names[-6 - n_best_ablations:-n_best_ablations] == [
         "optimized +selective AC", "optimized +CUDA graphs", "reference+compile whole model",
         "optimized +whole-model compile", best, f"{best} optimizer=torch"]
@@ -46,14 +47,21 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
         flip = by_name[f"{best} +selective AC {op}={throughput.SELECTIVE_FLIPS[op]}"]
         assert flip.activation_checkpointing == "selective" and flip.kernels[op] == throughput.SELECTIVE_FLIPS[op]
     assert bool(selective_flips) == (family == "qwen2")
-    lean = [by_name[name] for name in names[-n_lean:]]
+    lean = [by_name[name] for name in names[-n_lean - n_copy:-n_copy]]
     assert [v.name for v in lean[:2]] == [f"{best} +bf16 moments", f"{best} +selective AC +bf16 moments"]
     assert all(v.optimizer_state == "bfloat16" and v.compile_mode == "reduce-overhead" for v in lean)
     if family == "qwen2":  # and without h kept, the 12 GiB configuration without checkpointing
         assert lean[2].kernels == dict(optimized, swiglu="fused_linear_recompute")
         assert lean[2].activation_checkpointing == "none"
     cfg = throughput.train_config(throughput.parse_args([]), lean[0], 10, "unused")
-    assert cfg.optimizer.state_dtype == "bfloat16"
+    assert cfg.optimizer.state_dtype == "bfloat16" and not cfg.optimizer.bf16_weight_copy
+    copies = [by_name[name] for name in names[-n_copy:]]
+    assert copies[0].name == f"{best} +bf16 weight copy" and copies[0].kernels == optimized
+    assert all(v.weight_copy and v.compile_mode == "reduce-overhead" for v in copies)
+    if family == "qwen2":  # the 12 GiB configuration with copies
+        assert copies[1].kernels == lean[2].kernels and copies[1].optimizer_state == "bfloat16"
+    cfg = throughput.train_config(throughput.parse_args([]), copies[-1], 10, "unused")
+    assert cfg.optimizer.bf16_weight_copy
     with_layers = {v.name: v for v in throughput.our_variants(family, "none", ac_layers=(3,))}
     if family == "qwen2":
         partial = with_layers[f"{best} +bf16 moments swiglu=fused_linear_recompute +selective AC on 3 blocks"]

@@ -333,3 +333,44 @@ def test_bf16_state_errors_name_the_problem():
         AdamWTables([p], [p.half()], [p.half()], [torch.zeros((), device=DEVICE)])
     with pytest.raises(ValueError, match="exp_avg_sq must be contiguous bf16"):  # mixed moment dtypes
         AdamWTables([p], [p.bfloat16()], [p.clone()], [torch.zeros((), device=DEVICE)])
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_weight_copies_are_the_updated_weights_rounded_to_bf16(state_dtype):
+    """optimizer.bf16_weight_copy: the update writes the listed parameters' bf16 copies, bit for
+    bit `p.to(bfloat16)` (round to nearest, ties to even), on full and partial blocks; the
+    parameters themselves update exactly as without copies, and unlisted ones get none."""
+    plain = make_params()
+    ours = [p.detach().clone().requires_grad_(True) for p in plain]
+    copies = {p: torch.zeros(p.shape, dtype=torch.bfloat16, device=DEVICE) for p in ours[1:]}  # not the first
+    opt_plain = TritonAdamW(groups(plain), state_dtype=state_dtype, **HYPER)
+    opt_ours = TritonAdamW(groups(ours), state_dtype=state_dtype, weight_copies=copies, **HYPER)
+    for step in range(3):
+        set_grads(plain, ours, seed=step)
+        opt_plain.step()
+        opt_ours.step()
+        for i, (p, q) in enumerate(zip(plain, ours)):
+            assert torch.equal(p, q), i
+        for p, copy in copies.items():
+            assert torch.equal(copy, p.detach().to(torch.bfloat16))
+
+
+def test_weight_copies_round_ties_to_even_and_keep_specials():
+    """Values exactly between two bf16 numbers, and inf / NaN, through a zero-learning-rate update
+    (p unchanged)."""
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F80_7FFF, 0xBF818001, 0x7F800000, 0x7FC00000, 0x7F7FFFFF],
+                        dtype=torch.int64).to(torch.int32)
+    p = bits.view(torch.float32).to(DEVICE).requires_grad_(True)
+    p.grad = torch.zeros_like(p)
+    copy = torch.zeros(p.shape, dtype=torch.bfloat16, device=DEVICE)
+    TritonAdamW([p], lr=0.0, betas=(0.9, 0.95), eps=1e-8, weight_copies={p: copy}).step()
+    expected = p.detach().to(torch.bfloat16)
+    assert torch.equal(copy[:5], expected[:5]) and torch.isnan(copy[5]) and torch.equal(copy[6:], expected[6:])
+
+
+def test_weight_copies_that_do_not_fit_are_refused():
+    p = torch.randn(8, device=DEVICE).requires_grad_(True)
+    p.grad = torch.randn_like(p)
+    for bad in (torch.zeros(8, device=DEVICE), torch.zeros(9, dtype=torch.bfloat16, device=DEVICE)):
+        with pytest.raises(ValueError, match="weight copies must be contiguous bf16"):
+            TritonAdamW([p], weight_copies={p: bad}, **HYPER).step()

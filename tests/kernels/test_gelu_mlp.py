@@ -96,7 +96,7 @@ def test_column_of_ones_needs_a_bias_and_is_off_on_the_cpu(monkeypatch):
     gelu_mlp(*[leaf(a) for a in args], ones_column=True)
     assert seen[0] is None and seen[1] is None
     assert seen[2].shape == (10, 16 + kernels.ONES_COLUMN_PAD)
-    assert torch.equal(seen[2][:, 16], torch.ones(10)) and not seen[2][:, 17:].any()
+    assert torch.equal(seen[2][:, 16].cpu(), torch.ones(10)) and not seen[2][:, 17:].any()
 
 
 def test_rows_keep_a_row_stride_and_copy_only_layouts_without_one():

@@ -130,3 +130,15 @@ def make_config(run_dir, *, max_steps=8, micro_batch_size=4, grad_accum_steps=1,
 
 def replace(cfg, **sections):
     return dataclasses.replace(cfg, **sections)
+
+
+def with_optimizer(cfg, **changes):
+    return replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, **changes))
+
+
+def train_losses(trainer) -> list[float]:
+    return [row["loss"] for row in trainer.history if row["split"] == "train"]
+
+
+def params(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.bare.state_dict().items()}

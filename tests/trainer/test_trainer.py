@@ -15,17 +15,9 @@ from src.trainer import CheckpointConfig, Trainer, list_checkpoints
 from src.trainer.checkpoint import CheckpointError
 from src.utils.distributed import DistInfo
 
-from .helpers import SyntheticLoader, make_config, replace, tiny_model
+from .helpers import SyntheticLoader, make_config, params, replace, tiny_model, train_losses, with_optimizer
 
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
-
-
-def train_losses(trainer: Trainer) -> list[float]:
-    return [row["loss"] for row in trainer.history if row["split"] == "train"]
-
-
-def params(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.bare.state_dict().items()}
 
 
 def capture_grads(trainer: Trainer) -> list[dict[str, torch.Tensor]]:
@@ -87,10 +79,6 @@ def test_cuda_graph_mode_accumulates_into_persistent_gradient_buffers(tmp_path):
     assert_same_grads(accum_grads, big_grads)
     for name, p in accum.bare.named_parameters():  # the same buffers, zeroed after the last step
         assert p.grad is buffers[name] and not p.grad.any(), name
-
-
-def with_optimizer(cfg, **changes):
-    return replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, **changes))
 
 
 @pytest.mark.parametrize("implementation,state_dtype", [("torch", "float32"), ("triton", "float32"),

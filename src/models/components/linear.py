@@ -21,6 +21,16 @@ its first `in` columns, and dy.T @ x_ext = [dW | db | 0 ...]: no separate pass o
 
 `Linear` is `nn.Linear` (same parameters, initialisation and state_dict) that calls the chosen
 implementation, so checkpoints and `isinstance(m, nn.Linear)` are unaffected.
+
+bf16 weight copies (`optimizer.bf16_weight_copy`). Under bf16 autocast every matmul casts its fp32
+weight to bf16, in forward and again in backward (or keeps the cast from forward): each cast reads
+4 bytes and writes 2 per weight, about 2 GB per step for Qwen2-0.5B. `attach_weight_copies` gives
+every `Linear` a bf16 buffer `weight_copy` (not in the state_dict), which our AdamW rewrites with
+each update from the new fp32 weight, rounded as `.to(bfloat16)` rounds (kernels/adamw.py): 2 bytes
+written per weight and step instead of the casts. Where autocast runs in the copy's dtype, the
+matmuls read the copy; the gradient still reaches the fp32 weight, in the same dtype and from the
+same bf16 operands as without the copy, so the math is unchanged. Anything that changes the weights
+outside the optimizer (loading a checkpoint) must call `refresh_weight_copies`; the Trainer does.
 """
 
 from __future__ import annotations
@@ -34,18 +44,89 @@ from kernels import grads_from_ones_column, mm_out, with_ones_column
 from .dispatch import get_kernel
 
 
-def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear`: under autocast, autograd's bf16 weight gradient cast to the weight's dtype."""
-    return F.linear(x, weight, bias)
+# -- bf16 weight copies ---------------------------------------------------------------------------
+
+
+class _ComputeWeight(torch.autograd.Function):
+    """`weight.to(copy.dtype)` read from `copy`: the same value, no cast; the gradient goes to
+    `weight`, cast to its dtype, as the backward of `.to` casts it."""
+
+    @staticmethod
+    def forward(ctx, weight, copy):
+        ctx.weight_dtype = weight.dtype
+        return copy.view_as(copy)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.weight_dtype), None  # grads for (weight, copy: none, the optimizer writes it)
+
+
+def usable_copy(weight: torch.Tensor, copy: torch.Tensor | None) -> torch.Tensor | None:
+    """`copy` where a matmul under the current autocast would cast `weight` to the copy's dtype (an
+    fp32 weight, autocast on in that dtype); None elsewhere (fp32 runs, evaluation without autocast)."""
+    if copy is None or weight.dtype != torch.float32:
+        return None
+    device = weight.device.type
+    if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != copy.dtype:
+        return None
+    return copy
+
+
+def compute_weight(weight: torch.Tensor, copy: torch.Tensor | None) -> torch.Tensor:
+    """What a matmul under autocast should read for `weight`: its bf16 copy where usable (with the
+    gradient flowing to `weight`), else `weight` itself (autocast casts it)."""
+    usable = usable_copy(weight, copy)
+    return weight if usable is None else _ComputeWeight.apply(weight, usable)
+
+
+def attach_weight_copies(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Give every `Linear` in `model` (the LM heads included) a `weight_copy` of its fp32 weight in
+    `dtype`, on the weight's device; tied weights share one copy. Returns how many weights got one."""
+    copies: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, Linear) and module.weight.dtype == torch.float32:
+            weight = module.weight
+            if id(weight) not in copies:
+                copies[id(weight)] = weight.detach().to(dtype)
+            module.weight_copy = copies[id(weight)]
+    return len(copies)
+
+
+def weight_copies(model: nn.Module) -> dict[torch.Tensor, torch.Tensor]:
+    """{weight: its copy} of every `Linear` in `model` that has one (`attach_weight_copies`)."""
+    pairs: dict[torch.Tensor, torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, Linear) and module.weight_copy is not None:
+            pairs[module.weight] = module.weight_copy
+    return pairs
+
+
+@torch.no_grad()
+def refresh_weight_copies(copies: dict[torch.Tensor, torch.Tensor]) -> None:
+    """Write each weight into its copy (after a checkpoint load, or an optimizer that does not)."""
+    if copies:
+        torch._foreach_copy_(list(copies.values()), list(copies.keys()))
+
+
+# -- implementations ------------------------------------------------------------------------------
+
+
+def linear_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_copy: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear`: under autocast, autograd's bf16 weight gradient cast to the weight's dtype
+    (`weight_copy`: read in place of autocast's cast of the weight)."""
+    return F.linear(x, compute_weight(weight, weight_copy), bias)
 
 
 class _LinearFp32WeightGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_ext, weight, bias, dtype):
-        """x (..., in), or (M, in) rows of x_ext (M, in + pad) in `dtype` when x_ext is given."""
+    def forward(ctx, x, x_ext, weight, bias, dtype, weight_copy):
+        """x (..., in), or (M, in) rows of x_ext (M, in + pad) in `dtype` when x_ext is given;
+        weight_copy: the weight in `dtype` (None: cast here)."""
         with torch.autocast(x.device.type, enabled=False):
             x_c = x.to(dtype)
-            w_c = weight.to(dtype)
+            w_c = weight_copy if weight_copy is not None else weight.to(dtype)
             y = F.linear(x_c, w_c, bias.to(dtype) if bias is not None else None)
         ctx.save_for_backward(x_c, w_c, x_ext)
         ctx.x_dtype = x.dtype
@@ -73,27 +154,34 @@ class _LinearFp32WeightGrad(torch.autograd.Function):
                     dw = mm_out(dy2.t(), x2, torch.float32)  # (out, in) fp32 from the bf16 operands
                 if bias_grad:
                     db = dy2.sum(0, dtype=torch.float32)  # (out,)
-        return dx, None, dw, db, None  # grads for (x, x_ext: none, x is its first columns; weight, bias, dtype)
+        # grads for (x, x_ext: none, x is its first columns; weight, bias, dtype, weight_copy)
+        return dx, None, dw, db, None, None
 
 
 def linear_fp32_wgrad(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ones_column: bool = False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ones_column: bool = False,
+    weight_copy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`F.linear` whose weight (and bias) gradient leaves the matmul in fp32 when fp32 weights
     run under autocast; plain `F.linear` otherwise. `ones_column`: the bias gradient from that
-    matmul too (a column of ones beside x; see the module's docstring)."""
+    matmul too (a column of ones beside x; see the module's docstring). `weight_copy`: the weight
+    in the autocast dtype, read instead of casting it."""
     device = x.device.type
     if weight.dtype != torch.float32 or not torch.is_autocast_enabled(device):
         return F.linear(x, weight, bias)
     dtype = torch.get_autocast_dtype(device)
     if dtype == torch.float32:
         return F.linear(x, weight, bias)
+    copy = usable_copy(weight, weight_copy)
     if not (ones_column and bias is not None and bias.requires_grad and torch.is_grad_enabled()):
-        return _LinearFp32WeightGrad.apply(x, None, weight, bias, dtype)
+        return _LinearFp32WeightGrad.apply(x, None, weight, bias, dtype, copy)
     n_in = x.shape[-1]
     x2 = x.to(dtype).reshape(-1, n_in)  # (M, in)
     x_ext = with_ones_column(x2)  # (M, in + pad): [x | 1 | 0...]
-    y = _LinearFp32WeightGrad.apply(x_ext[:, :n_in], x_ext, weight, bias, dtype)  # (M, out)
+    y = _LinearFp32WeightGrad.apply(x_ext[:, :n_in], x_ext, weight, bias, dtype, copy)  # (M, out)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -109,11 +197,15 @@ class Linear(nn.Linear):
         # Only `fp32_wgrad` takes the bias gradient from its matmul; worth it where the input's
         # producer (a norm) can write x_ext itself, not where it would be a copy.
         self.ones_column = ones_column and impl == "fp32_wgrad" and bias
+        # The weight in bf16, rewritten by the optimizer with each update (`attach_weight_copies`);
+        # None: matmuls cast the weight as autocast does.
+        self.register_buffer("weight_copy", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ones_column:
-            return self._linear(x, self.weight, self.bias, ones_column=True)
-        return self._linear(x, self.weight, self.bias)
+            return self._linear(x, self.weight, self.bias, ones_column=True, weight_copy=self.weight_copy)
+        return self._linear(x, self.weight, self.bias, weight_copy=self.weight_copy)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, impl={self.impl}" + (", ones_column=True" if self.ones_column else "")
+        extra = f", impl={self.impl}" + (", ones_column=True" if self.ones_column else "")
+        return super().extra_repr() + extra + (", bf16 weight copy" if self.weight_copy is not None else "")

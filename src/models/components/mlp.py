@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dispatch import get_kernel
-from .linear import Linear
+from .linear import Linear, compute_weight
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -56,8 +56,13 @@ def gelu_mlp_ref(
     fc_bias: torch.Tensor | None,
     proj_weight: torch.Tensor,
     proj_bias: torch.Tensor | None,
+    fc_weight_copy: torch.Tensor | None = None,
+    proj_weight_copy: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias`: GPT-2's MLP."""
+    """`gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias`: GPT-2's MLP. The
+    `_copy` tensors: bf16 copies of the weights, read instead of autocast's casts
+    (components/linear.py)."""
+    fc_weight, proj_weight = compute_weight(fc_weight, fc_weight_copy), compute_weight(proj_weight, proj_weight_copy)
     return F.linear(gelu_tanh(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
 
 
@@ -65,9 +70,12 @@ def gelu_mlp_ref(
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
-def swiglu_linear_ref(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`swiglu_packed_ref(gate_up) @ weight.T`: the SwiGLU product and the down projection (no bias)."""
-    return F.linear(swiglu_packed_ref(gate_up), weight)
+def swiglu_linear_ref(
+    gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`swiglu_packed_ref(gate_up) @ weight.T`: the SwiGLU product and the down projection (no bias;
+    `weight_copy`: a bf16 copy of the weight, read instead of autocast's cast)."""
+    return F.linear(swiglu_packed_ref(gate_up), compute_weight(weight, weight_copy))
 
 
 class GeluMLP(nn.Module):
@@ -109,7 +117,10 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._mlp is not None:
-            return self.dropout(self._mlp(x, self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias))
+            fc, proj = self.fc, self.proj
+            y = self._mlp(x, fc.weight, fc.bias, proj.weight, proj.bias,
+                          fc_weight_copy=fc.weight_copy, proj_weight_copy=proj.weight_copy)
+            return self.dropout(y)
         return self.dropout(self.proj(self.act(self.fc(x))))
 
 
@@ -163,7 +174,7 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)  # (..., 2 * hidden_dim): [gate | up]
         if self._glu_linear is not None:
-            y = self._glu_linear(gate_up, self.down.weight)  # (..., dim), in gate_up's dtype
+            y = self._glu_linear(gate_up, self.down.weight, weight_copy=self.down.weight_copy)  # (..., dim), gate_up's dtype
             if self.down.bias is not None:
                 y = y + self.down.bias.to(y.dtype)
             return self.dropout(y)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..components import KernelConfig, KVCache, LearnedPositionalEmbedding, LayerNorm, LMLoss, build_attention_mask
+from ..components import KernelConfig, KVCache, Linear, LearnedPositionalEmbedding, LayerNorm, LMLoss, build_attention_mask
 from ..components.attention.backends import prepare_documents
 from ..modeling_utils import CausalLM
 from . import hf_mapping
@@ -34,7 +34,7 @@ class GPT2LMHeadModel(CausalLM):
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.layers = nn.ModuleList(GPT2Block(config, i, kernels) for i in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_eps, bias=config.bias, impl=kernels.layernorm)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)  # nn.Linear with a weight_copy slot
         if config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
         self.loss_fn = LMLoss(kernels.cross_entropy, kernels.loss_chunk_tokens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..components import KernelConfig, KVCache, LMLoss, RMSNorm, RotaryEmbedding, build_attention_mask
+from ..components import KernelConfig, KVCache, Linear, LMLoss, RMSNorm, RotaryEmbedding, build_attention_mask
 from ..components.attention.backends import prepare_documents
 from ..modeling_utils import CausalLM
 from . import hf_mapping
@@ -30,7 +30,7 @@ class Qwen2ForCausalLM(CausalLM):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_base, config.block_size, config.rope_scaling)
         self.layers = nn.ModuleList(Qwen2Block(config, i, kernels) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.rms_norm_eps, impl=kernels.rmsnorm)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)  # nn.Linear with a weight_copy slot
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.loss_fn = LMLoss(kernels.cross_entropy, kernels.loss_chunk_tokens)

@@ -148,3 +148,55 @@ def test_fp32_wgrad_traced_by_torch_compile_on_the_cpu():
     """Dynamo and AOTAutograd trace the custom autograd Function (fullgraph: no graph break)."""
     torch._dynamo.reset()
     _check_models("qwen2", "cpu", compile=True)
+
+
+# -- bf16 weight copies (optimizer.bf16_weight_copy) ----------------------------------------------
+
+COPY_KERNELS = {
+    "reference": KernelConfig.reference(),
+    "fp32_wgrad": KernelConfig.reference().replace(linear="fp32_wgrad"),
+    "gpt2 ops": KernelConfig.reference().replace(linear="fp32_wgrad", gelu="cublaslt", cross_entropy="triton"),
+    "qwen2 ops": KernelConfig.reference().replace(linear="fp32_wgrad", swiglu="fused_linear", cross_entropy="fused_linear"),
+    "qwen2 recompute": KernelConfig.reference().replace(swiglu="fused_linear_recompute", cross_entropy="fused_linear"),
+}
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids, return_logits=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("kernels", list(COPY_KERNELS))
+def test_every_linear_reads_its_weight_copy(family, kernels):
+    """With copies equal to the casts, loss and gradients are bit for bit those without copies (the
+    gradients still reach the fp32 weights); a changed copy changes the loss, for every `Linear`
+    (the tied head, GPT-2's MLP op and Qwen2's down projection op included): each one reads it."""
+    if family == "gpt2" and kernels.startswith("qwen2") or family == "qwen2" and kernels == "gpt2 ops":
+        pytest.skip("the other family's ops")
+    from src.models.components import attach_weight_copies
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(TINY[family], kernels=COPY_KERNELS[kernels])
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
+    loss, grads = _loss_and_grads(model, ids)
+    assert attach_weight_copies(model) > 0
+    copied_loss, copied_grads = _loss_and_grads(model, ids)
+    assert torch.equal(copied_loss, loss)
+    for name, grad in grads.items():
+        assert copied_grads[name].dtype == torch.float32 and torch.equal(copied_grads[name], grad), name
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
+    assert linears
+    for name, module in linears:
+        kept = module.weight_copy.clone()
+        module.weight_copy.mul_(0.5)
+        changed, _ = _loss_and_grads(model, ids)
+        module.weight_copy.copy_(kept)
+        assert not torch.equal(changed, loss), f"{name} did not read its weight copy"
+    with torch.no_grad():  # without autocast the fp32 weights, as before
+        fp32 = model(ids, labels=ids).loss
+        model.apply(lambda m: m.weight_copy.zero_() if isinstance(m, Linear) else None)
+        assert torch.equal(model(ids, labels=ids).loss, fp32)
