@@ -21,7 +21,6 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from src.models.components import attach_weight_copies
 from src.models.modeling_utils import CausalLM
-from src.utils.config import ConfigError
 from src.utils.distributed import DistInfo, build_device_mesh, ensure_process_group
 
 from .config import TrainConfig
@@ -247,11 +246,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool
     if strategy != "none":
         ensure_process_group(info)  # FSDP2 and DDP in one plain `python` process: a group of one
     model.to(info.device)
-    if cfg.optimizer.bf16_weight_copy:
-        if not bf16:
-            raise ConfigError(f"optimizer.bf16_weight_copy needs bf16 autocast, and trainer.precision "
-                              f"{cfg.trainer.precision} is fp32 on {info.device.type}; set trainer.precision: bf16, "
-                              "or drop bf16_weight_copy")
+    if cfg.optimizer.bf16_weight_copy and bf16:  # (precision auto in fp32, on a CPU: no casts to save, none kept)
         attach_weight_copies(model, torch.bfloat16)  # before compile: the graphs read them as buffers
     apply_residual_dtype(model, residual_dtype(cfg, bf16))
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing, cfg.trainer.activation_checkpointing_layers)

@@ -153,6 +153,9 @@ class Trainer:
             f"strategy {cfg.parallel.strategy} | {precision} | compile {compiled} | "
             f"{self.total_steps} steps x {self.nominal_tokens_per_step} tokens | run {cfg.run_dir} (id {self.run_id})"
         )
+        if cfg.optimizer.bf16_weight_copy and not self.weight_copies:
+            self.logger.info(f"optimizer.bf16_weight_copy is off for this run: it computes in fp32 (trainer.precision "
+                             f"{t.precision} on {self.device.type}), with no bf16 casts of the weights to replace")
         if resumed_from:
             self.logger.info(f"resumed from {resumed_from} at step {self.step} ({self.tokens} tokens)")
 

@@ -102,6 +102,17 @@ def run(out_dir: str) -> None:
     assert ddp_bf16.bare.residual_dtype == torch.bfloat16
     ddp_bf16.fit()
     results["ddp_bf16_optimized"] = losses(ddp_bf16)
+    # and with bf16 weight copies written by our AdamW: DDP must leave those buffers out of its
+    # broadcast, and every replica's copies must be its weights
+    ddp_copies = trainer("ddp_bf16_weight_copy", "ddp", kernels=BF16_OPTIMIZED["kernels"],
+                         trainer_changes=BF16_OPTIMIZED["trainer"],
+                         optimizer=replace(ddp.cfg.optimizer, implementation="triton", bf16_weight_copy=True))
+    ddp_copies.fit()
+    results["ddp_bf16_weight_copy"] = losses(ddp_copies)
+    results["ddp_ignored_buffers"] = sorted(ddp_copies.model.parameters_to_ignore)
+    results["ddp_weight_copies"] = len(ddp_copies.weight_copies)
+    results["ddp_copies_are_weights"] = all(torch.equal(c, w.detach().to(torch.bfloat16))
+                                            for w, c in ddp_copies.weight_copies.items())
 
     # Qwen2 with the fused SwiGLU + down projection op, under both strategies
     for strategy in ("ddp", "fsdp2"):

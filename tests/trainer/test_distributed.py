@@ -69,6 +69,17 @@ def test_ddp_with_the_optimized_precision_settings_matches_one_process(two_ranks
     assert sum(abs(a - b) for a, b in zip(results["ddp_bf16_optimized"], results["ddp"])) > 1e-4
 
 
+def test_ddp_with_bf16_weight_copies_trains_the_same_and_broadcasts_none_of_them(two_ranks):
+    """optimizer.bf16_weight_copy under DDP: each rank's AdamW writes its own copies (the copies
+    are the casts they replace, so the losses are the optimized run's); DDP leaves them out of its
+    per-forward buffer broadcast."""
+    _, results = two_ranks
+    assert results["ddp_bf16_weight_copy"] == pytest.approx(results["ddp_bf16_optimized"], rel=1e-5)
+    assert results["ddp_weight_copies"] > 4 and results["ddp_copies_are_weights"]
+    ignored = results["ddp_ignored_buffers"]
+    assert len(ignored) >= results["ddp_weight_copies"] and all(n.endswith(".weight_copy") for n in ignored)
+
+
 def test_qwen2_with_the_fused_swiglu_op_matches_one_process_under_ddp_and_fsdp2(two_ranks, tmp_path):
     """`swiglu: fused_linear` returns the down projection's weight gradient from its own autograd
     (a custom op): DDP's hooks and FSDP2's reduce-scatter must still reduce it."""

@@ -35,18 +35,19 @@ def test_real_source_config_loads(path, tmp_path):
 
 def test_the_12_gib_qwen2_config_is_the_measured_row():
     """configs/train/pretrain_fineweb_qwen2_0.5b.yaml is what benchmarks/throughput.py measured as
-    `... +bf16 moments swiglu=fused_linear_recompute`: the same kernels, compile and optimizer
-    state, so the numbers quoted in its header stay its own."""
+    `... +bf16 moments swiglu=fused_linear_recompute +bf16 weight copy`: the same kernels, compile and
+    optimizer state, so the numbers quoted in its header stay its own."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import throughput
 
     cfg = load_config("configs/train/pretrain_fineweb_qwen2_0.5b.yaml", [], task="pretrain")
     row = {v.name: v for v in throughput.our_variants("qwen2", "none")}[
-        "optimized +whole-model +CUDA graphs +bf16 moments swiglu=fused_linear_recompute"]
+        "optimized +whole-model +CUDA graphs +bf16 moments swiglu=fused_linear_recompute +bf16 weight copy"]
     kernels = {k: v for k, v in dataclasses.asdict(cfg.kernels).items() if k in row.kernels}
     assert kernels == row.kernels
     assert (cfg.compile, cfg.compile_scope, cfg.compile_mode) == (True, row.compile_scope, row.compile_mode)
     assert cfg.optimizer.state_dtype == row.optimizer_state == "bfloat16"
+    assert cfg.optimizer.bf16_weight_copy and row.weight_copy
     assert cfg.trainer.residual_dtype == row.residual_dtype
     assert cfg.trainer.activation_checkpointing == "none" and cfg.trainer.grad_accum_steps == 1
     assert (cfg.trainer.micro_batch_size, cfg.trainer.seq_len) == (4, 2048)
@@ -56,18 +57,21 @@ def test_the_12_gib_qwen2_config_is_the_measured_row():
                                   "configs/train/pretrain_openwebtext_shards.yaml"])
 def test_the_gpt2_pretrain_configs_are_the_fastest_measured_row(path):
     """The GPT-2 pretrain files run what benchmarks/throughput.py measured fastest,
-    `optimized +whole-model +CUDA graphs`: its kernels, compile scope and mode, residual stream; and
+    `optimized +whole-model +CUDA graphs +bf16 weight copy`: its kernels, compile scope and mode, residual stream; and
     the FSDP2 line their headers give loads."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import throughput
 
     cfg = load_config(path, [], task="pretrain")
-    row = {v.name: v for v in throughput.our_variants("gpt2", "none")}["optimized +whole-model +CUDA graphs"]
+    row = {v.name: v for v in throughput.our_variants("gpt2", "none")}["optimized +whole-model +CUDA graphs +bf16 weight copy"]
     kernels = {k: v for k, v in dataclasses.asdict(cfg.kernels).items() if k in row.kernels}
     assert kernels == row.kernels
     assert (cfg.compile, cfg.compile_scope, cfg.compile_mode) == (True, row.compile_scope, row.compile_mode)
     assert cfg.trainer.residual_dtype == row.residual_dtype
+    assert cfg.optimizer.bf16_weight_copy == row.weight_copy
     header = open(path).read()
     assert "--set parallel.strategy=ddp" in header and "--set compile_scope=blocks --set compile_mode=default" in header
-    fsdp2 = load_config(path, ["parallel.strategy=fsdp2", "compile_scope=blocks", "compile_mode=default"], task="pretrain")
+    assert "--set optimizer.bf16_weight_copy=false" in header
+    fsdp2 = load_config(path, ["parallel.strategy=fsdp2", "compile_scope=blocks", "compile_mode=default",
+                               "optimizer.bf16_weight_copy=false"], task="pretrain")
     assert (fsdp2.parallel.strategy, fsdp2.compile_scope, fsdp2.cuda_graphs) == ("fsdp2", "blocks", False)

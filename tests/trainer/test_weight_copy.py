@@ -12,7 +12,6 @@ from src.models import KernelConfig
 from src.models.components import Linear, attach_weight_copies, compute_weight, refresh_weight_copies, weight_copies
 from src.trainer.config import CheckpointConfig
 from src.trainer.optimizer import TritonAdamW
-from src.trainer.parallelize import prepare_model
 from src.trainer.trainer import Trainer
 from src.utils.config import ConfigError
 from src.utils.distributed import DistInfo
@@ -122,12 +121,14 @@ def test_refresh_writes_each_weight_into_its_copy():
         assert torch.equal(copy, weight.detach().to(torch.bfloat16))
 
 
-def test_weight_copies_need_bf16_and_no_fsdp2(tmp_path):
+def test_weight_copies_need_bf16_and_no_fsdp2(tmp_path, capsys):
     with pytest.raises(ConfigError, match="trainer.precision: bf16"):
         with_optimizer(make_config(tmp_path / "a", precision="fp32"), bf16_weight_copy=True)
     with pytest.raises(ConfigError, match="FSDP2"):
         _config(tmp_path / "b", strategy="fsdp2")
-    # precision auto resolves to fp32 on the CPU: a clear error when the model is prepared
-    cfg = with_optimizer(make_config(tmp_path / "c"), bf16_weight_copy=True)
-    with pytest.raises(ConfigError, match="needs bf16 autocast"):
-        prepare_model(tiny_model(), cfg, CPU, bf16=False)
+    # precision auto resolves to fp32 on the CPU: no copies, and the log says so
+    trainer = Trainer(with_optimizer(make_config(tmp_path / "c"), bf16_weight_copy=True), tiny_model(),
+                      SyntheticLoader(4), None, CPU)
+    assert not trainer.weight_copies and not any(isinstance(m, Linear) and m.weight_copy is not None
+                                                 for m in trainer.bare.modules())
+    assert "bf16_weight_copy is off for this run: it computes in fp32" in capsys.readouterr().out
