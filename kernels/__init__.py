@@ -65,3 +65,16 @@ def grads_from_ones_column(dy2: torch.Tensor, x_ext: torch.Tensor, dtype: torch.
     D = x_ext.shape[1] - ONES_COLUMN_PAD
     both = mm_out(dy2.t(), x_ext, dtype)  # (N, D + pad): [dW | db | 0...]
     return both[:, :D].contiguous(), both[:, D].contiguous()
+
+
+def usable_weight_copy(
+    weight: torch.Tensor, copy: torch.Tensor | None, dtype: torch.dtype, op: str
+) -> torch.Tensor | None:
+    """`copy` where it stands for `weight` cast to `dtype` (the optimizer's bf16 copy under autocast,
+    `optimizer.bf16_weight_copy`); None where the op must cast the weight itself."""
+    if copy is None or copy.dtype != dtype or weight.dtype == dtype:
+        return None
+    if copy.shape != weight.shape or copy.device != weight.device:
+        raise ValueError(f"{op}: weight copy {tuple(copy.shape)} on {copy.device} is not a copy of the weight "
+                         f"{tuple(weight.shape)} on {weight.device}")
+    return copy

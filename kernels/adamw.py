@@ -126,6 +126,18 @@ def _adamw_block(
 
 
 @triton.jit
+def _adamw_program(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, full, scale, lr, beta1, beta2, eps, weight_decay,
+                   bias_correction1, bias_correction2_sqrt, key, c_ptr, MOMENTS_BF16: tl.constexpr):
+    """One program's block: unmasked (vectorised) when it is full, masked for the tensor's last."""
+    if full:
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, scale, lr, beta1, beta2, eps, weight_decay,
+                     bias_correction1, bias_correction2_sqrt, key, c_ptr, MOMENTS_BF16)
+    else:
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, scale, lr, beta1, beta2, eps, weight_decay,
+                     bias_correction1, bias_correction2_sqrt, key, c_ptr, MOMENTS_BF16)
+
+
+@triton.jit
 def _adamw_kernel(
     PARAM_PTRS,  # (T,) int64 addresses of the fp32 parameters, updated in place
     GRAD_PTRS,  # (T,) int64 addresses of their fp32 gradients, read only
@@ -185,19 +197,11 @@ def _adamw_kernel(
             c_ptr = copy_address.to(tl.pointer_type(tl.bfloat16), bitcast=True)
             if ALIGNED:
                 c_ptr = tl.multiple_of(c_ptr, 16)
-            if full:
-                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, scale, lr, beta1, beta2, eps, weight_decay,
-                             bias_correction1, bias_correction2_sqrt, key, c_ptr, MOMENTS_BF16)
-            else:  # the tensor's last, partial block
-                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, scale, lr, beta1, beta2, eps, weight_decay,
-                             bias_correction1, bias_correction2_sqrt, key, c_ptr, MOMENTS_BF16)
+            _adamw_program(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, full, scale, lr, beta1, beta2, eps, weight_decay,
+                           bias_correction1, bias_correction2_sqrt, key, c_ptr, MOMENTS_BF16)
             return
-    if full:
-        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, scale, lr, beta1, beta2, eps, weight_decay,
-                     bias_correction1, bias_correction2_sqrt, key, None, MOMENTS_BF16)
-    else:  # the tensor's last, partial block
-        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, scale, lr, beta1, beta2, eps, weight_decay,
-                     bias_correction1, bias_correction2_sqrt, key, None, MOMENTS_BF16)
+    _adamw_program(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, full, scale, lr, beta1, beta2, eps, weight_decay,
+                   bias_correction1, bias_correction2_sqrt, key, None, MOMENTS_BF16)
 
 
 @triton.jit

@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import as_rows, cublaslt, grads_from_ones_column, mm_out, with_ones_column
+from kernels import as_rows, cublaslt, grads_from_ones_column, mm_out, usable_weight_copy, with_ones_column
 
 # -- host launchers -------------------------------------------------------------------------------
 
@@ -119,12 +119,8 @@ def _fc_weight_grad(
 
 def _compute_copy(weight: torch.Tensor, copy: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """The weight in `dtype`, detached: `copy` when it is one (the optimizer's), else autocast's cast."""
-    if copy is not None and copy.dtype == dtype and weight.dtype != dtype:
-        if copy.shape != weight.shape or copy.device != weight.device:
-            raise ValueError(f"gelu_mlp: weight copy {tuple(copy.shape)} on {copy.device} is not a copy of the "
-                             f"weight {tuple(weight.shape)} on {weight.device}")
-        return copy
-    return weight.detach().to(dtype)
+    usable = usable_weight_copy(weight, copy, dtype, "gelu_mlp")
+    return usable if usable is not None else weight.detach().to(dtype)
 
 
 def _check(x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor) -> None:

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import mm_out, num_sms
+from kernels import mm_out, num_sms, usable_weight_copy
 from kernels.swiglu import _swiglu_packed_bwd_launch, _swiglu_packed_bwd_rows, _swiglu_packed_fwd_launch, swiglu_packed
 
 try:  # Triton >= 3.4 (host-side TMA descriptors)
@@ -301,16 +301,6 @@ _swiglu_linear_recompute_fwd.register_autograd(_swiglu_linear_recompute_grad, se
 # -- functional -----------------------------------------------------------------------------------
 
 
-def _usable_copy(gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None) -> torch.Tensor | None:
-    """`weight_copy` where it is the weight in the op's compute dtype (gate_up's); None elsewhere."""
-    if weight_copy is None or weight_copy.dtype != gate_up.dtype or weight.dtype == gate_up.dtype:
-        return None
-    if weight_copy.shape != weight.shape or weight_copy.device != weight.device:
-        raise ValueError(f"swiglu_linear: weight_copy {tuple(weight_copy.shape)} on {weight_copy.device} is not a copy "
-                         f"of weight {tuple(weight.shape)} on {weight.device}")
-    return weight_copy
-
-
 def swiglu_linear(
     gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -319,7 +309,7 @@ def swiglu_linear(
     weight's dtype. `weight_copy`: the weight in gate_up's dtype, read instead of a cast."""
     _check(gate_up, weight)
     h = swiglu_packed(gate_up.detach())  # (..., H); its gradient path is the op's own backward
-    return _swiglu_linear_fwd(h, gate_up, weight, _usable_copy(gate_up, weight, weight_copy))
+    return _swiglu_linear_fwd(h, gate_up, weight, usable_weight_copy(weight, weight_copy, gate_up.dtype, "swiglu_linear"))
 
 
 def swiglu_linear_recompute(
@@ -329,4 +319,4 @@ def swiglu_linear_recompute(
     the backward writes h again from its SwiGLU pass. The same results as `swiglu_linear`'s
     unfused backward."""
     _check(gate_up, weight)
-    return _swiglu_linear_recompute_fwd(gate_up, weight, _usable_copy(gate_up, weight, weight_copy))
+    return _swiglu_linear_recompute_fwd(gate_up, weight, usable_weight_copy(weight, weight_copy, gate_up.dtype, "swiglu_linear"))

@@ -200,3 +200,17 @@ def test_every_linear_reads_its_weight_copy(family, kernels):
         fp32 = model(ids, labels=ids).loss
         model.apply(lambda m: m.weight_copy.zero_() if isinstance(m, Linear) else None)
         assert torch.equal(model(ids, labels=ids).loss, fp32)
+
+
+def test_a_weight_copy_of_another_shape_is_refused_by_name():
+    from kernels.gelu_mlp import gelu_mlp
+    from kernels.swiglu_linear import swiglu_linear
+
+    gate_up = torch.randn(3, 16, dtype=torch.bfloat16)
+    weight = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="swiglu_linear: weight copy \\(8, 4\\).*is not a copy of the weight \\(4, 8\\)"):
+        swiglu_linear(gate_up, weight, weight_copy=torch.zeros(8, 4, dtype=torch.bfloat16))
+    x = torch.randn(3, 4, requires_grad=True)
+    fc, proj = torch.randn(8, 4, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="gelu_mlp: weight copy"):
+        gelu_mlp(x, fc, None, proj, None, fc_weight_copy=torch.zeros(4, 8, dtype=torch.bfloat16))
