@@ -9,7 +9,7 @@ import torch
 from src.trainer import Trainer
 from src.utils.distributed import DistInfo
 
-from .helpers import SyntheticLoader, make_config, replace, tiny_model
+from .helpers import SyntheticLoader, make_config, replace, tiny_model, train_losses, with_optimizer
 
 pytestmark = pytest.mark.gpu
 
@@ -101,6 +101,32 @@ def test_whole_model_compile_with_every_kernel_trains_like_per_block(tmp_path, c
             torch.testing.assert_close(losses[(*key, split)], expected, rtol=2e-2, atol=2e-2, msg=str((key, split)))
     train = losses["model", "default", "train"]
     assert train[-1] < train[0] - 0.5
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("compile_mode", [None, "reduce-overhead"])
+def test_bf16_weight_copies_train_like_the_casts_on_gpu(tmp_path, family, compile_mode):
+    """optimizer.bf16_weight_copy on a GPU, with the kernels that read the copies (cuBLAS fp32 weight
+    gradients, GPT-2's cuBLASLt GELU epilogues, Qwen2's fused SwiGLU backward and loss head), eager
+    and as one compiled model replayed as CUDA graphs: the losses of the casts the copies replace,
+    and after the last update every copy is its weight rounded to bf16 by our AdamW kernel."""
+    from .test_weight_copy import FAMILIES
+
+    losses = {}
+    for copy in (False, True):
+        torch._dynamo.reset()
+        cfg = with_optimizer(cuda_config(tmp_path / f"{copy}", residual_dtype="bf16"), bf16_weight_copy=copy)
+        if compile_mode is not None:
+            cfg = replace(cfg, compile=True, compile_scope="model", compile_mode=compile_mode)
+        trainer = Trainer(cfg, FAMILIES[family](), SyntheticLoader(8), None, gpu_info())
+        assert bool(trainer.weight_copies) == copy
+        trainer.fit()
+        losses[copy] = torch.tensor(train_losses(trainer))
+    # Not bitwise: cuDNN's attention backward and the compiled embedding gradient add with atomics.
+    torch.testing.assert_close(losses[True], losses[False], rtol=2e-2, atol=2e-2)
+    assert losses[True][-1] < losses[True][0] - 0.5
+    for weight, weight_copy in trainer.weight_copies.items():
+        assert torch.equal(weight_copy, weight.detach().to(torch.bfloat16))
 
 
 def test_fused_optimizer_skips_a_nonfinite_step_on_device(tmp_path):
