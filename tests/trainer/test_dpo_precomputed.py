@@ -148,3 +148,19 @@ def test_precomputed_matches_live_in_bf16_on_gpu(tmp_path):
     assert metrics(pre, "train", "loss") == pytest.approx(metrics(live, "train", "loss"), abs=5e-2)
     assert metrics(pre, "val", "loss") == pytest.approx(metrics(live, "val", "loss"), abs=5e-2)
     assert "train/mem_gib" in first  # metrics rows carry the split prefix
+
+
+def test_live_reference_with_bf16_weight_copies_trains_like_the_casts(tmp_path, capsys):
+    """optimizer.bf16_weight_copy in a DPO run with the live reference (the frozen reference's
+    linears get copies too, written once: its weights never change): under bf16 autocast the run
+    is bitwise the run without copies."""
+    bf16 = ("--set", "trainer.precision=bf16", "--set", "trainer.residual_dtype=bf16")
+    assert run(tmp_path / "casts", "live", *bf16, "--set", "optimizer.bf16_weight_copy=false", steps=3) == "max_steps"
+    capsys.readouterr()
+    assert run(tmp_path / "copies", "live", *bf16, "--set", "optimizer.bf16_weight_copy=true", steps=3) == "max_steps"
+    assert "bf16 copies of" in capsys.readouterr().out  # the copies were on
+    casts, copies = tmp_path / "casts" / "dpo", tmp_path / "copies" / "dpo"
+    for name in ("loss", "rewards/margins", "logps/chosen"):
+        assert metrics(copies, "train", name) == metrics(casts, "train", name), name
+    assert metrics(copies, "val", "loss") == metrics(casts, "val", "loss")
+    assert len(metrics(copies, "train", "loss")) == 3 and len(metrics(copies, "val", "loss")) == 3
