@@ -93,7 +93,10 @@ class Trainer:
         # ours also takes the clip coefficient as `grad_scale` instead of a clipping pass.
         self.scales_grads = isinstance(self.optimizer, TritonAdamW)
         self.fused_optimizer = self.scales_grads or bool(self.optimizer.defaults.get("fused"))
-        self.refresh_copies = bool(self.weight_copies) and not self.scales_grads
+        # The copies torch's AdamW leaves stale: those of the weights it updates (a frozen weight's
+        # copy, e.g. DPO's live reference, stays right from the start).
+        self.copies_to_refresh = {} if self.scales_grads else {
+            weight: copy for weight, copy in self.weight_copies.items() if weight.requires_grad}
         # CUDA graphs replay into memory their pool owns. A gradient that a backward graph returns
         # would become a parameter's .grad and be overwritten by the next micro-batch's replay
         # (seen on an H100). Gradient buffers allocated once and zeroed after each step make
@@ -243,8 +246,7 @@ class Trainer:
             self.optimizer.step()
         elif bool(finite):  # the multi-tensor path has no found_inf; on the CPU this read is free
             self.optimizer.step()
-        if self.refresh_copies:  # torch's AdamW does not write the bf16 weight copies
-            refresh_weight_copies(self.weight_copies)
+        refresh_weight_copies(self.copies_to_refresh)  # torch's AdamW does not write the bf16 copies
         self.optimizer.zero_grad(set_to_none=not self.persistent_grads)
         self.skipped += (~finite).long()
         self.nonfinite_in_row = torch.where(finite, torch.zeros_like(self.nonfinite_in_row), self.nonfinite_in_row + 1)
