@@ -121,6 +121,7 @@ class Variant:
     fsdp_blocks_per_unit: int = 1  # parallel.fsdp_blocks_per_unit (FSDP2 only)
     residual_dtype: str = "fp32"  # trainer.residual_dtype
     weight_copy: bool = False  # optimizer.bf16_weight_copy: the matmuls read bf16 copies the optimizer writes
+    bf16_grads: bool = False  # optimizer.bf16_grads: the linear layers' weight gradients stay bf16, in the copies
 
 
 def kernel_flips(optimized: dict) -> list[tuple[str, dict]]:
@@ -222,6 +223,16 @@ def our_variants(
             if optimized.get("swiglu") == "fused_linear":
                 variants.append(Variant(f"{best} +bf16 moments swiglu=fused_linear_recompute +bf16 weight copy", "ours",
                                         no_h, weight_copy=True, **lean))
+            # and the weight gradients kept in bf16 in those copies (one process, no accumulation)
+            if grad_accum == 1 and not sharded:
+                variants.append(Variant(f"{best} +bf16 weight copy +bf16 grads", "ours", dict(optimized),
+                                        activation_checkpointing=ac, residual_dtype=res, weight_copy=True,
+                                        bf16_grads=True, **whole_graphs))
+                variants.append(Variant(f"{best} +bf16 moments +bf16 weight copy +bf16 grads", "ours", dict(optimized),
+                                        weight_copy=True, bf16_grads=True, **lean))
+                if optimized.get("swiglu") == "fused_linear":
+                    variants.append(Variant(f"{best} +bf16 moments swiglu=fused_linear_recompute +bf16 weight copy "
+                                            "+bf16 grads", "ours", no_h, weight_copy=True, bf16_grads=True, **lean))
     return variants
 
 
@@ -340,7 +351,7 @@ def train_config(args, variant: Variant, steps: int, out_dir: str) -> TrainConfi
                 "seed": args.seed,
             },
             "optimizer": {"lr": args.lr, "implementation": variant.optimizer, "state_dtype": variant.optimizer_state,
-                          "bf16_weight_copy": variant.weight_copy},
+                          "bf16_weight_copy": variant.weight_copy, "bf16_grads": variant.bf16_grads},
             "schedule": {"type": "cosine", "warmup_steps": min(20, steps // 10), "min_lr": args.lr / 10},
             "checkpoint": {"save_final": False, "export_hf": False},
             "logging": {"log_every": 10**9},

@@ -37,7 +37,10 @@ update also stores the new fp32 value rounded to bf16 (to nearest even, exactly 
 casting the fp32 weights again in every forward and backward (src/models/components/linear.py),
 which reads 4 bytes and writes 2 per weight and cast.
 
-Limits: fp32 parameters and gradients, fp32 or bf16 moments (both of one dtype), bf16 copies, contiguous, on
+bf16 gradients (`optimizer.bf16_grads`): a gradient may be bf16 (the weight copies' gradients); the
+update loads it and runs in fp32 as for an fp32 one, 2 bytes per element less to read.
+
+Limits: fp32 parameters, fp32 or bf16 gradients, fp32 or bf16 moments (both of one dtype), bf16 copies, contiguous, on
 one device (under FSDP2 the caller passes each DTensor's local shard); at most 2^32 - 1 elements
 per tensor; lr, betas, eps and weight decay are Python floats (the same for the whole list).
 Tensors that all start on 16 bytes get vectorised accesses; any other start (a view into a flat
@@ -105,7 +108,7 @@ def _adamw_block(
     c_ptr,  # the parameter's bf16 copy, or None
     MOMENTS_BF16: tl.constexpr,
 ):
-    g = tl.load(g_ptr + offs, mask=mask) * scale
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * scale  # fp32 or bf16 gradients
     p = tl.load(p_ptr + offs, mask=mask)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
@@ -138,9 +141,31 @@ def _adamw_program(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, full, scale, lr, beta1, 
 
 
 @triton.jit
+def _adamw_tensor(p_ptr, g_ptr, m_ptr, v_ptr, COPY_PTRS, t, offs, n, full, scale, lr, beta1, beta2, eps, weight_decay,
+                  bias_correction1, bias_correction2_sqrt, key, HAS_COPIES: tl.constexpr, ALIGNED: tl.constexpr,
+                  MOMENTS_BF16: tl.constexpr):
+    """The program's block of tensor t, writing its bf16 copy too where it has one."""
+    if HAS_COPIES:
+        copy_address = tl.load(COPY_PTRS + t)
+        if copy_address != 0:  # this tensor has a bf16 copy: the update writes it too
+            c_ptr = copy_address.to(tl.pointer_type(tl.bfloat16), bitcast=True)
+            if ALIGNED:
+                c_ptr = tl.multiple_of(c_ptr, 16)
+            _adamw_program(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, full, scale, lr, beta1, beta2, eps, weight_decay,
+                           bias_correction1, bias_correction2_sqrt, key, c_ptr, MOMENTS_BF16)
+        else:
+            _adamw_program(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, full, scale, lr, beta1, beta2, eps, weight_decay,
+                           bias_correction1, bias_correction2_sqrt, key, None, MOMENTS_BF16)
+    else:
+        _adamw_program(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, full, scale, lr, beta1, beta2, eps, weight_decay,
+                       bias_correction1, bias_correction2_sqrt, key, None, MOMENTS_BF16)
+
+
+@triton.jit
 def _adamw_kernel(
     PARAM_PTRS,  # (T,) int64 addresses of the fp32 parameters, updated in place
-    GRAD_PTRS,  # (T,) int64 addresses of their fp32 gradients, read only
+    GRAD_PTRS,  # (T,) int64 addresses of their gradients (fp32, or bf16 where GRAD_BF16 says), read only
+    GRAD_BF16,  # (T,) int32, nonzero: the tensor's gradient is bf16; read when HAS_BF16_GRADS
     EXP_AVG_PTRS,  # (T,) int64 addresses of the first moments (fp32, or bf16 when MOMENTS_BF16), updated in place
     EXP_AVG_SQ_PTRS,  # (T,) int64 addresses of the second moments (as the first), updated in place
     STEP_PTRS,  # (T,) int64 addresses of the fp32 step counts before this update
@@ -160,6 +185,7 @@ def _adamw_kernel(
     ALIGNED: tl.constexpr,  # every tensor starts on 16 bytes (checked by the launcher)
     MOMENTS_BF16: tl.constexpr,  # bf16 moments, stored with stochastic rounding
     HAS_COPIES: tl.constexpr,  # some parameters have a bf16 copy to write (COPY_PTRS)
+    HAS_BF16_GRADS: tl.constexpr,  # some gradients are bf16 (GRAD_BF16; optimizer.bf16_grads)
     BLOCK: tl.constexpr,
 ):
     if HAS_FOUND_INF:
@@ -191,17 +217,17 @@ def _adamw_kernel(
     key = _hash32(t.to(tl.uint32) * 0x9E3779B9 ^ step.to(tl.uint32))
     offs = start + tl.arange(0, BLOCK)
     full = start + BLOCK <= n  # the same branch for the whole program
-    if HAS_COPIES:
-        copy_address = tl.load(COPY_PTRS + t)
-        if copy_address != 0:  # this tensor has a bf16 copy: the update writes it too
-            c_ptr = copy_address.to(tl.pointer_type(tl.bfloat16), bitcast=True)
+    if HAS_BF16_GRADS:
+        if tl.load(GRAD_BF16 + t) != 0:  # a bf16 gradient: the same update on its loaded values
+            g16_ptr = tl.load(GRAD_PTRS + t).to(tl.pointer_type(tl.bfloat16), bitcast=True)
             if ALIGNED:
-                c_ptr = tl.multiple_of(c_ptr, 16)
-            _adamw_program(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, full, scale, lr, beta1, beta2, eps, weight_decay,
-                           bias_correction1, bias_correction2_sqrt, key, c_ptr, MOMENTS_BF16)
+                g16_ptr = tl.multiple_of(g16_ptr, 16)
+            _adamw_tensor(p_ptr, g16_ptr, m_ptr, v_ptr, COPY_PTRS, t, offs, n, full, scale, lr, beta1, beta2, eps,
+                          weight_decay, bias_correction1, bias_correction2_sqrt, key, HAS_COPIES, ALIGNED,
+                          MOMENTS_BF16)
             return
-    _adamw_program(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, full, scale, lr, beta1, beta2, eps, weight_decay,
-                   bias_correction1, bias_correction2_sqrt, key, None, MOMENTS_BF16)
+    _adamw_tensor(p_ptr, g_ptr, m_ptr, v_ptr, COPY_PTRS, t, offs, n, full, scale, lr, beta1, beta2, eps,
+                  weight_decay, bias_correction1, bias_correction2_sqrt, key, HAS_COPIES, ALIGNED, MOMENTS_BF16)
 
 
 @triton.jit
@@ -304,16 +330,24 @@ class AdamWTables:
         self.block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts).to(device)
         self.block_start = torch.cat([torch.arange(0, n, block, dtype=torch.int64) for n in numels]).to(device)
         self.n_blocks = int(counts.sum())
-        self._grad_key: list[int] | None = None
+        self._grad_key: list[tuple[int, torch.dtype]] | None = None
         self.grads: torch.Tensor | None = None
+        self.grad_bf16: torch.Tensor | None = None  # (T,) int32 flags; None: every gradient is fp32
         self.grads_aligned = False
 
     def grad_addresses(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        key = [g.data_ptr() for g in grads]
+        key = [(g.data_ptr(), g.dtype) for g in grads]
         if key != self._grad_key:
             if len(grads) != len(self.numel_list):
                 raise ValueError(f"adamw_step_: {len(grads)} gradients for {len(self.numel_list)} parameters")
-            self.grads_aligned = _check(grads, self.numel_list, self.device, "gradients")
+            bf16 = [g.dtype == torch.bfloat16 for g in grads]
+            aligned = [_check([g for g, b in zip(grads, bf16) if b == is_bf16],
+                              [n for n, b in zip(self.numel_list, bf16) if b == is_bf16], self.device, "gradients",
+                              torch.bfloat16 if is_bf16 else torch.float32) for is_bf16 in (False, True)]
+            self.grads_aligned = all(aligned)
+            self.grad_bf16 = None
+            if any(bf16):
+                self.grad_bf16 = torch.tensor(bf16, dtype=torch.int32).to(self.device)
             self.grads, self._grad_key = _addresses(grads, self.device), key
         return self.grads
 
@@ -336,7 +370,8 @@ def adamw_step_(
     dummy = tables.numels  # any device tensor: an unread pointer argument
     if tables.n_blocks:  # none when every tensor is empty (an FSDP2 rank can hold no elements of a small one)
         _adamw_kernel[(tables.n_blocks,)](
-            tables.params, grad_table, tables.exp_avgs, tables.exp_avg_sqs, tables.steps,
+            tables.params, grad_table, tables.grad_bf16 if tables.grad_bf16 is not None else dummy,
+            tables.exp_avgs, tables.exp_avg_sqs, tables.steps,
             tables.copies if tables.copies is not None else dummy,
             tables.numels, tables.block_tensor, tables.block_start,
             grad_scale if grad_scale is not None else dummy,
@@ -344,7 +379,7 @@ def adamw_step_(
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             ALIGNED=tables.aligned and tables.grads_aligned, MOMENTS_BF16=tables.moments_bf16,
-            HAS_COPIES=tables.copies is not None, BLOCK=tables.block,
+            HAS_COPIES=tables.copies is not None, HAS_BF16_GRADS=tables.grad_bf16 is not None, BLOCK=tables.block,
             num_warps=tables.num_warps,
         )  # fmt: skip
     _adamw_count_kernel[(len(tables.numel_list),)](

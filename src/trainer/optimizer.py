@@ -76,11 +76,14 @@ class TritonAdamW(torch.optim.AdamW):
     dtype loads into either: its moments are cast to this optimizer's state dtype.
 
     `weight_copies` ({parameter: its bf16 copy}, from `weight_copies(model)`): the update writes
-    each listed parameter's new value, rounded to bf16, into its copy as well (kernels/adamw.py)."""
+    each listed parameter's new value, rounded to bf16, into its copy as well (kernels/adamw.py).
+    `gradient_copies` ({parameter: its bf16 copy}, `optimizer.bf16_grads`): the listed parameters'
+    gradients are read from their copies' `.grad` (bf16) instead of their own."""
 
     def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float, block: int = BLOCK,
                  num_warps: int = NUM_WARPS, state_dtype: torch.dtype = torch.float32,
-                 weight_copies: dict[torch.Tensor, torch.Tensor] | None = None):
+                 weight_copies: dict[torch.Tensor, torch.Tensor] | None = None,
+                 gradient_copies: dict[torch.Tensor, torch.Tensor] | None = None):
         check_launch(block, num_warps)
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"TritonAdamW: state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
@@ -88,6 +91,7 @@ class TritonAdamW(torch.optim.AdamW):
         self.launch = {"block": block, "num_warps": num_warps}  # the update kernel's (benchmarks/optimizer.py sweeps them)
         self.state_dtype = state_dtype
         self.weight_copies = dict(weight_copies or {})
+        self.gradient_copies = dict(gradient_copies or {})
         self.grad_scale: torch.Tensor | None = None
         self.found_inf: torch.Tensor | None = None
         # per group: (params, their local shards' addresses, step tensors, tables)
@@ -111,6 +115,21 @@ class TritonAdamW(torch.optim.AdamW):
                     state[name] = state[name].to(self.state_dtype)
         self._tables.clear()  # the loaded state tensors live at other addresses
 
+    def gradient_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """`p`'s gradient: its copy's (bf16) for a parameter in `gradient_copies`, else `p.grad`
+        (also for a listed one whose copy has none: torch.distributed.checkpoint creates the state
+        of a new optimizer by a zero-lr step on zero `.grad`s)."""
+        copy = self.gradient_copies.get(p)
+        return p.grad if copy is None or copy.grad is None else copy.grad
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for copy in self.gradient_copies.values():
+            if set_to_none or copy.grad is None:
+                copy.grad = None
+            else:
+                copy.grad.zero_()
+
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
@@ -118,7 +137,7 @@ class TritonAdamW(torch.optim.AdamW):
         for index, group in enumerate(self.param_groups):
             if group["amsgrad"] or group["maximize"]:
                 raise ValueError("TritonAdamW supports neither amsgrad nor maximize")
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if self.gradient_of(p) is not None]
             if not params:
                 continue
             # Tables of addresses, rebuilt when the set of parameters with a gradient or their
@@ -135,7 +154,7 @@ class TritonAdamW(torch.optim.AdamW):
                 self._tables[index] = cached
             tables = cached[3]
             beta1, beta2 = group["betas"]
-            adamw_step_(tables, [local(p.grad) for p in params], lr=group["lr"], beta1=beta1, beta2=beta2,
+            adamw_step_(tables, [local(self.gradient_of(p)) for p in params], lr=group["lr"], beta1=beta1, beta2=beta2,
                         eps=group["eps"], weight_decay=group["weight_decay"], grad_scale=self.grad_scale,
                         found_inf=self.found_inf)
 
@@ -154,6 +173,15 @@ def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     cProfile, that cost about 7 ms per step for Qwen2-0.5B's 170 gradients, against 1 ms
     without FSDP2."""
     if not any(isinstance(g, DTensor) for g in grads):
+        if any(g.dtype != torch.float32 for g in grads):
+            # bf16 gradients (optimizer.bf16_grads): each tensor's norm accumulated and returned in
+            # fp32 (torch's get_total_norm would round the per-tensor norms to bf16), one
+            # multi-tensor launch per dtype (a list of mixed dtypes takes a kernel per tensor)
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+            for g in grads:
+                by_dtype.setdefault(g.dtype, []).append(g)
+            norms = [n for group in by_dtype.values() for n in torch._foreach_norm(group, 2, dtype=torch.float32)]
+            return torch.linalg.vector_norm(torch.stack(norms))
         return torch.nn.utils.get_total_norm(grads, foreach=True)
     meshes = {g.device_mesh for g in grads if isinstance(g, DTensor)}
     if len(meshes) != 1 or not all(isinstance(g, DTensor) and g.device_mesh.ndim == 1 for g in grads):
@@ -187,11 +215,13 @@ def resolve_implementation(cfg: OptimizerConfig, device: torch.device) -> str:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device,
-                    weight_copies: dict[torch.Tensor, torch.Tensor] | None = None) -> torch.optim.AdamW:
+                    weight_copies: dict[torch.Tensor, torch.Tensor] | None = None,
+                    gradient_copies: dict[torch.Tensor, torch.Tensor] | None = None) -> torch.optim.AdamW:
     """AdamW: `TritonAdamW` or torch's (fused on CUDA, multi-tensor `foreach` on the CPU), as
     `resolve_implementation` says. Build it after FSDP2 has sharded the model, so that it holds
     the sharded parameters. `weight_copies`: bf16 copies that `TritonAdamW` writes with its update
-    (torch's AdamW does not: the caller refreshes them after its step)."""
+    (torch's AdamW does not: the caller refreshes them after its step). `gradient_copies`: the
+    copies that hold their weights' gradients (optimizer.bf16_grads; `TritonAdamW` only)."""
     groups = param_groups(model, cfg.weight_decay)
     implementation = resolve_implementation(cfg, device)
     if cfg.state_dtype == "bfloat16" and implementation != "triton":
@@ -199,12 +229,17 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device
                           f"run resolves optimizer.implementation={cfg.implementation} to torch's (device {device.type}"
                           f"{', optimizer.fused set' if cfg.fused is not None else ''}); use optimizer.state_dtype: "
                           "float32, or implementation: triton on a CUDA device")
+    if gradient_copies and implementation != "triton":
+        raise ConfigError(f"optimizer.bf16_grads needs our Triton AdamW, which reads the gradients from the bf16 "
+                          f"copies, but this run resolves optimizer.implementation={cfg.implementation} to torch's "
+                          f"(device {device.type}); drop bf16_grads, or use implementation: triton on a CUDA device")
     if implementation == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError(f"optimizer.implementation=triton needs a CUDA device (this run is on {device.type}); "
                               "use optimizer.implementation: torch (or auto)")
         return TritonAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                           state_dtype=getattr(torch, cfg.state_dtype), weight_copies=weight_copies)
+                           state_dtype=getattr(torch, cfg.state_dtype), weight_copies=weight_copies,
+                           gradient_copies=gradient_copies)
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     return torch.optim.AdamW(
         groups,

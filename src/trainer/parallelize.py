@@ -247,7 +247,8 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool
         ensure_process_group(info)  # FSDP2 and DDP in one plain `python` process: a group of one
     model.to(info.device)
     if cfg.optimizer.bf16_weight_copy and bf16:  # (precision auto in fp32, on a CPU: no casts to save, none kept)
-        attach_weight_copies(model, torch.bfloat16)  # before compile: the graphs read them as buffers
+        # before compile: the graphs read them as buffers (with bf16_grads, as inputs that get gradients)
+        attach_weight_copies(model, torch.bfloat16, grads=cfg.optimizer.bf16_grads)
     apply_residual_dtype(model, residual_dtype(cfg, bf16))
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing, cfg.trainer.activation_checkpointing_layers)
     whole_model_ddp = cfg.compile and cfg.compile_scope == "model" and strategy == "ddp"

@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from src.models.components import refresh_weight_copies, weight_copies
+from src.models.components import gradient_copies, refresh_weight_copies, weight_copies
 from src.utils.config import to_dict
 from src.utils.distributed import DistInfo, all_reduce_sum, any_rank, broadcast_object, min_over_ranks, sum_over_ranks
 from src.utils.logger import MetricsLogger
@@ -88,7 +88,10 @@ class Trainer:
         # {weight: bf16 copy} (optimizer.bf16_weight_copy): our AdamW writes them with its update;
         # after torch's AdamW, or a checkpoint load, they are copied from the weights.
         self.weight_copies = weight_copies(self.bare)
-        self.optimizer = build_optimizer(self.bare, cfg.optimizer, self.device, weight_copies=self.weight_copies)
+        # {weight: copy} of the weights whose gradients land in their copies in bf16 (optimizer.bf16_grads)
+        self.gradient_copies = gradient_copies(self.bare)
+        self.optimizer = build_optimizer(self.bare, cfg.optimizer, self.device, weight_copies=self.weight_copies,
+                                         gradient_copies=self.gradient_copies)
         # Optimizers that read `found_inf` on the device (no host sync to skip a non-finite step);
         # ours also takes the clip coefficient as `grad_scale` instead of a clipping pass.
         self.scales_grads = isinstance(self.optimizer, TritonAdamW)
@@ -151,6 +154,8 @@ class Trainer:
             precision += ", bf16 residual stream"
         if self.weight_copies:
             precision += f", bf16 copies of {len(self.weight_copies)} weights"
+        if self.gradient_copies:
+            precision += f" ({len(self.gradient_copies)} with bf16 gradients)"
         self.logger.info(
             f"model {type(self.bare).__name__} {format_count(n_params)} parameters | {info.world_size} x {self.device.type} | "
             f"strategy {cfg.parallel.strategy} | {precision} | compile {compiled} | "
@@ -232,7 +237,7 @@ class Trainer:
                 self.step_metrics[name] = self.step_metrics.get(name, 0.0) + value.detach().float() * weight
 
         max_norm = self.cfg.optimizer.grad_clip if self.cfg.optimizer.grad_clip > 0 else float("inf")
-        grads = [p.grad for p in self.bare.parameters() if p.grad is not None]
+        grads = [g for g in map(self.gradient_of, self.bare.parameters()) if g is not None]
         grad_norm = total_grad_norm(grads)  # FSDP2: from the local shards, one all-reduce
         if self.scales_grads:  # multiplied in as the optimizer reads the gradients
             self.optimizer.grad_scale = clip_coefficient(max_norm, grad_norm)
@@ -247,10 +252,15 @@ class Trainer:
         elif bool(finite):  # the multi-tensor path has no found_inf; on the CPU this read is free
             self.optimizer.step()
         refresh_weight_copies(self.copies_to_refresh)  # torch's AdamW does not write the bf16 copies
-        self.optimizer.zero_grad(set_to_none=not self.persistent_grads)
+        self.optimizer.zero_grad(set_to_none=not self.persistent_grads)  # TritonAdamW: the copies' gradients too
         self.skipped += (~finite).long()
         self.nonfinite_in_row = torch.where(finite, torch.zeros_like(self.nonfinite_in_row), self.nonfinite_in_row + 1)
         return torch.where(finite, step_loss, torch.zeros_like(step_loss)), grad_norm, finite
+
+    def gradient_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """`p`'s gradient: in its bf16 copy under optimizer.bf16_grads, else `p.grad`."""
+        copy = self.gradient_copies.get(p)
+        return p.grad if copy is None or copy.grad is None else copy.grad
 
     # -- the loop ------------------------------------------------------------------------------
 

@@ -30,8 +30,9 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
     selective_flips = [op for op in throughput.SELECTIVE_FLIPS if op in optimized]
     n_best_ablations = sum(len(throughput.ALTERNATIVES[op]) - 1 for op in optimized) + 2 + len(selective_flips)
     n_lean = 2 + (family == "qwen2")  # the bf16-moment rows
-    n_copy = 1 + (family == "qwen2")  # the bf16 weight-copy rows, last
-    n_best_ablations += n_lean + n_copy
+    n_copy = 1 + (family == "qwen2")  # the bf16 weight-copy rows
+    n_grads = 2 + (family == "qwen2")  # and with bf16 gradients in the copies, last
+    n_best_ablations += n_lean + n_copy + n_grads
     assert names[-6 - n_best_ablations:-n_best_ablations] == [
         "optimized +selective AC", "optimized +CUDA graphs", "reference+compile whole model",
         "optimized +whole-model compile", best, f"{best} optimizer=torch"]
@@ -47,7 +48,7 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
         flip = by_name[f"{best} +selective AC {op}={throughput.SELECTIVE_FLIPS[op]}"]
         assert flip.activation_checkpointing == "selective" and flip.kernels[op] == throughput.SELECTIVE_FLIPS[op]
     assert bool(selective_flips) == (family == "qwen2")
-    lean = [by_name[name] for name in names[-n_lean - n_copy:-n_copy]]
+    lean = [by_name[name] for name in names[-n_lean - n_copy - n_grads:-n_copy - n_grads]]
     assert [v.name for v in lean[:2]] == [f"{best} +bf16 moments", f"{best} +selective AC +bf16 moments"]
     assert all(v.optimizer_state == "bfloat16" and v.compile_mode == "reduce-overhead" for v in lean)
     if family == "qwen2":  # and without h kept, the 12 GiB configuration without checkpointing
@@ -55,13 +56,23 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
         assert lean[2].activation_checkpointing == "none"
     cfg = throughput.train_config(throughput.parse_args([]), lean[0], 10, "unused")
     assert cfg.optimizer.state_dtype == "bfloat16" and not cfg.optimizer.bf16_weight_copy
-    copies = [by_name[name] for name in names[-n_copy:]]
+    copies = [by_name[name] for name in names[-n_copy - n_grads:-n_grads]]
     assert copies[0].name == f"{best} +bf16 weight copy" and copies[0].kernels == optimized
     assert all(v.weight_copy and v.compile_mode == "reduce-overhead" for v in copies)
     if family == "qwen2":  # the 12 GiB configuration with copies
         assert copies[1].kernels == lean[2].kernels and copies[1].optimizer_state == "bfloat16"
     cfg = throughput.train_config(throughput.parse_args([]), copies[-1], 10, "unused")
-    assert cfg.optimizer.bf16_weight_copy
+    assert cfg.optimizer.bf16_weight_copy and not cfg.optimizer.bf16_grads
+    grads = [by_name[name] for name in names[-n_grads:]]
+    assert [v.name for v in grads[:2]] == [f"{best} +bf16 weight copy +bf16 grads",
+                                           f"{best} +bf16 moments +bf16 weight copy +bf16 grads"]
+    assert all(v.weight_copy and v.bf16_grads and v.compile_mode == "reduce-overhead" for v in grads)
+    if family == "qwen2":  # the 12 GiB configuration with copies and bf16 gradients
+        assert grads[2].kernels == copies[1].kernels and grads[2].optimizer_state == "bfloat16"
+    cfg = throughput.train_config(throughput.parse_args([]), grads[-1], 10, "unused")
+    assert cfg.optimizer.bf16_weight_copy and cfg.optimizer.bf16_grads
+    accumulating = [v.name for v in throughput.our_variants(family, "none", grad_accum=2)]
+    assert not any(name.endswith("+bf16 grads") for name in accumulating)  # refused with accumulation
     with_layers = {v.name: v for v in throughput.our_variants(family, "none", ac_layers=(3,))}
     if family == "qwen2":
         partial = with_layers[f"{best} +bf16 moments swiglu=fused_linear_recompute +selective AC on 3 blocks"]

@@ -374,3 +374,48 @@ def test_weight_copies_that_do_not_fit_are_refused():
     for bad in (torch.zeros(8, device=DEVICE), torch.zeros(9, dtype=torch.bfloat16, device=DEVICE)):
         with pytest.raises(ValueError, match="weight copies must be contiguous bf16"):
             TritonAdamW([p], weight_copies={p: bad}, **HYPER).step()
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_gradients_update_as_their_fp32_values(state_dtype):
+    """optimizer.bf16_grads: the gradients of some parameters are bf16, read from their copies'
+    `.grad` (`gradient_copies`), in the same launch as the fp32 ones. The update is the one of the
+    same values in fp32, bit for bit, with the clip coefficient and the weight copies written; the
+    parameters' own `.grad` is not read."""
+    plain = make_params()
+    ours = [p.detach().clone().requires_grad_(True) for p in plain]
+    copies = {p: p.detach().to(torch.bfloat16).requires_grad_(True) for p in ours[1:]}  # not the first
+    opt_plain = TritonAdamW(groups(plain), state_dtype=state_dtype, **HYPER)
+    opt_ours = TritonAdamW(groups(ours), state_dtype=state_dtype, weight_copies=copies, gradient_copies=copies,
+                           **HYPER)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    for step in range(3):
+        for p, q in zip(plain, ours):
+            g = torch.randn(p.shape, device=DEVICE, generator=gen).to(torch.bfloat16)
+            p.grad = g.float()
+            if q in copies:
+                copies[q].grad = g
+                q.grad = torch.full_like(q, float("nan"))  # must not be read
+            else:
+                q.grad = g.float()
+        scale = torch.tensor(0.5 + step, device=DEVICE).clamp(max=1.0)
+        opt_plain.grad_scale = opt_ours.grad_scale = scale
+        opt_plain.step()
+        opt_ours.step()
+        for i, (p, q) in enumerate(zip(plain, ours)):
+            if DEVICE == "cpu":
+                assert torch.equal(p, q), i
+            else:  # the GPU compiler may contract the update's multiply-adds differently per load type
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9, msg=str(i))
+        for p, copy in copies.items():
+            assert torch.equal(copy.detach(), p.detach().to(torch.bfloat16))
+    opt_ours.zero_grad()
+    assert all(copy.grad is None for copy in copies.values())
+
+
+def test_bf16_gradients_that_do_not_fit_are_refused():
+    p = torch.randn(8, device=DEVICE).requires_grad_(True)
+    copy = torch.zeros(8, dtype=torch.bfloat16, device=DEVICE).requires_grad_(True)
+    copy.grad = torch.zeros(16, dtype=torch.bfloat16, device=DEVICE)[::2]  # not contiguous
+    with pytest.raises(ValueError, match="gradients must be contiguous bf16"):
+        TritonAdamW([p], weight_copies={p: copy}, gradient_copies={p: copy}, **HYPER).step()

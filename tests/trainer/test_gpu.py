@@ -129,6 +129,34 @@ def test_bf16_weight_copies_train_like_the_casts_on_gpu(tmp_path, family, compil
         assert torch.equal(weight_copy, weight.detach().to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("compile_mode", [None, "reduce-overhead"])
+def test_bf16_grads_train_like_fp32_weight_gradients_on_gpu(tmp_path, family, compile_mode):
+    """optimizer.bf16_grads on a GPU with the optimized kernels, eager and as one compiled model
+    replayed as CUDA graphs: the weight gradients land in the copies in bf16 (the LM head's stays
+    fp32), the losses follow those of fp32 weight gradients, and every copy is its weight after
+    the last update."""
+    from .test_weight_copy import FAMILIES
+
+    losses = {}
+    for bf16_grads in (False, True):
+        torch._dynamo.reset()
+        cfg = with_optimizer(cuda_config(tmp_path / f"{bf16_grads}", residual_dtype="bf16"), bf16_weight_copy=True,
+                             bf16_grads=bf16_grads)
+        if compile_mode is not None:
+            cfg = replace(cfg, compile=True, compile_scope="model", compile_mode=compile_mode)
+        trainer = Trainer(cfg, FAMILIES[family](), SyntheticLoader(8), None, gpu_info())
+        assert bool(trainer.gradient_copies) == bf16_grads
+        assert trainer.bare.lm_head.weight not in trainer.gradient_copies
+        trainer.fit()
+        losses[bf16_grads] = torch.tensor(train_losses(trainer))
+    torch.testing.assert_close(losses[True], losses[False], rtol=2e-2, atol=2e-2)
+    assert losses[True][-1] < losses[True][0] - 0.5
+    for weight, weight_copy in trainer.weight_copies.items():
+        assert weight.grad is None and weight_copy.grad is None
+        assert torch.equal(weight_copy.detach(), weight.detach().to(torch.bfloat16))
+
+
 def test_fused_optimizer_skips_a_nonfinite_step_on_device(tmp_path):
     model = tiny_model()
     forward = model.forward

@@ -7,7 +7,15 @@ from .attention.multi_head import MultiHeadAttention
 from .dispatch import KernelConfig, get_kernel
 from .embeddings.learned import LearnedPositionalEmbedding
 from .embeddings.rotary import RotaryEmbedding, apply_rotary_ref, compute_inv_freq
-from .linear import Linear, attach_weight_copies, compute_weight, refresh_weight_copies, weight_copies
+from .linear import (
+    Linear,
+    attach_weight_copies,
+    compute_weight,
+    gradient_copies,
+    matmul_weight,
+    refresh_weight_copies,
+    weight_copies,
+)
 from .loss import IGNORE_INDEX, LMLoss, cross_entropy_ref, fused_linear_cross_entropy_ref
 from .mlp import GeluMLP, SwiGLU, swiglu_ref
 from .norms import LayerNorm, RMSNorm, layer_norm_ref, rms_norm_ref
@@ -32,6 +40,8 @@ __all__ = [
     "build_attention_mask",
     "compute_inv_freq",
     "compute_weight",
+    "gradient_copies",
+    "matmul_weight",
     "cross_entropy_ref",
     "fused_linear_cross_entropy_ref",
     "get_kernel",

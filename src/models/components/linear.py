@@ -31,6 +31,16 @@ written per weight and step instead of the casts. Where autocast runs in the cop
 matmuls read the copy; the gradient still reaches the fp32 weight, in the same dtype and from the
 same bf16 operands as without the copy, so the math is unchanged. Anything that changes the weights
 outside the optimizer (loading a checkpoint) must call `refresh_weight_copies`; the Trainer does.
+
+bf16 gradients (`optimizer.bf16_grads`, with the copies). The copies can also be where the
+gradients land: a copy that requires grad is a leaf the matmuls read in place of the weight, as
+they would read a bf16 parameter, so the weight gradient leaves its GEMM in bf16 and stays there
+(`copy.grad`) until our AdamW reads it, against 4 bytes per weight written by the GEMM and read by
+the gradient norm and by the update. The values are those of `linear: torch` (the bf16 GEMM's
+output, there cast to fp32 on its way to `.grad`); the fp32 weights get no `.grad`. The LM head
+and any weight shared with another module (a tied embedding) keep fp32 gradients: the fused loss
+adds its chunks' gradients in the weight's dtype, and a tied embedding's lookup gradient goes to
+the fp32 weight.
 """
 
 from __future__ import annotations
@@ -74,22 +84,51 @@ def usable_copy(weight: torch.Tensor, copy: torch.Tensor | None) -> torch.Tensor
 
 def compute_weight(weight: torch.Tensor, copy: torch.Tensor | None) -> torch.Tensor:
     """What a matmul under autocast should read for `weight`: its bf16 copy where usable (with the
-    gradient flowing to `weight`), else `weight` itself (autocast casts it)."""
+    gradient flowing to `weight`, or to the copy itself when it requires grad: `optimizer.bf16_grads`),
+    else `weight` itself (autocast casts it)."""
     usable = usable_copy(weight, copy)
-    return weight if usable is None else _ComputeWeight.apply(weight, usable)
+    if usable is None:
+        return weight
+    return usable if usable.requires_grad else _ComputeWeight.apply(weight, usable)
 
 
-def attach_weight_copies(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+def matmul_weight(weight: torch.Tensor, copy: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, copy) to hand an op that takes both: the copy in the weight's place, and no copy,
+    where the gradient goes to the copy (`optimizer.bf16_grads`), so that the op treats it as a bf16
+    parameter and returns its gradient in bf16; (weight, copy) unchanged otherwise."""
+    usable = usable_copy(weight, copy)
+    if usable is not None and usable.requires_grad:
+        return usable, None
+    return weight, copy
+
+
+def attach_weight_copies(model: nn.Module, dtype: torch.dtype = torch.bfloat16, grads: bool = False) -> int:
     """Give every `Linear` in `model` (the LM heads included) a `weight_copy` of its fp32 weight in
-    `dtype`, on the weight's device; tied weights share one copy. Returns how many weights got one."""
+    `dtype`, on the weight's device; tied weights share one copy. Returns how many weights got one.
+
+    `grads` (`optimizer.bf16_grads`): the copies of trainable weights held by one `Linear` alone,
+    other than the LM head (`model.lm_head`), require grad, so that their gradients land in them in
+    `dtype` (the module's docstring)."""
     copies: dict[int, torch.Tensor] = {}
+    holders: dict[int, int] = {}  # id(parameter) -> how many modules hold it
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    head = getattr(model, "lm_head", None)
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.dtype == torch.float32:
             weight = module.weight
             if id(weight) not in copies:
                 copies[id(weight)] = weight.detach().to(dtype)
+                if grads and weight.requires_grad and holders[id(weight)] == 1 and module is not head:
+                    copies[id(weight)].requires_grad_(True)
             module.weight_copy = copies[id(weight)]
     return len(copies)
+
+
+def gradient_copies(model: nn.Module) -> dict[torch.Tensor, torch.Tensor]:
+    """{weight: its copy} of the weights whose gradients land in their copies (`optimizer.bf16_grads`)."""
+    return {weight: copy for weight, copy in weight_copies(model).items() if copy.requires_grad}
 
 
 def weight_copies(model: nn.Module) -> dict[torch.Tensor, torch.Tensor]:
@@ -202,10 +241,13 @@ class Linear(nn.Linear):
         self.register_buffer("weight_copy", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, copy = matmul_weight(self.weight, self.weight_copy)
         if self.ones_column:
-            return self._linear(x, self.weight, self.bias, ones_column=True, weight_copy=self.weight_copy)
-        return self._linear(x, self.weight, self.bias, weight_copy=self.weight_copy)
+            return self._linear(x, weight, self.bias, ones_column=True, weight_copy=copy)
+        return self._linear(x, weight, self.bias, weight_copy=copy)
 
     def extra_repr(self) -> str:
         extra = f", impl={self.impl}" + (", ones_column=True" if self.ones_column else "")
-        return super().extra_repr() + extra + (", bf16 weight copy" if self.weight_copy is not None else "")
+        copy = self.weight_copy
+        copy_note = "" if copy is None else ", bf16 weight copy" + (" with its gradient" if copy.requires_grad else "")
+        return super().extra_repr() + extra + copy_note

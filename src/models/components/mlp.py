@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dispatch import get_kernel
-from .linear import Linear, compute_weight
+from .linear import Linear, compute_weight, matmul_weight
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -118,8 +118,9 @@ class GeluMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._mlp is not None:
             fc, proj = self.fc, self.proj
-            y = self._mlp(x, fc.weight, fc.bias, proj.weight, proj.bias,
-                          fc_weight_copy=fc.weight_copy, proj_weight_copy=proj.weight_copy)
+            (fc_weight, fc_copy), (proj_weight, proj_copy) = matmul_weight(fc.weight, fc.weight_copy), matmul_weight(
+                proj.weight, proj.weight_copy)
+            y = self._mlp(x, fc_weight, fc.bias, proj_weight, proj.bias, fc_weight_copy=fc_copy, proj_weight_copy=proj_copy)
             return self.dropout(y)
         return self.dropout(self.proj(self.act(self.fc(x))))
 
@@ -174,7 +175,8 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)  # (..., 2 * hidden_dim): [gate | up]
         if self._glu_linear is not None:
-            y = self._glu_linear(gate_up, self.down.weight, weight_copy=self.down.weight_copy)  # (..., dim), gate_up's dtype
+            down_weight, down_copy = matmul_weight(self.down.weight, self.down.weight_copy)
+            y = self._glu_linear(gate_up, down_weight, weight_copy=down_copy)  # (..., dim), gate_up's dtype
             if self.down.bias is not None:
                 y = y + self.down.bias.to(y.dtype)
             return self.dropout(y)
