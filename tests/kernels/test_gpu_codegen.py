@@ -30,7 +30,7 @@ def sig(names, kind):
     return {n: kind for n in names.split()}
 
 ADAMW = {**sig("PARAM_PTRS GRAD_PTRS EXP_AVG_PTRS EXP_AVG_SQ_PTRS STEP_PTRS COPY_PTRS NUMELS", p("i64")),
-         "BLOCK_TENSOR": p("i32"), "BLOCK_START": p("i64"), **sig("SCALE_ptr FOUND_INF_ptr", p("fp32")),
+         "GRAD_BF16": p("i32"), "BLOCK_TENSOR": p("i32"), "BLOCK_START": p("i64"), **sig("SCALE_ptr FOUND_INF_ptr", p("fp32")),
          **sig("lr beta1 beta2 eps weight_decay", "fp32")}  # launched eagerly (the optimizer), never by Inductor
 
 CASES = [
@@ -73,11 +73,11 @@ CASES = [
         {"HAS_SMOOTHING": True, "BLOCK_V": 8192}),
     (FL._scale_kernel, {"X_ptr": p("bf16"), "G_ptr": p("fp32"), "n": "i32"}, {"BLOCK": 2048}),
     (A._adamw_kernel, {**ADAMW}, {"HAS_SCALE": True, "HAS_FOUND_INF": True, "ALIGNED": True, "MOMENTS_BF16": False,
-        "HAS_COPIES": False, "BLOCK": 1024}),
+        "HAS_COPIES": False, "HAS_BF16_GRADS": False, "BLOCK": 1024}),
     (A._adamw_kernel, {**ADAMW}, {"HAS_SCALE": False, "HAS_FOUND_INF": False, "ALIGNED": False, "MOMENTS_BF16": False,
-        "HAS_COPIES": True, "BLOCK": 4096}),
+        "HAS_COPIES": True, "HAS_BF16_GRADS": False, "BLOCK": 4096}),
     (A._adamw_kernel, {**ADAMW}, {"HAS_SCALE": True, "HAS_FOUND_INF": True, "ALIGNED": True, "MOMENTS_BF16": True,
-        "HAS_COPIES": True, "BLOCK": 1024}),
+        "HAS_COPIES": True, "HAS_BF16_GRADS": True, "BLOCK": 1024}),
     (SL._dgate_up_kernel, {"dy_desc": "tensordesc<bf16[128, 64]>", "w_desc": "tensordesc<bf16[64, 128]>",
         **sig("gate_desc up_desc dgate_desc dup_desc", "tensordesc<bf16[128, 128]>"), **sig("M H D", "i32")},
         {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "NUM_PROGRAMS": 132}),
