@@ -116,11 +116,7 @@ class TritonAdamW(torch.optim.AdamW):
         self._tables.clear()  # the loaded state tensors live at other addresses
 
     def gradient_of(self, p: torch.Tensor) -> torch.Tensor | None:
-        """`p`'s gradient: its copy's (bf16) for a parameter in `gradient_copies`, else `p.grad`
-        (also for a listed one whose copy has none: torch.distributed.checkpoint creates the state
-        of a new optimizer by a zero-lr step on zero `.grad`s)."""
-        copy = self.gradient_copies.get(p)
-        return p.grad if copy is None or copy.grad is None else copy.grad
+        return gradient_of(p, self.gradient_copies)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -157,6 +153,14 @@ class TritonAdamW(torch.optim.AdamW):
             adamw_step_(tables, [local(self.gradient_of(p)) for p in params], lr=group["lr"], beta1=beta1, beta2=beta2,
                         eps=group["eps"], weight_decay=group["weight_decay"], grad_scale=self.grad_scale,
                         found_inf=self.found_inf)
+
+
+def gradient_of(p: torch.Tensor, gradient_copies: dict[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+    """`p`'s gradient: its copy's (bf16) for a parameter in `gradient_copies` (optimizer.bf16_grads),
+    else `p.grad` (also for a listed one whose copy has none: torch.distributed.checkpoint creates
+    the state of a new optimizer by a zero-lr step on zero `.grad`s)."""
+    copy = gradient_copies.get(p)
+    return p.grad if copy is None or copy.grad is None else copy.grad
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ from src.utils.misc import format_count, new_run_id, peak_flops, rng_state, seed
 from .checkpoint import CheckpointManager, export_hf
 from .config import TrainConfig
 from .optimizer import (
-    LRSchedule, TritonAdamW, build_optimizer, clip_coefficient, clip_grads_, set_lr, total_grad_norm,
+    LRSchedule, TritonAdamW, build_optimizer, clip_coefficient, clip_grads_, gradient_of, set_lr, total_grad_norm,
 )
 from .parallelize import prepare_model
 
@@ -259,8 +259,7 @@ class Trainer:
 
     def gradient_of(self, p: torch.Tensor) -> torch.Tensor | None:
         """`p`'s gradient: in its bf16 copy under optimizer.bf16_grads, else `p.grad`."""
-        copy = self.gradient_copies.get(p)
-        return p.grad if copy is None or copy.grad is None else copy.grad
+        return gradient_of(p, self.gradient_copies)
 
     # -- the loop ------------------------------------------------------------------------------
 

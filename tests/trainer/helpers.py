@@ -142,3 +142,24 @@ def train_losses(trainer) -> list[float]:
 
 def params(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.bare.state_dict().items()}
+
+
+def assert_resume_is_bitwise(straight_cfg, split_cfg, build, info, check_resumed=None, split_at: int = 2) -> None:
+    """A run stopped at `split_at` and resumed into a model built with another seed (the loaded weights
+    must win) ends with the losses and weights of one straight run. `check_resumed(trainer)` looks at
+    the resumed trainer before it trains on."""
+    from src.trainer.trainer import Trainer
+
+    straight = Trainer(straight_cfg, build(), SyntheticLoader(4), None, info)
+    straight.fit()
+    first = Trainer(split_cfg, build(), SyntheticLoader(4), None, info)
+    first.fit(until_step=split_at)
+    resumed = replace(split_cfg, checkpoint=CheckpointConfig(resume="auto", save_final=False, export_hf=False))
+    second = Trainer(resumed, build(seed=123), SyntheticLoader(4), None, info)
+    assert second.step == split_at
+    if check_resumed is not None:
+        check_resumed(second)
+    second.fit()
+    assert train_losses(first) + train_losses(second) == train_losses(straight)
+    for name, p in params(straight).items():
+        assert torch.equal(params(second)[name], p), name
