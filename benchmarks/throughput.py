@@ -92,7 +92,7 @@ ALTERNATIVES = {
     "swiglu": ["torch", "triton", "fused_linear", "fused_linear_recompute"],
     "gelu": ["torch", "cublaslt"],
     "cross_entropy": ["torch", "triton", "fused_linear"],
-    "linear": ["torch", "fp32_wgrad"],
+    "linear": ["torch", "fp32_wgrad", "tuned"],
     "attention": ["auto", "sdpa"],
     "loss_chunk_tokens": [0, 2048],
 }
@@ -233,6 +233,22 @@ def our_variants(
                 if optimized.get("swiglu") == "fused_linear":
                     variants.append(Variant(f"{best} +bf16 moments swiglu=fused_linear_recompute +bf16 weight copy "
                                             "+bf16 grads", "ours", no_h, weight_copy=True, bf16_grads=True, **lean))
+            # every GEMM of the blocks on the faster of cuBLAS's pick and cuBLASLt's best for its
+            # shape (kernels/tuned_mm.py), on the memory-lean rows above
+            tuned = dict(optimized, linear="tuned")
+            variants.append(Variant(f"{best} +bf16 moments linear=tuned", "ours", tuned, **lean))
+            variants.append(Variant(f"{best} +bf16 moments +bf16 weight copy linear=tuned", "ours", tuned,
+                                    weight_copy=True, **lean))
+            if optimized.get("swiglu") == "fused_linear":
+                variants.append(Variant(f"{best} +bf16 moments swiglu=fused_linear_recompute +bf16 weight copy "
+                                        "linear=tuned", "ours", dict(no_h, linear="tuned"), weight_copy=True, **lean))
+            if grad_accum == 1 and not sharded:
+                variants.append(Variant(f"{best} +bf16 moments +bf16 weight copy +bf16 grads linear=tuned", "ours",
+                                        tuned, weight_copy=True, bf16_grads=True, **lean))
+                if optimized.get("swiglu") == "fused_linear":
+                    variants.append(Variant(f"{best} +bf16 moments swiglu=fused_linear_recompute +bf16 weight copy "
+                                            "+bf16 grads linear=tuned", "ours", dict(no_h, linear="tuned"),
+                                            weight_copy=True, bf16_grads=True, **lean))
     return variants
 
 

@@ -7,16 +7,20 @@
     swiglu_linear.py               swiglu_linear (the SwiGLU backward inside the down projection's GEMM)
     gelu_mlp.py                    gelu_mlp (GPT-2's MLP, the GELU in cuBLASLt's GEMM epilogues)
     cublaslt.py                    gemm (cuBLASLt matmuls with GELU epilogues, through ctypes; used by gelu_mlp)
+    tuned_mm.py                    mm_out, tuned_mm (each GEMM shape on the faster of cuBLAS's pick and cuBLASLt's)
     cross_entropy.py               cross_entropy (+ the row kernels the two ops below reuse)
     fused_linear_cross_entropy.py  fused_linear_cross_entropy
     token_logprobs.py              token_logprobs (per-token log-probabilities for DPO)
     adamw.py                       adamw_step_ (the optimizer update; used by src/trainer/optimizer.py)
 
-This package imports torch and triton only. Importing a module registers its ops under the
-`kernels::` namespace; nothing runs on a device until an op is called.
+This package imports torch and triton only (cuBLASLt is the library PyTorch loaded, called through
+ctypes). Importing a module registers its ops under the `kernels::` namespace; nothing runs on a
+device until an op is called.
 """
 
 import torch
+
+from kernels.tuned_mm import mm_out  # noqa: F401 (the GEMM every op calls; `tuned` picks the kernel by timing)
 
 
 def num_sms(device: torch.device) -> int:
@@ -31,17 +35,6 @@ def as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
     expanded stride-0 gradients are read through their strides), a copy only otherwise."""
     t = t.reshape(-1, hidden)
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a @ b returned in `dtype` from an fp32 accumulator: cuBLAS writes fp32 from bf16/fp16
-    operands directly (a weight gradient for an fp32 master weight, no cast kernel); elsewhere the
-    same math on operands upcast to fp32."""
-    if dtype == a.dtype:
-        return torch.mm(a, b)
-    if a.is_cuda and dtype == torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float()).to(dtype)
 
 
 # The bias gradient from a weight-gradient GEMM: a layer's input kept as x_ext = [x | 1 | 0 ... 0]
@@ -59,11 +52,13 @@ def with_ones_column(x2: torch.Tensor) -> torch.Tensor:
     return torch.cat([x2, ones, zeros], dim=1)
 
 
-def grads_from_ones_column(dy2: torch.Tensor, x_ext: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def grads_from_ones_column(
+    dy2: torch.Tensor, x_ext: torch.Tensor, dtype: torch.dtype, tuned: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW (N, D), db (N,)) in `dtype`, contiguous as the parameters, from one GEMM: dy2 (M, N)
-    and x_ext (M, D + pad) from `with_ones_column`."""
+    and x_ext (M, D + pad) from `with_ones_column`. `tuned`: that GEMM through `mm_out`'s timed pick."""
     D = x_ext.shape[1] - ONES_COLUMN_PAD
-    both = mm_out(dy2.t(), x_ext, dtype)  # (N, D + pad): [dW | db | 0...]
+    both = mm_out(dy2.t(), x_ext, dtype, tuned)  # (N, D + pad): [dW | db | 0...]
     return both[:, :D].contiguous(), both[:, D].contiguous()
 
 

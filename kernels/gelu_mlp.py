@@ -97,14 +97,19 @@ def _dgelu(dy2: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor) -> torch.Tens
 
 
 def _fc_weight_grad(
-    dpre: torch.Tensor, x2: torch.Tensor, weight_dtype: torch.dtype, bias_grad: bool, x_ext: torch.Tensor | None
+    dpre: torch.Tensor,
+    x2: torch.Tensor,
+    weight_dtype: torch.dtype,
+    bias_grad: bool,
+    x_ext: torch.Tensor | None,
+    tuned: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dfc_weight = dpre.T @ x2 in weight_dtype, dfc_bias = sum_rows(dpre) fp32 or None). With
     x_ext = [x2 | 1 | 0...] one GEMM writes both, the bias gradient from the column of ones;
     otherwise, with a bias, one cuBLASLt GEMM whose BGRADB epilogue sums it from the dpre tiles."""
     H, D = dpre.shape[1], x2.shape[1]
     if bias_grad and x_ext is not None:
-        return grads_from_ones_column(dpre, x_ext, weight_dtype)
+        return grads_from_ones_column(dpre, x_ext, weight_dtype, tuned)
     if bias_grad and _fused_supported(dpre):
         dw = torch.empty((H, D), dtype=weight_dtype, device=dpre.device)
         db = torch.empty(H, dtype=weight_dtype, device=dpre.device)
@@ -113,7 +118,7 @@ def _fc_weight_grad(
             return dw, db
         except cublaslt.CublasLtUnsupported:
             pass
-    dw = mm_out(dpre.t(), x2, weight_dtype)
+    dw = mm_out(dpre.t(), x2, weight_dtype, tuned)
     return dw, dpre.sum(0, dtype=torch.float32) if bias_grad else None
 
 
@@ -146,16 +151,18 @@ def _gelu_mlp_fwd_launch(
     fc_bias: torch.Tensor | None,
     proj_weight: torch.Tensor,
     proj_weight_c: torch.Tensor,
+    tuned: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y without the projection's bias, h, pre). The `_c` weights are the parameters cast to x's
     dtype (the compute copies); the parameters themselves are inputs only so that autograd routes
     their gradients here. x may be the first D columns of x_ext (rows with a stride of D + pad);
-    x_ext itself is only kept for backward."""
+    x_ext itself is only kept for backward. `tuned`: the GEMMs without an epilogue through
+    `mm_out`'s timed pick (kernels/tuned_mm.py)."""
     with torch.autocast(x.device.type, enabled=False):
         x2 = _rows(x, x.shape[-1])  # (M, D)
         b1 = fc_bias.to(x.dtype) if fc_bias is not None else None
         h, pre = _fc_gelu(x2, fc_weight_c, b1)  # each (M, H)
-        y = torch.mm(h, proj_weight_c.t())  # (M, D)
+        y = mm_out(h, proj_weight_c.t(), h.dtype, tuned)  # (M, D)
     return y.view(x.shape), h, pre
 
 
@@ -169,6 +176,7 @@ def _gelu_mlp_bwd_launch(
     pre: torch.Tensor,
     fc_bias_grad: bool,
     weight_dtype: torch.dtype,
+    tuned: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dfc_weight, dfc_bias, dproj_weight), the weight gradients in `weight_dtype`; without a
     bias gradient to compute, dfc_bias is an empty tensor (custom ops return no optional tensors)."""
@@ -177,10 +185,10 @@ def _gelu_mlp_bwd_launch(
         D = proj_weight_c.shape[0]
         dy2 = dy.reshape(-1, D).to(dtype).contiguous()  # (M, D); an expanded gradient is copied
         x2 = _rows(x, D)  # (M, D)
-        dproj_weight = mm_out(dy2.t(), h, weight_dtype)  # (D, H)
+        dproj_weight = mm_out(dy2.t(), h, weight_dtype, tuned)  # (D, H)
         dpre = _dgelu(dy2, proj_weight_c, pre)  # (M, H)
-        dfc_weight, dfc_bias = _fc_weight_grad(dpre, x2, weight_dtype, fc_bias_grad, x_ext)  # (H, D), (H,)
-        dx = torch.mm(dpre, fc_weight_c).view(x.shape)  # (M, D) -> x's shape
+        dfc_weight, dfc_bias = _fc_weight_grad(dpre, x2, weight_dtype, fc_bias_grad, x_ext, tuned)  # (H, D), (H,)
+        dx = mm_out(dpre, fc_weight_c, dtype, tuned).view(x.shape)  # (M, D) -> x's shape
     dfc_bias = dfc_bias.to(weight_dtype) if dfc_bias is not None else dfc_weight.new_empty(0)
     return dx, dfc_weight, dfc_bias, dproj_weight
 
@@ -196,13 +204,13 @@ _gelu_mlp_bwd = torch.library.custom_op("kernels::gelu_mlp_bwd", _gelu_mlp_bwd_l
 
 
 @_gelu_mlp_fwd.register_fake
-def _(x, x_ext, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c):
+def _(x, x_ext, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c, tuned):
     M, H = x.numel() // x.shape[-1], fc_weight.shape[0]
     return x.new_empty(x.shape), x.new_empty((M, H)), x.new_empty((M, H))
 
 
 @_gelu_mlp_bwd.register_fake
-def _(dy, x, x_ext, fc_weight_c, proj_weight_c, h, pre, fc_bias_grad, weight_dtype):
+def _(dy, x, x_ext, fc_weight_c, proj_weight_c, h, pre, fc_bias_grad, weight_dtype, tuned):
     H, D = fc_weight_c.shape
     dfc_bias = torch.empty(H if fc_bias_grad else 0, dtype=weight_dtype, device=x.device)
     return (
@@ -212,23 +220,24 @@ def _(dy, x, x_ext, fc_weight_c, proj_weight_c, h, pre, fc_bias_grad, weight_dty
 
 
 def _gelu_mlp_setup(ctx, inputs, output):
-    x, x_ext, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c = inputs
+    x, x_ext, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c, tuned = inputs
     _, h, pre = output
     ctx.save_for_backward(x, x_ext, fc_weight_c, proj_weight_c, h, pre)  # x: a view into x_ext when it is given
     ctx.has_fc_bias = fc_bias is not None
     ctx.weight_dtype = fc_weight.dtype
+    ctx.tuned = tuned
 
 
 def _gelu_mlp_grad(ctx, dy, _dh, _dpre):
     x, x_ext, fc_weight_c, proj_weight_c, h, pre = ctx.saved_tensors
     dx, dfc_weight, dfc_bias, dproj_weight = _gelu_mlp_bwd(
-        dy, x, x_ext, fc_weight_c, proj_weight_c, h, pre, ctx.has_fc_bias, ctx.weight_dtype
+        dy, x, x_ext, fc_weight_c, proj_weight_c, h, pre, ctx.has_fc_bias, ctx.weight_dtype, ctx.tuned
     )
     if not ctx.has_fc_bias:
         dfc_bias = None
     # grads for (x; x_ext: none, its first D columns are x; fc_weight; fc_weight_c: none, a
-    # detached copy; fc_bias, proj_weight; proj_weight_c: none)
-    return dx, None, dfc_weight, None, dfc_bias, dproj_weight, None
+    # detached copy; fc_bias, proj_weight; proj_weight_c: none; tuned)
+    return dx, None, dfc_weight, None, dfc_bias, dproj_weight, None, None
 
 
 _gelu_mlp_fwd.register_autograd(_gelu_mlp_grad, setup_context=_gelu_mlp_setup)
@@ -246,6 +255,7 @@ def gelu_mlp(
     ones_column: bool | None = None,
     fc_weight_copy: torch.Tensor | None = None,
     proj_weight_copy: torch.Tensor | None = None,
+    tuned: bool = False,
 ) -> torch.Tensor:
     """gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias for x (..., D) -> (..., D);
     the result of `gelu_mlp_ref`, computed in the autocast dtype under autocast and in x's dtype
@@ -255,7 +265,9 @@ def gelu_mlp(
     `ones_column`: the fc bias gradient from a column of ones beside x (see the module's
     docstring); None takes it where the fused GEMMs run (CUDA, fp16/bf16) and the fc layer has a
     bias. The CPU tests force it on to check its math. `fc_weight_copy` / `proj_weight_copy`: the
-    weights in the compute dtype, read instead of casting them."""
+    weights in the compute dtype, read instead of casting them. `tuned` (`kernels.linear: tuned`):
+    the GEMMs without an epilogue on the faster of cuBLAS's pick and cuBLASLt's best for their
+    shapes (kernels/tuned_mm.py)."""
     _check(x, fc_weight, proj_weight)
     if fc_weight.dtype != proj_weight.dtype:
         raise ValueError(
@@ -279,6 +291,6 @@ def gelu_mlp(
         x2 = x.reshape(-1, D)  # (M, D)
         x_ext = with_ones_column(x2)  # (M, D + pad): [x | 1 | 0...]
         x = x_ext[:, :D]  # (M, D), a row stride of D + pad
-    y = _gelu_mlp_fwd(x, x_ext, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c)[0]
+    y = _gelu_mlp_fwd(x, x_ext, fc_weight, fc_weight_c, fc_bias, proj_weight, proj_weight_c, tuned)[0]
     y = y.view(shape)
     return y + proj_bias.to(y.dtype) if proj_bias is not None else y

@@ -172,11 +172,12 @@ def _compute_weight(weight: torch.Tensor, weight_copy: torch.Tensor | None, dtyp
 
 
 def _swiglu_linear_fwd_launch(
-    h: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None
+    h: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None, tuned: bool
 ) -> torch.Tensor:
+    """y (..., D) = h @ weight.T; `tuned`: the GEMMs through `mm_out`'s timed pick (kernels/tuned_mm.py)."""
     with torch.autocast(h.device.type, enabled=False):
         h2 = h.reshape(-1, h.shape[-1])  # (M, H)
-        y = torch.mm(h2, _compute_weight(weight, weight_copy, h.dtype).t())  # (M, D)
+        y = mm_out(h2, _compute_weight(weight, weight_copy, h.dtype).t(), h.dtype, tuned)  # (M, D)
     return y.view(*h.shape[:-1], weight.shape[0])
 
 
@@ -191,7 +192,12 @@ def _backward_operands(
 
 
 def _swiglu_linear_bwd_launch(
-    dy: torch.Tensor, h: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None
+    dy: torch.Tensor,
+    h: torch.Tensor,
+    gate_up: torch.Tensor,
+    weight: torch.Tensor,
+    weight_copy: torch.Tensor | None,
+    tuned: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(dy.device.type, enabled=False):
         gu, dy2, w = _backward_operands(dy, gate_up, weight, weight_copy)
@@ -199,8 +205,8 @@ def _swiglu_linear_bwd_launch(
         if fused_backward_supported(gu, w, dy2):
             dgu = _dgate_up_fused(dy2, w, gu)
         else:
-            dgu = _swiglu_packed_bwd_launch(torch.mm(dy2, w), gu)
-        dweight = mm_out(dy2.t(), h2, weight.dtype)  # (D, H)
+            dgu = _swiglu_packed_bwd_launch(mm_out(dy2, w, w.dtype, tuned), gu)
+        dweight = mm_out(dy2.t(), h2, weight.dtype, tuned)  # (D, H)
     return dgu.view(gate_up.shape), dweight
 
 
@@ -214,20 +220,20 @@ def _swiglu_linear_bwd_launch(
 
 
 def _swiglu_linear_recompute_fwd_launch(
-    gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None
+    gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None, tuned: bool
 ) -> torch.Tensor:
     h = _swiglu_packed_fwd_launch(gate_up)  # (..., H), freed when the op returns
-    return _swiglu_linear_fwd_launch(h, gate_up, weight, weight_copy)
+    return _swiglu_linear_fwd_launch(h, gate_up, weight, weight_copy, tuned)
 
 
 def _swiglu_linear_recompute_bwd_launch(
-    dy: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None
+    dy: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None, tuned: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(dy.device.type, enabled=False):
         gu, dy2, w = _backward_operands(dy, gate_up, weight, weight_copy)
-        dh = torch.mm(dy2, w)  # (M, H), rounded to the activation dtype as the fused path rounds it
+        dh = mm_out(dy2, w, w.dtype, tuned)  # (M, H), rounded to the activation dtype as the fused path rounds it
         dgu, h = _swiglu_packed_bwd_rows(dh, gu, store_y=True)
-        dweight = mm_out(dy2.t(), h, weight.dtype)  # (D, H)
+        dweight = mm_out(dy2.t(), h, weight.dtype, tuned)  # (D, H)
     return dgu.view(gate_up.shape), dweight
 
 
@@ -243,25 +249,27 @@ _swiglu_linear_bwd = torch.library.custom_op("kernels::swiglu_linear_bwd", _swig
 
 
 @_swiglu_linear_fwd.register_fake
-def _(h, gate_up, weight, weight_copy):
+def _(h, gate_up, weight, weight_copy, tuned):
     return h.new_empty((*h.shape[:-1], weight.shape[0]))
 
 
 @_swiglu_linear_bwd.register_fake
-def _(dy, h, gate_up, weight, weight_copy):
+def _(dy, h, gate_up, weight, weight_copy, tuned):
     return gate_up.new_empty(gate_up.shape), weight.new_empty(weight.shape)
 
 
 def _swiglu_linear_setup(ctx, inputs, output):
-    h, gate_up, weight, weight_copy = inputs
+    h, gate_up, weight, weight_copy, tuned = inputs
     ctx.save_for_backward(h, gate_up, weight, weight_copy)
+    ctx.tuned = tuned
 
 
 def _swiglu_linear_grad(ctx, dy):
     h, gate_up, weight, weight_copy = ctx.saved_tensors
-    dgate_up, dweight = _swiglu_linear_bwd(dy, h, gate_up, weight, weight_copy)
-    # grads for (h: none, it carries no graph; gate_up; weight; weight_copy: none, the optimizer writes it)
-    return None, dgate_up, dweight, None
+    dgate_up, dweight = _swiglu_linear_bwd(dy, h, gate_up, weight, weight_copy, ctx.tuned)
+    # grads for (h: none, it carries no graph; gate_up; weight; weight_copy: none, the optimizer
+    # writes it; tuned)
+    return None, dgate_up, dweight, None, None
 
 
 _swiglu_linear_fwd.register_autograd(_swiglu_linear_grad, setup_context=_swiglu_linear_setup)
@@ -275,24 +283,25 @@ _swiglu_linear_recompute_bwd = torch.library.custom_op(
 
 
 @_swiglu_linear_recompute_fwd.register_fake
-def _(gate_up, weight, weight_copy):
+def _(gate_up, weight, weight_copy, tuned):
     return gate_up.new_empty((*gate_up.shape[:-1], weight.shape[0]))
 
 
 @_swiglu_linear_recompute_bwd.register_fake
-def _(dy, gate_up, weight, weight_copy):
+def _(dy, gate_up, weight, weight_copy, tuned):
     return gate_up.new_empty(gate_up.shape), weight.new_empty(weight.shape)
 
 
 def _swiglu_linear_recompute_setup(ctx, inputs, output):
-    gate_up, weight, weight_copy = inputs
+    gate_up, weight, weight_copy, tuned = inputs
     ctx.save_for_backward(gate_up, weight, weight_copy)  # not h
+    ctx.tuned = tuned
 
 
 def _swiglu_linear_recompute_grad(ctx, dy):
     gate_up, weight, weight_copy = ctx.saved_tensors
-    dgate_up, dweight = _swiglu_linear_recompute_bwd(dy, gate_up, weight, weight_copy)
-    return dgate_up, dweight, None  # grads for (gate_up, weight, weight_copy: none)
+    dgate_up, dweight = _swiglu_linear_recompute_bwd(dy, gate_up, weight, weight_copy, ctx.tuned)
+    return dgate_up, dweight, None, None  # grads for (gate_up, weight, weight_copy: none, tuned)
 
 
 _swiglu_linear_recompute_fwd.register_autograd(_swiglu_linear_recompute_grad, setup_context=_swiglu_linear_recompute_setup)
@@ -302,21 +311,25 @@ _swiglu_linear_recompute_fwd.register_autograd(_swiglu_linear_recompute_grad, se
 
 
 def swiglu_linear(
-    gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None = None
+    gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None = None, tuned: bool = False
 ) -> torch.Tensor:
     """silu(gate) * up @ weight.T for gate_up = [gate | up] (..., 2H) and weight (D, H) -> (..., D);
     the result of `swiglu_linear_ref`, computed in gate_up's dtype, with weight's gradient in
-    weight's dtype. `weight_copy`: the weight in gate_up's dtype, read instead of a cast."""
+    weight's dtype. `weight_copy`: the weight in gate_up's dtype, read instead of a cast. `tuned`
+    (`kernels.linear: tuned`): the cuBLAS GEMMs on the faster of cuBLAS's pick and cuBLASLt's
+    best for their shapes (kernels/tuned_mm.py)."""
     _check(gate_up, weight)
     h = swiglu_packed(gate_up.detach())  # (..., H); its gradient path is the op's own backward
-    return _swiglu_linear_fwd(h, gate_up, weight, usable_weight_copy(weight, weight_copy, gate_up.dtype, "swiglu_linear"))
+    copy = usable_weight_copy(weight, weight_copy, gate_up.dtype, "swiglu_linear")
+    return _swiglu_linear_fwd(h, gate_up, weight, copy, tuned)
 
 
 def swiglu_linear_recompute(
-    gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None = None
+    gate_up: torch.Tensor, weight: torch.Tensor, weight_copy: torch.Tensor | None = None, tuned: bool = False
 ) -> torch.Tensor:
     """`swiglu_linear` without h = swiglu(gate_up) kept for backward (M x H less memory per layer):
     the backward writes h again from its SwiGLU pass. The same results as `swiglu_linear`'s
     unfused backward."""
     _check(gate_up, weight)
-    return _swiglu_linear_recompute_fwd(gate_up, weight, usable_weight_copy(weight, weight_copy, gate_up.dtype, "swiglu_linear"))
+    copy = usable_weight_copy(weight, weight_copy, gate_up.dtype, "swiglu_linear")
+    return _swiglu_linear_recompute_fwd(gate_up, weight, copy, tuned)

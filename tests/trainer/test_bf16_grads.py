@@ -20,7 +20,7 @@ from .helpers import (
     SyntheticLoader, assert_resume_is_bitwise, make_config, params, tiny_model, tiny_qwen2_model, train_losses,
     with_optimizer,
 )
-from .test_weight_copy import FAMILIES
+from .test_weight_copy import FAMILIES, GPT2_KERNELS, QWEN2_KERNELS
 
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
 REFERENCE = {
@@ -53,13 +53,22 @@ def test_with_the_reference_kernels_training_is_bitwise_the_bf16_weight_gradient
         assert torch.equal(copy.detach(), weight.detach().to(torch.bfloat16))
 
 
+TUNED = {
+    "gpt2": lambda seed=0: tiny_model(seed, kernels=GPT2_KERNELS.replace(linear="tuned")),
+    "qwen2": lambda seed=0: tiny_qwen2_model(seed, kernels=QWEN2_KERNELS.replace(linear="tuned")),
+}
+
+
+@pytest.mark.parametrize("linear", ["fp32_wgrad", "tuned"])
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])
-def test_with_the_optimized_kernels_gradients_are_the_fp32_ones_rounded(family, tmp_path):
+def test_with_the_optimized_kernels_gradients_are_the_fp32_ones_rounded(family, linear, tmp_path):
     """One backward of the optimized kernels (fp32_wgrad, the fused MLP ops, the fused loss): each
-    copy's gradient is the fp32 weight gradient of the run without bf16_grads, to bf16 rounding."""
+    copy's gradient is the fp32 weight gradient of the run without bf16_grads, to bf16 rounding.
+    `linear: tuned` runs the copies' GEMMs in its own Function (not autograd's): the same."""
     grads = {}
     for bf16_grads in (False, True):
-        trainer = Trainer(_config(tmp_path / f"run{bf16_grads}", bf16_grads=bf16_grads), FAMILIES[family](),
+        model = (TUNED if linear == "tuned" and bf16_grads else FAMILIES)[family]()
+        trainer = Trainer(_config(tmp_path / f"run{bf16_grads}", bf16_grads=bf16_grads), model,
                           SyntheticLoader(4), None, CPU)
         batch = trainer._to_device(next(iter(SyntheticLoader(4))))
         with trainer._autocast():

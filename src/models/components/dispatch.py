@@ -25,7 +25,9 @@ Every implementation of one op has the reference's signature:
     token_logprobs (hidden (N, H), weight (V, H), labels (N,), ignore_index) -> (N,) fp32 log p(label),
                    0 at ignored labels (DPO), never materialising (N, V) logits
     linear         (x, weight, bias) -> y       the projections inside blocks; `fp32_wgrad` takes the
-                   weight gradient from the matmul in fp32 under autocast (components/linear.py)
+                   weight gradient from the matmul in fp32 under autocast (components/linear.py);
+                   `tuned` is `fp32_wgrad` with every GEMM of the blocks (the fused MLP ops' too) on the
+                   faster of cuBLAS's pick and cuBLASLt's best for its shape (kernels/tuned_mm.py)
 
 A choice that cannot run (Triton without a GPU or the interpreter, Liger not installed, a kernel
 module missing) is an error naming the op, the choice and the fix.
@@ -95,6 +97,7 @@ _REGISTRY: dict[str, dict[str, str]] = {
     "linear": {
         "torch": "src.models.components.linear:linear_ref",
         "fp32_wgrad": "src.models.components.linear:linear_fp32_wgrad",
+        "tuned": "src.models.components.linear:linear_tuned",
     },
 }
 
@@ -133,7 +136,7 @@ class KernelConfig:
     swiglu: Literal["fused_linear", "fused_linear_recompute", "triton", "liger", "torch"] = "torch"
     gelu: Literal["cublaslt", "torch"] = "torch"
     cross_entropy: Literal["fused_linear", "triton", "liger", "torch"] = "torch"
-    linear: Literal["fp32_wgrad", "torch"] = "torch"
+    linear: Literal["tuned", "fp32_wgrad", "torch"] = "torch"
     attention: Literal["auto", "flash_attn", "sdpa", "flex", "eager"] = "auto"
     # Tokens per chunk of `cross_entropy: fused_linear` (each chunk's (C, V) logits live at once);
     # 0 picks as many as fit 320 MiB of logits (1024 for Qwen2's 152K bf16 vocabulary). Bigger

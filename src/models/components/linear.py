@@ -19,6 +19,13 @@ which the norm before the projection writes directly under torch.compile; the fo
 its first `in` columns, and dy.T @ x_ext = [dW | db | 0 ...]: no separate pass over dy for
 `db = dy.sum(0)` (see kernels/gelu_mlp.py, which does the same for GPT-2's fc layer).
 
+`kernels.linear: tuned` is `fp32_wgrad` with each of the three GEMMs (and those inside the fused
+MLP ops, `swiglu_linear` and `gelu_mlp`) run by `kernels.tuned_mm`: per shape, the faster of
+cuBLAS's own pick and the best of cuBLASLt's candidates, timed on the first call. It also takes
+over from autograd where the weights are already in the compute dtype (bf16 parameters,
+`optimizer.bf16_grads`), with the same math. A resumed run is then not bit-identical to an
+uninterrupted one if a shape's two candidates are within noise (kernels/tuned_mm.py).
+
 `Linear` is `nn.Linear` (same parameters, initialisation and state_dict) that calls the chosen
 implementation, so checkpoints and `isinstance(m, nn.Linear)` are unaffected.
 
@@ -158,18 +165,21 @@ def linear_ref(
     return F.linear(x, compute_weight(weight, weight_copy), bias)
 
 
-class _LinearFp32WeightGrad(torch.autograd.Function):
+class _LinearWeightGradInWeightDtype(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_ext, weight, bias, dtype, weight_copy):
+    def forward(ctx, x, x_ext, weight, bias, dtype, weight_copy, tuned):
         """x (..., in), or (M, in) rows of x_ext (M, in + pad) in `dtype` when x_ext is given;
-        weight_copy: the weight in `dtype` (None: cast here)."""
+        weight_copy: the weight in `dtype` (None: cast here); tuned: the GEMMs' timed pick."""
         with torch.autocast(x.device.type, enabled=False):
             x_c = x.to(dtype)
             w_c = weight_copy if weight_copy is not None else weight.to(dtype)
-            y = F.linear(x_c, w_c, bias.to(dtype) if bias is not None else None)
+            x2 = x_c.reshape(-1, x_c.shape[-1])  # (M, in)
+            b_c = bias.to(dtype) if bias is not None else None
+            y = mm_out(x2, w_c.t(), dtype, tuned, bias=b_c).view(*x_c.shape[:-1], w_c.shape[0])  # (..., out)
         ctx.save_for_backward(x_c, w_c, x_ext)
-        ctx.x_dtype = x.dtype
-        ctx.has_bias = bias is not None
+        ctx.x_dtype, ctx.weight_dtype = x.dtype, weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.tuned = tuned
         return y
 
     @staticmethod
@@ -179,22 +189,54 @@ class _LinearFp32WeightGrad(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             dy2 = dy.to(w_c.dtype).reshape(-1, dy.shape[-1])  # (M, out); M = all leading dims
             if ctx.needs_input_grad[0]:
-                # bf16, as autocast computes it. (The input gradient of an fp32 input in fp32 from
-                # the matmul too was measured on an H100: less GPU time, yet slower steps on both
-                # models, 0.7-1.7%.)
-                dx = (dy2 @ w_c).view(x_c.shape).to(ctx.x_dtype)  # (M, in) -> x's shape
-            bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
+                # In the compute dtype, as autocast computes it. (The input gradient of an fp32 input
+                # in fp32 from the matmul too was measured on an H100: less GPU time, yet slower
+                # steps on both models, 0.7-1.7%.)
+                dx = mm_out(dy2, w_c, w_c.dtype, ctx.tuned).view(x_c.shape).to(ctx.x_dtype)  # (M, in) -> x's shape
+            bias_grad = ctx.bias_dtype is not None and ctx.needs_input_grad[3]
             if x_ext is not None and bias_grad:
-                dw, db = grads_from_ones_column(dy2, x_ext, torch.float32)  # (out, in), (out,) fp32
+                dw, db = grads_from_ones_column(dy2, x_ext, ctx.weight_dtype, ctx.tuned)  # (out, in), (out,)
                 dw = dw if ctx.needs_input_grad[2] else None
             else:
                 if ctx.needs_input_grad[2]:
                     x2 = x_c.reshape(-1, x_c.shape[-1])  # (M, in)
-                    dw = mm_out(dy2.t(), x2, torch.float32)  # (out, in) fp32 from the bf16 operands
+                    dw = mm_out(dy2.t(), x2, ctx.weight_dtype, ctx.tuned)  # (out, in) from the compute-dtype operands
                 if bias_grad:
                     db = dy2.sum(0, dtype=torch.float32)  # (out,)
-        # grads for (x, x_ext: none, x is its first columns; weight, bias, dtype, weight_copy)
-        return dx, None, dw, db, None, None
+            db = db.to(ctx.bias_dtype) if db is not None else None
+        # grads for (x, x_ext: none, x is its first columns; weight, bias, dtype, weight_copy, tuned)
+        return dx, None, dw, db, None, None, None
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor, tuned: bool) -> torch.dtype | None:
+    """The dtype the GEMMs run in where `_LinearWeightGradInWeightDtype` applies, else None (plain
+    `F.linear`): fp32 weights under fp16/bf16 autocast, and with `tuned` also weights already in
+    the compute dtype (bf16 parameters, `optimizer.bf16_grads`' copies)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        if dtype == torch.float32:
+            return None
+        if weight.dtype == torch.float32 or (tuned and weight.dtype == dtype):
+            return dtype
+        return None
+    if tuned and weight.dtype in (torch.float16, torch.bfloat16) and x.dtype == weight.dtype:
+        return weight.dtype
+    return None
+
+
+def _linear(x, weight, bias, ones_column: bool, weight_copy, tuned: bool) -> torch.Tensor:
+    dtype = _compute_dtype(x, weight, tuned)
+    if dtype is None:
+        return F.linear(x, weight, bias)
+    copy = usable_copy(weight, weight_copy)
+    if not (ones_column and bias is not None and bias.requires_grad and torch.is_grad_enabled()):
+        return _LinearWeightGradInWeightDtype.apply(x, None, weight, bias, dtype, copy, tuned)
+    n_in = x.shape[-1]
+    x2 = x.to(dtype).reshape(-1, n_in)  # (M, in)
+    x_ext = with_ones_column(x2)  # (M, in + pad): [x | 1 | 0...]
+    y = _LinearWeightGradInWeightDtype.apply(x_ext[:, :n_in], x_ext, weight, bias, dtype, copy, tuned)  # (M, out)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def linear_fp32_wgrad(
@@ -208,24 +250,25 @@ def linear_fp32_wgrad(
     run under autocast; plain `F.linear` otherwise. `ones_column`: the bias gradient from that
     matmul too (a column of ones beside x; see the module's docstring). `weight_copy`: the weight
     in the autocast dtype, read instead of casting it."""
-    device = x.device.type
-    if weight.dtype != torch.float32 or not torch.is_autocast_enabled(device):
-        return F.linear(x, weight, bias)
-    dtype = torch.get_autocast_dtype(device)
-    if dtype == torch.float32:
-        return F.linear(x, weight, bias)
-    copy = usable_copy(weight, weight_copy)
-    if not (ones_column and bias is not None and bias.requires_grad and torch.is_grad_enabled()):
-        return _LinearFp32WeightGrad.apply(x, None, weight, bias, dtype, copy)
-    n_in = x.shape[-1]
-    x2 = x.to(dtype).reshape(-1, n_in)  # (M, in)
-    x_ext = with_ones_column(x2)  # (M, in + pad): [x | 1 | 0...]
-    y = _LinearFp32WeightGrad.apply(x_ext[:, :n_in], x_ext, weight, bias, dtype, copy)  # (M, out)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return _linear(x, weight, bias, ones_column, weight_copy, tuned=False)
+
+
+def linear_tuned(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ones_column: bool = False,
+    weight_copy: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`linear_fp32_wgrad` with each of its three GEMMs on the faster of cuBLAS's pick and
+    cuBLASLt's best for its shape (kernels/tuned_mm.py), also for weights already in the compute
+    dtype (bf16 parameters, `optimizer.bf16_grads`). Torch's matmuls where that cannot run (the
+    CPU, fp32)."""
+    return _linear(x, weight, bias, ones_column, weight_copy, tuned=True)
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` through the `kernels.linear` choice (`torch` or `fp32_wgrad`)."""
+    """`nn.Linear` through the `kernels.linear` choice (`torch`, `fp32_wgrad` or `tuned`)."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, impl: str = "torch", ones_column: bool = False
@@ -233,9 +276,9 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.impl = impl
         self._linear = get_kernel("linear", impl)
-        # Only `fp32_wgrad` takes the bias gradient from its matmul; worth it where the input's
-        # producer (a norm) can write x_ext itself, not where it would be a copy.
-        self.ones_column = ones_column and impl == "fp32_wgrad" and bias
+        # Only `fp32_wgrad` / `tuned` take the bias gradient from their matmul; worth it where the
+        # input's producer (a norm) can write x_ext itself, not where it would be a copy.
+        self.ones_column = ones_column and impl in ("fp32_wgrad", "tuned") and bias
         # The weight in bf16, rewritten by the optimizer with each update (`attach_weight_copies`);
         # None: matmuls cast the weight as autocast does.
         self.register_buffer("weight_copy", None, persistent=False)

@@ -120,7 +120,8 @@ class GeluMLP(nn.Module):
             fc, proj = self.fc, self.proj
             (fc_weight, fc_copy), (proj_weight, proj_copy) = matmul_weight(fc.weight, fc.weight_copy), matmul_weight(
                 proj.weight, proj.weight_copy)
-            y = self._mlp(x, fc_weight, fc.bias, proj_weight, proj.bias, fc_weight_copy=fc_copy, proj_weight_copy=proj_copy)
+            y = self._mlp(x, fc_weight, fc.bias, proj_weight, proj.bias, fc_weight_copy=fc_copy,
+                          proj_weight_copy=proj_copy, tuned=fc.impl == "tuned")
             return self.dropout(y)
         return self.dropout(self.proj(self.act(self.fc(x))))
 
@@ -176,7 +177,8 @@ class SwiGLU(nn.Module):
         gate_up = self.gate_up(x)  # (..., 2 * hidden_dim): [gate | up]
         if self._glu_linear is not None:
             down_weight, down_copy = matmul_weight(self.down.weight, self.down.weight_copy)
-            y = self._glu_linear(gate_up, down_weight, weight_copy=down_copy)  # (..., dim), gate_up's dtype
+            tuned = self.down.impl == "tuned"
+            y = self._glu_linear(gate_up, down_weight, weight_copy=down_copy, tuned=tuned)  # (..., dim), gate_up's dtype
             if self.down.bias is not None:
                 y = y + self.down.bias.to(y.dtype)
             return self.dropout(y)

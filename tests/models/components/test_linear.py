@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from src.models import AutoModelForCausalLM, KernelConfig
-from src.models.components.linear import Linear, linear_fp32_wgrad
+from src.models.components.linear import Linear, linear_fp32_wgrad, linear_tuned
 
 TINY = {"gpt2": "configs/model/gpt2_tiny.yaml", "qwen2": "configs/model/qwen2_tiny.yaml"}  # the shipped tiny models
 
@@ -22,11 +22,11 @@ def _grads(impl, x, layer, device, ones_column=False):
     return out, x.grad, y.weight.grad, None if y.bias is None else y.bias.grad
 
 
-def _check_against_fp32_math(device, ones_column=False):
+def _check_against_fp32_math(device, ones_column=False, impl="fp32_wgrad"):
     torch.manual_seed(0)
     layer = torch.nn.Linear(24, 40, bias=True).to(device)
     x = torch.randn(3, 5, 24, device=device)  # (B, T, in): leading dims are flattened in backward
-    out, dx, dw, db = _grads("fp32_wgrad", x, layer, device, ones_column)
+    out, dx, dw, db = _grads(impl, x, layer, device, ones_column)
     ref_out, ref_dx, ref_dw, ref_db = _grads("torch", x, layer, device)
     # forward and input gradient: autocast's own bf16 math
     assert out.dtype == torch.bfloat16 and dx.dtype == torch.float32
@@ -44,21 +44,24 @@ def _check_against_fp32_math(device, ones_column=False):
     assert (dw - exact_dw).abs().max() < (ref_dw - exact_dw).abs().max()  # closer than the bf16-rounded one
 
 
+@pytest.mark.parametrize("impl", ["fp32_wgrad", "tuned"])
 @pytest.mark.parametrize("ones_column", [False, True], ids=["sum", "ones-column"])
-def test_fp32_wgrad_matches_fp32_math_cpu(ones_column):
-    _check_against_fp32_math("cpu", ones_column)
+def test_fp32_wgrad_matches_fp32_math_cpu(ones_column, impl):
+    _check_against_fp32_math("cpu", ones_column, impl)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["fp32_wgrad", "tuned"])
 @pytest.mark.parametrize("ones_column", [False, True], ids=["sum", "ones-column"])
-def test_fp32_wgrad_matches_fp32_math_gpu(ones_column):
-    _check_against_fp32_math("cuda", ones_column)
+def test_fp32_wgrad_matches_fp32_math_gpu(ones_column, impl):
+    _check_against_fp32_math("cuda", ones_column, impl)
 
 
 def test_ones_column_only_where_it_applies():
     """The bias gradient from the GEMM's column of ones: only under fp32_wgrad with a bias; a
     frozen weight still gets no gradient, a trainable bias does."""
     assert Linear(8, 6, impl="fp32_wgrad", ones_column=True).ones_column
+    assert Linear(8, 6, impl="tuned", ones_column=True).ones_column
     assert not Linear(8, 6, impl="torch", ones_column=True).ones_column
     assert not Linear(8, 6, bias=False, impl="fp32_wgrad", ones_column=True).ones_column
     assert "ones_column=True" in repr(Linear(8, 6, impl="fp32_wgrad", ones_column=True))
@@ -83,7 +86,7 @@ def test_fp32_wgrad_is_f_linear_without_autocast_or_fp32_weights():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 parameters: nothing to cast, autocast's path
         wb, bb = w.detach().bfloat16().requires_grad_(), b.detach().bfloat16().requires_grad_()
         y = linear_fp32_wgrad(x, wb, bb)
-    assert y.grad_fn.name() != "_LinearFp32WeightGradBackward"
+    assert y.grad_fn.name() != "_LinearWeightGradInWeightDtypeBackward"
     y.float().sum().backward()
     assert wb.grad.dtype == torch.bfloat16
 
@@ -111,6 +114,29 @@ def test_unknown_linear_choice_names_the_options():
         Linear(8, 6, impl="triton")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16-only"])
+def test_tuned_takes_bf16_weights_with_autograds_math(device, autocast):
+    """`tuned` also runs the GEMMs of weights already in bf16 (bf16 parameters, `optimizer.bf16_grads`'
+    copies): its own Function, with autograd's results and bf16 gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 24, device=device, dtype=torch.float32 if autocast else torch.bfloat16)
+    w = (torch.randn(40, 24, device=device) * 0.2).bfloat16()
+    b = torch.randn(40, device=device).bfloat16()
+    dy = torch.randn(3, 5, 40, device=device, dtype=torch.bfloat16)
+    results = {}
+    for name, fn in (("tuned", linear_tuned), ("autograd", F.linear)):
+        xi, wi, bi = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            y = fn(xi, wi, bi)
+        assert (y.grad_fn.name() == "_LinearWeightGradInWeightDtypeBackward") == (name == "tuned")
+        y.backward(dy)
+        results[name] = (y, xi.grad, wi.grad, bi.grad)
+    for got, want, what in zip(results["tuned"], results["autograd"], ("y", "dx", "dw", "db")):
+        assert got.dtype == want.dtype, what
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=2e-2, msg=lambda m: f"{what}: {m}")
+
+
 def _model_loss_and_grads(family, impl, device, compile=False):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(TINY[family], kernels=KernelConfig(attention="sdpa", linear=impl)).to(device)
@@ -123,25 +149,27 @@ def _model_loss_and_grads(family, impl, device, compile=False):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def _check_models(family, device, compile=False):
+def _check_models(family, device, compile=False, impl="fp32_wgrad"):
     loss_ref, grads_ref = _model_loss_and_grads(family, "torch", device)
-    loss, grads = _model_loss_and_grads(family, "fp32_wgrad", device, compile=compile)
+    loss, grads = _model_loss_and_grads(family, impl, device, compile=compile)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-2, atol=1e-2)
     for name, g in grads.items():
         assert g.dtype == torch.float32, name
         torch.testing.assert_close(g, grads_ref[name], rtol=5e-2, atol=5e-3, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("impl", ["fp32_wgrad", "tuned"])
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])
-def test_models_with_fp32_wgrad_match_autocast_reference(family):
-    _check_models(family, "cpu")
+def test_models_with_fp32_wgrad_match_autocast_reference(family, impl):
+    _check_models(family, "cpu", impl=impl)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["fp32_wgrad", "tuned"])
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])
-def test_models_with_fp32_wgrad_compiled_fullgraph_gpu(family):
+def test_models_with_fp32_wgrad_compiled_fullgraph_gpu(family, impl):
     torch._dynamo.reset()
-    _check_models(family, "cuda", compile=True)
+    _check_models(family, "cuda", compile=True, impl=impl)
 
 
 def test_fp32_wgrad_traced_by_torch_compile_on_the_cpu():
@@ -158,6 +186,10 @@ COPY_KERNELS = {
     "gpt2 ops": KernelConfig.reference().replace(linear="fp32_wgrad", gelu="cublaslt", cross_entropy="triton"),
     "qwen2 ops": KernelConfig.reference().replace(linear="fp32_wgrad", swiglu="fused_linear", cross_entropy="fused_linear"),
     "qwen2 recompute": KernelConfig.reference().replace(swiglu="fused_linear_recompute", cross_entropy="fused_linear"),
+    "gpt2 ops tuned": KernelConfig.reference().replace(linear="tuned", gelu="cublaslt", cross_entropy="triton"),
+    "qwen2 recompute tuned": KernelConfig.reference().replace(
+        linear="tuned", swiglu="fused_linear_recompute", cross_entropy="fused_linear"
+    ),
 }
 
 
@@ -175,7 +207,7 @@ def test_every_linear_reads_its_weight_copy(family, kernels):
     """With copies equal to the casts, loss and gradients are bit for bit those without copies (the
     gradients still reach the fp32 weights); a changed copy changes the loss, for every `Linear`
     (the tied head, GPT-2's MLP op and Qwen2's down projection op included): each one reads it."""
-    if family == "gpt2" and kernels.startswith("qwen2") or family == "qwen2" and kernels == "gpt2 ops":
+    if family == "gpt2" and kernels.startswith("qwen2") or family == "qwen2" and kernels.startswith("gpt2"):
         pytest.skip("the other family's ops")
     from src.models.components import attach_weight_copies
 

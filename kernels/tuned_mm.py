@@ -1,0 +1,132 @@
+"""tuned_mm: a GEMM that runs, for its shape, the faster of cuBLAS's own pick and cuBLASLt's best.
+
+    out (M, N) = a (M, K) @ b (K, N) [+ bias (N,)]      fp32 accumulation, out in `out_dtype`
+
+`torch.mm` runs the kernel cuBLAS's heuristic picks for a shape, untimed. For our projection GEMMs
+that pick is often not the fastest kernel the library has: timed one by one on an H200
+(benchmarks/probe_projection_gemms.py), the fastest of cuBLASLt's heuristic candidates ran
+Qwen2-0.5B's down projection's input gradient 17.8% faster than `torch.mm`, its gate_up forward
+6.8%, GPT-2's qkv forward 6.7%, and lost by 2-3% on a few others. PyTorch's TunableOp would time
+alternatives, but on CUDA builds it offers only cuBLAS's default. So the first call for a key
+(shapes, strides, dtypes, bias, alignment, device) plans cuBLASLt's fastest candidate
+(kernels/cublaslt.py times them), then times it against torch's call, three rounds of queued runs
+each, interleaved (`cublaslt.time_ms`), and every later call for the key runs the winner.
+
+Where it runs: CUDA, fp16 / bf16 operands of one dtype (what `kernels.linear: tuned` hands it).
+Elsewhere (the CPU, fp32) `mm_out` is torch's matmul, so CPU tests check the wiring and the GPU
+tests the picks.
+
+Limits:
+- The pick is made by timing, so two processes can pick different kernels for a shape whose two
+  candidates are within noise of each other. cuBLAS's kernels differ in summation order (split-K),
+  so results may then differ in the last bits between processes: a resumed run matches an
+  uninterrupted one bit for bit only with `kernels.linear: fp32_wgrad` or `torch`.
+- Nothing can be timed during a CUDA graph capture: a key first seen there runs torch's call
+  (not remembered). torch.compile's CUDA graphs run each graph once before capturing it, which
+  times the step's keys.
+- Each key costs about 50 GEMMs of timing once (a few ms for a model's dozen shapes).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from kernels import cublaslt
+
+_ROUNDS = 3  # interleaved timing rounds per candidate; the best round counts
+_lock = threading.Lock()
+_picks: dict[tuple, str] = {}  # key -> "torch" | "cublaslt"
+
+
+# -- host launchers -------------------------------------------------------------------------------
+
+
+def _torch_mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    """torch's matmul: cuBLAS writes `out_dtype` from the fp32 accumulator (an fp32 weight gradient
+    from bf16 operands needs no cast kernel); on the CPU the same math on operands upcast to fp32."""
+    if out_dtype == a.dtype:
+        return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    if a.is_cuda and out_dtype == torch.float32:
+        out = torch.mm(a, b, out_dtype=torch.float32)
+    else:
+        out = torch.mm(a.float(), b.float()).to(out_dtype)
+    return out if bias is None else out.add_(bias)
+
+
+def _cublaslt_mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+    epilogue = cublaslt.EPILOGUE_BIAS if bias is not None else cublaslt.EPILOGUE_DEFAULT
+    return cublaslt.gemm(a, b, out, epilogue, bias=bias)
+
+
+def _pick(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None) -> str:
+    """"torch" or "cublaslt" for this call's key: timed on its first call (see the module docstring)."""
+    key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, out_dtype, None if bias is None else bias.dtype,
+           cublaslt.alignment(a, b, bias), a.device)  # fmt: skip
+    pick = _picks.get(key)
+    if pick is not None:
+        return pick
+    if torch.cuda.is_current_stream_capturing():
+        return "torch"
+    try:
+        _cublaslt_mm(a, b, out_dtype, bias)  # plans the key: times cuBLASLt's candidates, keeps the fastest
+    except cublaslt.CublasLtUnsupported:
+        _picks[key] = "torch"
+        return "torch"
+    torch_ms = lt_ms = float("inf")
+    for _ in range(_ROUNDS):
+        torch_ms = min(torch_ms, cublaslt.time_ms(lambda: _torch_mm(a, b, out_dtype, bias)))
+        lt_ms = min(lt_ms, cublaslt.time_ms(lambda: _cublaslt_mm(a, b, out_dtype, bias)))
+    _picks[key] = "cublaslt" if lt_ms < torch_ms else "torch"
+    return _picks[key]
+
+
+def _tuned_mm_launch(
+    a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None
+) -> torch.Tensor:
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype:
+        with _lock:
+            pick = _pick(a, b, out_dtype, bias)
+        if pick == "cublaslt":
+            return _cublaslt_mm(a, b, out_dtype, bias)
+    return _torch_mm(a, b, out_dtype, bias)
+
+
+# -- registration ---------------------------------------------------------------------------------
+
+# `custom_op` (opaque to torch.compile): the body calls cuBLASLt through ctypes, which Dynamo cannot
+# trace; Inductor schedules it as one extern call, as it schedules aten.mm.
+_tuned_mm = torch.library.custom_op("kernels::tuned_mm", _tuned_mm_launch, mutates_args=())
+
+
+@_tuned_mm.register_fake
+def _(a, b, out_dtype, bias):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+# -- functional -----------------------------------------------------------------------------------
+
+
+def mm_out(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    dtype: torch.dtype,
+    tuned: bool = False,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """a (M, K) @ b (K, N) [+ bias (N,)] returned in `dtype` from an fp32 accumulator (M, N).
+
+    `tuned`: the faster of cuBLAS's pick and cuBLASLt's candidates for this shape (the module's
+    docstring); torch's matmul where that cannot run (the CPU, fp32). Operands may be transposed
+    views (`w.t()`); without autograd (callers are ops with their own backward)."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"mm_out: a (M, K) @ b (K, N) expected, got {tuple(a.shape)} @ {tuple(b.shape)}")
+    if bias is not None and bias.shape != (b.shape[1],):
+        raise ValueError(f"mm_out: bias must be ({b.shape[1]},), got {tuple(bias.shape)}")
+    if bias is not None and bias.dtype != dtype:
+        raise ValueError(f"mm_out: bias is {bias.dtype} but the output {dtype}; cast the bias first")
+    if tuned and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype:
+        return _tuned_mm(a, b, dtype, bias)
+    return _torch_mm(a, b, dtype, bias)

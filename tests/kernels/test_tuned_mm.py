@@ -1,0 +1,146 @@
+"""`mm_out(..., tuned=True)` (kernels/tuned_mm.py): the faster of cuBLAS's pick and cuBLASLt's best.
+
+On the CPU the op is torch's matmul (cuBLASLt is CUDA only): these tests check its schema, errors
+and fallbacks there. The GPU tests check the picked kernels against torch.mm in every layout our
+linear layers use, the cache of picks, CUDA graph capture and torch.compile.
+"""
+
+import pytest
+import torch
+
+import kernels.tuned_mm as tuned_mm
+from kernels import mm_out
+
+
+def _operands(layout, M, N, K, device, dtype=torch.bfloat16):
+    """(a, b, out dtype) as our Linear lays them out (benchmarks/probe_projection_gemms.py)."""
+    if layout == "forward":  # x @ W.T, the weight read transposed
+        return torch.randn(M, K, device=device, dtype=dtype), torch.randn(N, K, device=device, dtype=dtype).t(), dtype
+    if layout == "input grad":  # dy @ W
+        return torch.randn(M, K, device=device, dtype=dtype), torch.randn(K, N, device=device, dtype=dtype), dtype
+    return torch.randn(K, M, device=device, dtype=dtype).t(), torch.randn(K, N, device=device, dtype=dtype), torch.float32
+
+
+LAYOUTS = ["forward", "input grad", "weight grad fp32"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tuned_is_torch_matmul_on_the_cpu(layout):
+    a, b, out_dtype = _operands(layout, 12, 10, 7, "cpu")
+    torch.testing.assert_close(mm_out(a, b, out_dtype, tuned=True), mm_out(a, b, out_dtype), rtol=0, atol=0)
+    assert mm_out(a, b, out_dtype, tuned=True).dtype == out_dtype
+
+
+def test_the_op_schema_and_fake_on_the_cpu():
+    """The registered op (what torch.compile sees) passes torch.library's checks: schema, fake
+    tensor, no aliasing."""
+    a, b = torch.randn(6, 5, dtype=torch.bfloat16), torch.randn(4, 5, dtype=torch.bfloat16).t()
+    bias = torch.randn(4, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.kernels.tuned_mm.default, (a, b, torch.bfloat16, bias))
+    torch.library.opcheck(torch.ops.kernels.tuned_mm.default, (a, b, torch.float32, None))
+
+
+def test_bias_is_added_in_the_output_dtype():
+    a, b = torch.randn(6, 5), torch.randn(5, 4)
+    bias = torch.randn(4)
+    torch.testing.assert_close(mm_out(a, b, torch.float32, tuned=True, bias=bias), a @ b + bias)
+
+
+def test_bad_operands_name_the_problem():
+    a, b = torch.randn(6, 5), torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"a \(M, K\) @ b \(K, N\) expected, got \(6, 5\) @ \(4, 3\)"):
+        mm_out(a, b, torch.float32, tuned=True)
+    with pytest.raises(ValueError, match=r"a \(M, K\) @ b \(K, N\) expected"):
+        mm_out(torch.randn(2, 6, 5), torch.randn(5, 3), torch.float32)
+    with pytest.raises(ValueError, match=r"bias must be \(3,\), got \(4,\)"):
+        mm_out(torch.randn(6, 5), torch.randn(5, 3), torch.float32, bias=torch.randn(4))
+    with pytest.raises(ValueError, match="bias is torch.bfloat16 but the output torch.float32; cast the bias"):
+        mm_out(torch.randn(6, 5), torch.randn(5, 3), torch.float32, bias=torch.randn(3, dtype=torch.bfloat16))
+
+
+# -- GPU ------------------------------------------------------------------------------------------
+
+
+def _reference(a, b, out_dtype, bias=None):
+    out = torch.mm(a.float(), b.float()) + (bias.float() if bias is not None else 0)
+    return out.to(out_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(4096, 1152, 896), (2048, 4864, 896), (123, 77, 45)], ids=str)
+def test_tuned_matches_torch_in_every_layout_gpu(layout, shape):
+    """Both candidates compute the same GEMM in fp32: the pick, whichever it is, agrees with the
+    fp32 math of the same operands to bf16 (fp32) rounding, and is remembered for the key."""
+    M, N, K = shape if layout != "weight grad fp32" else (shape[1], shape[2], shape[0])
+    a, b, out_dtype = _operands(layout, M, N, K, "cuda")
+    tuned_mm._picks.clear()
+    out = mm_out(a, b, out_dtype, tuned=True)
+    assert out.shape == (M, N) and out.dtype == out_dtype and out.is_contiguous()
+    tol = dict(rtol=1e-5, atol=1e-4) if out_dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)
+    torch.testing.assert_close(out, _reference(a, b, out_dtype), **tol)
+    assert list(tuned_mm._picks.values()) in (["torch"], ["cublaslt"])
+    again = mm_out(a, b, out_dtype, tuned=True)  # the cached pick: the same kernel, the same bits
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    assert len(tuned_mm._picks) == 1
+
+
+@pytest.mark.gpu
+def test_tuned_with_bias_gpu():
+    a, b, _ = _operands("forward", 1024, 1152, 896, "cuda")
+    bias = torch.randn(1152, device="cuda", dtype=torch.bfloat16)
+    out = mm_out(a, b, torch.bfloat16, tuned=True, bias=bias)
+    torch.testing.assert_close(out, _reference(a, b, torch.bfloat16, bias), rtol=1.6e-2, atol=3e-2)
+
+
+@pytest.mark.gpu
+def test_each_candidate_computes_the_gemm_gpu():
+    """The two candidates the op times, each forced: both agree with fp32 math (a pick cannot
+    trade correctness for speed)."""
+    a, b, out_dtype = _operands("input grad", 2048, 4864, 896, "cuda")
+    expected = _reference(a, b, out_dtype)
+    for candidate in (tuned_mm._torch_mm, tuned_mm._cublaslt_mm):
+        torch.testing.assert_close(candidate(a, b, out_dtype, None), expected, rtol=1.6e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_a_key_first_seen_in_a_cuda_graph_capture_runs_torch_and_is_not_remembered_gpu():
+    a, b, out_dtype = _operands("forward", 512, 384, 256, "cuda")
+    tuned_mm._picks.clear()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph):
+            out = mm_out(a, b, out_dtype, tuned=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert not tuned_mm._picks
+    a.copy_(torch.randn_like(a))
+    graph.replay()
+    torch.testing.assert_close(out, _reference(a, b, out_dtype), rtol=1.6e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_a_key_timed_before_capture_replays_its_pick_in_a_cuda_graph_gpu():
+    a, b, out_dtype = _operands("input grad", 1024, 4864, 896, "cuda")
+    tuned_mm._picks.clear()
+    mm_out(a, b, out_dtype, tuned=True)  # timed here, as torch.compile's CUDA graphs warm up first
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph):
+            out = mm_out(a, b, out_dtype, tuned=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    b.copy_(torch.randn_like(b))
+    graph.replay()
+    torch.testing.assert_close(out, _reference(a, b, out_dtype), rtol=1.6e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_compiled_fullgraph_gpu():
+    torch._dynamo.reset()
+    a, b, _ = _operands("forward", 1024, 768, 512, "cuda")
+    bias = torch.randn(768, device="cuda", dtype=torch.bfloat16)
+    fn = torch.compile(lambda a, b, bias: torch.relu(mm_out(a, b, torch.bfloat16, tuned=True, bias=bias)), fullgraph=True)
+    torch.testing.assert_close(fn(a, b, bias), torch.relu(_reference(a, b, torch.bfloat16, bias)), rtol=1.6e-2, atol=3e-2)
