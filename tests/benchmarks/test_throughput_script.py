@@ -33,6 +33,17 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
     n_copy = 1 + (family == "qwen2")  # the bf16 weight-copy rows
     n_grads = 2 + (family == "qwen2")  # and with bf16 gradients in the copies, last
     n_best_ablations += n_lean + n_copy + n_grads
+    # last, the memory-lean rows again with every GEMM of the blocks on its timed pick (linear=tuned)
+    n_tuned = 3 + 2 * (family == "qwen2")
+    all_variants = {v.name: v for v in throughput.our_variants(family, "none")}
+    for name in names[-n_tuned:]:
+        variant = all_variants[name]
+        assert name.endswith(" linear=tuned") and variant.kernels["linear"] == "tuned", name
+        assert variant.optimizer_state == "bfloat16" and variant.compile_mode == "reduce-overhead", name
+        untuned = all_variants.get(name.removesuffix(" linear=tuned"))
+        if untuned is not None:  # the same row but for the GEMMs
+            assert dict(untuned.kernels, linear="tuned") == variant.kernels and untuned.weight_copy == variant.weight_copy
+    names = names[:-n_tuned]
     assert names[-6 - n_best_ablations:-n_best_ablations] == [
         "optimized +selective AC", "optimized +CUDA graphs", "reference+compile whole model",
         "optimized +whole-model compile", best, f"{best} optimizer=torch"]
@@ -72,7 +83,7 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
     cfg = throughput.train_config(throughput.parse_args([]), grads[-1], 10, "unused")
     assert cfg.optimizer.bf16_weight_copy and cfg.optimizer.bf16_grads
     accumulating = [v.name for v in throughput.our_variants(family, "none", grad_accum=2)]
-    assert not any(name.endswith("+bf16 grads") for name in accumulating)  # refused with accumulation
+    assert not any("+bf16 grads" in name for name in accumulating)  # refused with accumulation
     with_layers = {v.name: v for v in throughput.our_variants(family, "none", ac_layers=(3,))}
     if family == "qwen2":
         partial = with_layers[f"{best} +bf16 moments swiglu=fused_linear_recompute +selective AC on 3 blocks"]
