@@ -57,12 +57,19 @@ class Gemm:
         return 2 * self.M * self.N * self.K
 
 
-def projection_gemms(model: str, tokens: int | None = None) -> list[Gemm]:
-    """The three GEMMs of every distinct projection in the first block of `model` (a MODELS key)."""
+def projection_gemms(model: str, tokens: int | None = None, head_chunk: int = 0) -> list[Gemm]:
+    """The three GEMMs of every distinct projection in the first block of `model` (a MODELS key);
+    with `head_chunk`, also the LM head's two plain GEMMs per chunk of that many tokens in the fused
+    loss (logits = h @ W.T and dh = G @ W; its weight gradient accumulates in place, not probed)."""
     path, default_tokens = MODELS[model]
     tokens = tokens or default_tokens
     with torch.device("meta"):
         net = AutoModelForCausalLM.from_config(load_model_config(str(REPO / path)))
+    vocab, hidden = net.lm_head.weight.shape
+    head = [
+        Gemm(model, "lm_head chunk", "forward", head_chunk, vocab, hidden),
+        Gemm(model, "lm_head chunk", "input grad", head_chunk, hidden, vocab),
+    ] if head_chunk else []
     gemms = []
     for name, module in net.layers[0].named_modules():
         if not isinstance(module, torch.nn.Linear):
@@ -73,7 +80,7 @@ def projection_gemms(model: str, tokens: int | None = None) -> list[Gemm]:
             Gemm(model, name, "input grad", tokens, in_features, out_features),  # dy @ W
             Gemm(model, name, "weight grad fp32", out_features, in_features, tokens),  # dy.T @ x
         ]
-    return gemms
+    return gemms + head
 
 
 def operands(g: Gemm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
@@ -100,7 +107,7 @@ def run(args) -> None:
     header = f"{'model':11s} {'layer':22s} {'case':17s} {'M x N x K':>20s} {'torch.mm':>16s} {'cuBLASLt best':>16s}  gain"
     print(header, flush=True)
     for model in args.models:
-        for g in projection_gemms(model):
+        for g in projection_gemms(model, head_chunk=args.head_chunk):
             a, b, out_dtype = operands(g, device)
             out = torch.empty(g.M, g.N, device=device, dtype=out_dtype)
             torch_ms = do_bench(lambda: torch.mm(a, b, out_dtype=out_dtype), warmup=25, rep=200)
@@ -124,12 +131,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--candidates", type=int, default=32, help="algorithms asked of cuBLASLt's heuristic per GEMM")
+    p.add_argument("--head-chunk", type=int, default=2048, metavar="TOKENS",
+                   help="also the LM head's GEMMs per fused-loss chunk of this many tokens (0: none)")
     p.add_argument("--list", action="store_true", help="print the GEMMs and exit (no GPU needed)")
     p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args()
     if args.list:
         for model in args.models:
-            for g in projection_gemms(model):
+            for g in projection_gemms(model, head_chunk=args.head_chunk):
                 print(f"{g.model:11s} {g.layer:22s} {g.case:17s} {g.M} x {g.N} x {g.K}  {g.flops / 1e9:.1f} GFLOP")
         return
     if not torch.cuda.is_available():

@@ -47,4 +47,5 @@ def test_operands_multiply_to_the_output_shape(model):
 def test_list_runs_without_a_gpu():
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "probe_projection_gemms.py"), "--list",
                           "--models", "gpt_125m"], capture_output=True, text=True, check=True).stdout
-    assert "attn.qkv" in out and "16384 x 2304 x 768" in out and len(out.strip().splitlines()) == 12
+    assert "attn.qkv" in out and "16384 x 2304 x 768" in out and len(out.strip().splitlines()) == 12 + 2
+    assert "lm_head chunk          forward           2048 x 50304 x 768" in out  # the loss head's GEMMs per chunk
