@@ -77,7 +77,9 @@ def test_tuned_matches_torch_in_every_layout_gpu(layout, shape):
     tuned_mm._picks.clear()
     out = mm_out(a, b, out_dtype, tuned=True)
     assert out.shape == (M, N) and out.dtype == out_dtype and out.is_contiguous()
-    tol = dict(rtol=1e-5, atol=1e-4) if out_dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)
+    # fp32 outputs: sums of K products of unit normals, |out| ~ sqrt(K); another summation order
+    # (split-K) moves them by ~sqrt(K) * |out| * 2^-24, 2.5e-4 at K = 4096 (seen on an H100)
+    tol = dict(rtol=1e-5, atol=K**0.5 * 2.5e-5) if out_dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)
     torch.testing.assert_close(out, _reference(a, b, out_dtype), **tol)
     assert list(tuned_mm._picks.values()) in (["torch"], ["cublaslt"])
     again = mm_out(a, b, out_dtype, tuned=True)  # the cached pick: the same kernel, the same bits
