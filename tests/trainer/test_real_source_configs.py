@@ -35,14 +35,14 @@ def test_real_source_config_loads(path, tmp_path):
 
 def test_the_12_gib_qwen2_config_is_the_measured_row():
     """configs/train/pretrain_fineweb_qwen2_0.5b.yaml is what benchmarks/throughput.py measured as
-    `... +bf16 moments swiglu=fused_linear_recompute +bf16 weight copy`: the same kernels, compile and
-    optimizer state, so the numbers quoted in its header stay its own."""
+    `... +bf16 moments swiglu=fused_linear_recompute +bf16 weight copy linear=tuned`: the same kernels,
+    compile and optimizer state, so the numbers quoted in its header stay its own."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import throughput
 
     cfg = load_config("configs/train/pretrain_fineweb_qwen2_0.5b.yaml", [], task="pretrain")
     row = {v.name: v for v in throughput.our_variants("qwen2", "none")}[
-        "optimized +whole-model +CUDA graphs +bf16 moments swiglu=fused_linear_recompute +bf16 weight copy"]
+        "optimized +whole-model +CUDA graphs +bf16 moments swiglu=fused_linear_recompute +bf16 weight copy linear=tuned"]
     kernels = {k: v for k, v in dataclasses.asdict(cfg.kernels).items() if k in row.kernels}
     assert kernels == row.kernels
     assert (cfg.compile, cfg.compile_scope, cfg.compile_mode) == (True, row.compile_scope, row.compile_mode)
