@@ -105,17 +105,21 @@ def test_each_candidate_computes_the_gemm_gpu():
         torch.testing.assert_close(candidate(a, b, out_dtype, None), expected, rtol=1.6e-2, atol=2e-2)
 
 
+def _captured(fn):
+    """(graph, fn's output) with fn captured in a CUDA graph on a side stream."""
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph, out
+
+
 @pytest.mark.gpu
 def test_a_key_first_seen_in_a_cuda_graph_capture_runs_torch_and_is_not_remembered_gpu():
     a, b, out_dtype = _operands("forward", 512, 384, 256, "cuda")
     tuned_mm._picks.clear()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph):
-            out = mm_out(a, b, out_dtype, tuned=True)
-    torch.cuda.current_stream().wait_stream(stream)
+    graph, out = _captured(lambda: mm_out(a, b, out_dtype, tuned=True))
     assert not tuned_mm._picks
     a.copy_(torch.randn_like(a))
     graph.replay()
@@ -127,13 +131,7 @@ def test_a_key_timed_before_capture_replays_its_pick_in_a_cuda_graph_gpu():
     a, b, out_dtype = _operands("input grad", 1024, 4864, 896, "cuda")
     tuned_mm._picks.clear()
     mm_out(a, b, out_dtype, tuned=True)  # timed here, as torch.compile's CUDA graphs warm up first
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph):
-            out = mm_out(a, b, out_dtype, tuned=True)
-    torch.cuda.current_stream().wait_stream(stream)
+    graph, out = _captured(lambda: mm_out(a, b, out_dtype, tuned=True))
     b.copy_(torch.randn_like(b))
     graph.replay()
     torch.testing.assert_close(out, _reference(a, b, out_dtype), rtol=1.6e-2, atol=2e-2)
