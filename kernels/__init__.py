@@ -20,7 +20,27 @@ device until an op is called.
 
 import torch
 
+from kernels import cublaslt, tuned_mm
 from kernels.tuned_mm import mm_out  # noqa: F401 (the GEMM every op calls; `tuned` picks the kernel by timing)
+
+GEMM_PICKS_FORMAT = 1
+
+
+def gemm_picks_state() -> dict:
+    """The GEMM kernels this process chose by timing (`tuned_mm`'s picks and cuBLASLt's algorithms,
+    by shape key), for a checkpoint: restored with `restore_gemm_picks`, a resumed run computes with
+    the same kernels, so in the same summation order, as the run it continues."""
+    return {"format": GEMM_PICKS_FORMAT, "tuned_mm": tuned_mm.picks_state(), "cublaslt": cublaslt.picks_state()}
+
+
+def restore_gemm_picks(state: dict) -> int:
+    """Use the picks of `gemm_picks_state()` from an earlier process for the keys it timed: they run
+    the same kernels here, untimed. Returns how many picks were given; a ValueError names what is
+    wrong with a state of another form."""
+    if not isinstance(state, dict) or state.get("format") != GEMM_PICKS_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"GEMM picks of format {found!r}, expected {GEMM_PICKS_FORMAT} (from gemm_picks_state())")
+    return tuned_mm.restore_picks(state.get("tuned_mm", {})) + cublaslt.restore_picks(state.get("cublaslt", {}))
 
 
 def num_sms(device: torch.device) -> int:

@@ -22,7 +22,11 @@ run along N (the features), as a linear layer's do.
 The library is the one PyTorch itself loaded (found in the process's memory map after the first
 CUDA matmul), so versions cannot mix. Descriptors and the algorithm are cached per shape, layout,
 dtype, epilogue and alignment; the first call of each times the heuristic's candidates and keeps
-the fastest (as PyTorch's TunableOp does for plain GEMMs). A call sets the pointers and launches
+the fastest (as PyTorch's TunableOp does for plain GEMMs). The candidates differ in summation
+order, so a restarted process could keep another one and round differently: `picks_state` gives
+the algorithms chosen (cuBLASLt's algorithm structure is serializable by design, valid for the same
+library), a checkpoint stores them, and `restore_picks` makes a resumed process take the same ones
+without timing (the Trainer does both). A call sets the pointers and launches
 on PyTorch's current stream with a workspace from PyTorch's allocator, so it can be captured in a
 CUDA graph. Every status is checked; a configuration the library has no kernel for raises
 `CublasLtUnsupported`, which callers catch to fall back to the unfused PyTorch path.
@@ -33,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
+import warnings
 
 import torch
 
@@ -60,6 +65,7 @@ _CUDA_TYPES = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 14}  # cudaDa
 _OP_N, _OP_T = 0, 1
 _WORKSPACE_BYTES = 32 * 1024 * 1024  # what cuBLAS asks for on Hopper
 _HEURISTIC_BYTES = 96  # sizeof(cublasLtMatmulHeuristicResult_t): algo (64), workspaceSize, state, wavesCount, reserved[4]
+_ALGO_BYTES = 64  # sizeof(cublasLtMatmulAlgo_t), the heuristic result's first field
 _CANDIDATES = 8  # algorithms asked of the heuristic and timed once per plan
 
 
@@ -71,6 +77,7 @@ _lock = threading.Lock()
 _lib = None
 _handles: dict[int, ctypes.c_void_p] = {}
 _plans: dict[tuple, tuple | str] = {}  # a str: why cuBLASLt has no kernel for that key
+_saved_algos: dict[str, str] = {}  # key_str -> the algorithm's bytes (hex) a checkpoint holds (`restore_picks`)
 
 
 def _find_library() -> str:
@@ -152,6 +159,41 @@ def alignment(*tensors: torch.Tensor | None) -> int:
             while t.data_ptr() % align:
                 align //= 2
     return align
+
+
+def key_str(key: tuple) -> str:
+    """A cache key (shapes, strides, dtypes, flags, device) as a string that means the same in another
+    process: the device by its model name (a pick is valid on the same kind of GPU, not on another)."""
+    parts = []
+    for item in key:
+        if isinstance(item, torch.device):
+            parts.append(torch.cuda.get_device_name(item) if item.type == "cuda" else item.type)
+        elif isinstance(item, torch.dtype):
+            parts.append(str(item).removeprefix("torch."))
+        elif isinstance(item, tuple):  # torch.Size too
+            parts.append(str(tuple(item)))
+        else:
+            parts.append(str(item))
+    return "|".join(parts)
+
+
+def _algo_hex(plan: tuple) -> str:
+    return bytes(plan[4])[:_ALGO_BYTES].hex()
+
+
+def picks_state() -> dict[str, str]:
+    """{key_str: the chosen algorithm's bytes in hex} of every plan made in this process."""
+    return {key_str(key): _algo_hex(plan) for key, plan in _plans.items() if not isinstance(plan, str)}
+
+
+def restore_picks(state: dict[str, str]) -> int:
+    """Take `picks_state()` of an earlier process: a key planned from now on uses the saved
+    algorithm, untimed, where the heuristic still offers it (else it is timed again, with a
+    warning). Returns how many picks were given."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in state.items()):
+        raise ValueError("cuBLASLt picks: expected {key: algorithm hex} strings, as picks_state() returns")
+    _saved_algos.update(state)
+    return len(state)
 
 
 def _launch(plan, a, b, out, bias, aux) -> None:
@@ -265,7 +307,15 @@ def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bi
     if not candidates:
         name = _NAMES.get(epilogue, epilogue)
         raise CublasLtUnsupported(f"cuBLASLt's heuristic for epilogue {name} returned no usable algorithm")
-    plan = _fastest(candidates, tensors) if len(candidates) > 1 else candidates[0]
+    saved = _saved_algos.get(key_str(key)) if _saved_algos else None
+    restored = [plan for plan in candidates if _algo_hex(plan) == saved] if saved is not None else []
+    if saved is not None and not restored:
+        warnings.warn(f"cuBLASLt no longer offers the algorithm a checkpoint picked for {key_str(key)} (another "
+                      "library version?): timing the candidates again; results may differ in the last bits")
+    if restored:
+        plan = restored[0]
+    else:
+        plan = _fastest(candidates, tensors) if len(candidates) > 1 else candidates[0]
     _plans[key] = plan
     return plan
 

@@ -16,14 +16,18 @@ Where it runs: CUDA, fp16 / bf16 operands of one dtype (what `kernels.linear: tu
 Elsewhere (the CPU, fp32) `mm_out` is torch's matmul, so CPU tests check the wiring and the GPU
 tests the picks.
 
+Picks and resume: the pick is made by timing, so two processes can pick different kernels for a
+shape whose two candidates are within noise of each other, and cuBLAS's kernels differ in
+summation order (split-K), so results would then differ in the last bits. `picks_state()` holds
+this process's picks by key; a checkpoint stores them (with cuBLASLt's algorithms,
+`cublaslt.picks_state`), and `restore_picks` makes a resumed process take the same kernels for
+those keys without timing them: a resumed run then matches an uninterrupted one bit for bit, as
+with `fp32_wgrad`. (With several ranks each rank times, saves and restores its own picks.)
+
 Limits:
-- The pick is made by timing, so two processes can pick different kernels for a shape whose two
-  candidates are within noise of each other. cuBLAS's kernels differ in summation order (split-K),
-  so results may then differ in the last bits between processes: a resumed run matches an
-  uninterrupted one bit for bit only with `kernels.linear: fp32_wgrad` or `torch`.
 - Nothing can be timed during a CUDA graph capture: a key first seen there runs torch's call
-  (not remembered). torch.compile's CUDA graphs run each graph once before capturing it, which
-  times the step's keys.
+  (not remembered), unless a checkpoint's pick is known for it. torch.compile's CUDA graphs run
+  each graph once before capturing it, which times the step's keys.
 - Each key is timed once: up to 8 cuBLASLt candidates x 3 rounds x 6 runs, then 3 rounds x 6
   runs of each of the two finalists, about 180 GEMMs (tens of ms for a model's dozen shapes).
 """
@@ -39,6 +43,8 @@ from kernels import cublaslt
 _ROUNDS = 3  # interleaved timing rounds per candidate; the best round counts
 _lock = threading.Lock()
 _picks: dict[tuple, str] = {}  # key -> "torch" | "cublaslt"
+_saved: dict[str, str] = {}  # cublaslt.key_str(key) -> pick, from a checkpoint (`restore_picks`)
+_PICKS = ("torch", "cublaslt")
 
 
 # -- host launchers -------------------------------------------------------------------------------
@@ -62,12 +68,20 @@ def _cublaslt_mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, bias:
     return cublaslt.gemm(a, b, out, epilogue, bias=bias)
 
 
+def _key(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None) -> tuple:
+    return (a.shape, a.stride(), b.shape, b.stride(), a.dtype, out_dtype, None if bias is None else bias.dtype,
+            cublaslt.alignment(a, b, bias), a.device)  # fmt: skip
+
+
 def _pick(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None) -> str:
     """"torch" or "cublaslt" for this call's key: timed on its first call (see the module docstring)."""
-    key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, out_dtype, None if bias is None else bias.dtype,
-           cublaslt.alignment(a, b, bias), a.device)  # fmt: skip
+    key = _key(a, b, out_dtype, bias)
     pick = _picks.get(key)
     if pick is not None:
+        return pick
+    pick = _saved.get(cublaslt.key_str(key)) if _saved else None
+    if pick is not None:  # a checkpoint's pick: the same kernel as before the restart, untimed
+        _picks[key] = pick
         return pick
     if torch.cuda.is_current_stream_capturing():
         return "torch"
@@ -91,8 +105,25 @@ def _tuned_mm_launch(
         with _lock:
             pick = _pick(a, b, out_dtype, bias)
         if pick == "cublaslt":
-            return _cublaslt_mm(a, b, out_dtype, bias)
+            try:
+                return _cublaslt_mm(a, b, out_dtype, bias)
+            except cublaslt.CublasLtUnsupported:  # a restored pick this library cannot run
+                _picks[_key(a, b, out_dtype, bias)] = "torch"
     return _torch_mm(a, b, out_dtype, bias)
+
+
+def picks_state() -> dict[str, str]:
+    """{cublaslt.key_str(key): "torch" | "cublaslt"} of every key timed (or restored) in this process."""
+    return {cublaslt.key_str(key): pick for key, pick in _picks.items()}
+
+
+def restore_picks(state: dict[str, str]) -> int:
+    """Take `picks_state()` of an earlier process: a key first seen from now on runs the saved pick,
+    untimed. Returns how many picks were given."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and v in _PICKS for k, v in state.items()):
+        raise ValueError(f"tuned_mm picks: expected {{key: one of {_PICKS}}}, as picks_state() returns")
+    _saved.update(state)
+    return len(state)
 
 
 # -- registration ---------------------------------------------------------------------------------

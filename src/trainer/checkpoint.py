@@ -5,7 +5,8 @@ A checkpoint is a directory `<run_dir>/checkpoints/step_00001000/` holding
     .metadata, __*_*.distcp    model and optimizer state, sharded by torch.distributed.checkpoint
                                (each rank writes its own shards; loading reshards, so a
                                checkpoint of 2 ranks resumes on 1 or on 8)
-    rank_00000.pt ...          per rank: the data-loader position and the RNG states
+    rank_00000.pt ...          per rank: the data-loader position, the RNG states and the GEMM
+                               kernels picked by timing (kernels.gemm_picks_state)
     meta.json                  step, tokens seen, the LR schedule, world size, the train and
                                model configs, the metrics-run id (written last)
 

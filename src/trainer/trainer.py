@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from kernels import gemm_picks_state, restore_gemm_picks
 from src.models.components import gradient_copies, refresh_weight_copies, weight_copies
 from src.utils.config import to_dict
 from src.utils.distributed import DistInfo, all_reduce_sum, any_rank, broadcast_object, min_over_ranks, sum_over_ranks
@@ -186,11 +187,25 @@ class Trainer:
             if rank_state.get("data") is not None and hasattr(self.train_loader, "load_state_dict"):
                 self.train_loader.load_state_dict(rank_state["data"])
             set_rng_state(rank_state["rng"])
+            self._restore_gemm_picks(rank_state.get("gemm_picks"), path)
         elif self.info.is_rank0:
             print(f"warning: {path} was written by {meta.get('world_size')} rank(s), this run has "
                   f"{self.info.world_size}: model and optimizer resume exactly, the data order restarts", flush=True)
         self._last_saved_step = self.step
         return meta.get("run_id"), path
+
+    def _restore_gemm_picks(self, state: dict | None, path: str) -> None:
+        """The GEMM kernels the saved run chose by timing (`kernels.linear: tuned`, cuBLASLt's
+        epilogue GEMMs), so that this run computes in the same summation order. Without them (a
+        checkpoint of an older version) or with unreadable ones, the GEMMs are timed again: the run
+        goes on, matching the uninterrupted one to rounding instead of bit for bit."""
+        if state is None:
+            return
+        try:
+            restore_gemm_picks(state)
+        except ValueError as e:
+            print(f"warning: rank {self.info.rank}: {path}: the GEMM picks are not usable ({e}); the GEMMs are "
+                  "timed again, so results may differ from the saved run's in the last bits", flush=True)
 
     # -- one optimizer step --------------------------------------------------------------------
 
@@ -423,7 +438,7 @@ class Trainer:
             "model_config": to_dict(self.bare.config),
         }
         data_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
-        rank_state = {"data": data_state, "rng": rng_state()}
+        rank_state = {"data": data_state, "rng": rng_state(), "gemm_picks": gemm_picks_state()}
         path = self.ckpt.save(self.step, self.model, self.optimizer, meta, rank_state)
         self._last_saved_step = self.step
         self.logger.info(f"saved checkpoint {path}")

@@ -1,13 +1,16 @@
 """`mm_out(..., tuned=True)` (kernels/tuned_mm.py): the faster of cuBLAS's pick and cuBLASLt's best.
 
 On the CPU the op is torch's matmul (cuBLASLt is CUDA only): these tests check its schema, errors
-and fallbacks there. The GPU tests check the picked kernels against torch.mm in every layout our
-linear layers use, the cache of picks, CUDA graph capture and torch.compile.
+and fallbacks there, and the picks kept across processes. The GPU tests check the picked kernels
+against torch.mm in every layout our linear layers use, the cache of picks, CUDA graph capture,
+torch.compile, and picks restored from an earlier process's state.
 """
 
 import pytest
 import torch
 
+import kernels
+import kernels.cublaslt as cublaslt
 import kernels.tuned_mm as tuned_mm
 from kernels import mm_out
 
@@ -144,3 +147,70 @@ def test_compiled_fullgraph_gpu():
     bias = torch.randn(768, device="cuda", dtype=torch.bfloat16)
     fn = torch.compile(lambda a, b, bias: torch.relu(mm_out(a, b, torch.bfloat16, tuned=True, bias=bias)), fullgraph=True)
     torch.testing.assert_close(fn(a, b, bias), torch.relu(_reference(a, b, torch.bfloat16, bias)), rtol=1.6e-2, atol=3e-2)
+
+
+# -- picks kept across processes (a checkpoint's `gemm_picks`) --------------------------------------
+
+
+@pytest.fixture
+def fresh_picks():
+    """Empty pick tables, as in a new process; the module's tables are put back afterwards."""
+    saved = (dict(tuned_mm._picks), dict(tuned_mm._saved), dict(cublaslt._plans), dict(cublaslt._saved_algos))
+    for table in (tuned_mm._picks, tuned_mm._saved, cublaslt._plans, cublaslt._saved_algos):
+        table.clear()
+    yield
+    for table, before in zip((tuned_mm._picks, tuned_mm._saved, cublaslt._plans, cublaslt._saved_algos), saved):
+        table.clear()
+        table.update(before)
+
+
+def test_a_restored_pick_is_taken_for_its_key_untimed(fresh_picks, monkeypatch):
+    """A pick from an earlier process's state (by key string) is used for that key without timing,
+    and is part of this process's state again (a second checkpoint keeps it)."""
+    a, b, out_dtype = _operands("forward", 12, 10, 7, "cpu")
+    key = tuned_mm._key(a, b, out_dtype, None)
+    name = cublaslt.key_str(key)
+    assert name.startswith("(12, 7)|(7, 1)|(7, 10)|(1, 7)|bfloat16|bfloat16|None|") and name.endswith("|cpu")
+    assert kernels.restore_gemm_picks({"format": 1, "tuned_mm": {name: "cublaslt"}, "cublaslt": {}}) == 1
+    monkeypatch.setattr(cublaslt, "time_ms", lambda fn: pytest.fail("a restored key was timed"))
+    assert tuned_mm._pick(a, b, out_dtype, None) == "cublaslt"
+    assert kernels.gemm_picks_state() == {"format": 1, "tuned_mm": {name: "cublaslt"}, "cublaslt": {}}
+
+
+def test_picks_of_another_form_are_refused_by_name(fresh_picks):
+    with pytest.raises(ValueError, match="GEMM picks of format 7, expected 1"):
+        kernels.restore_gemm_picks({"format": 7})
+    with pytest.raises(ValueError, match="GEMM picks of format 'list', expected 1"):
+        kernels.restore_gemm_picks([])
+    with pytest.raises(ValueError, match=r"tuned_mm picks: expected \{key: one of \('torch', 'cublaslt'\)\}"):
+        kernels.restore_gemm_picks({"format": 1, "tuned_mm": {"k": "fastest"}})
+    with pytest.raises(ValueError, match="cuBLASLt picks: expected"):
+        kernels.restore_gemm_picks({"format": 1, "cublaslt": {"k": 3}})
+    assert not tuned_mm._saved and not cublaslt._saved_algos
+
+
+@pytest.mark.gpu
+def test_restored_picks_run_the_same_kernels_untimed_gpu(fresh_picks, monkeypatch):
+    """Picks timed in one 'process', saved, and restored into empty tables: every GEMM (each layout,
+    a bias epilogue, and a GELU epilogue planned by cuBLASLt alone) runs untimed and gives the same
+    bits, so it ran the same kernel."""
+    cases = [_operands(layout, 2048, 4864, 896, "cuda") + (None,) for layout in LAYOUTS]
+    a, b, _ = _operands("forward", 1024, 1152, 896, "cuda")
+    cases.append((a, b, torch.bfloat16, torch.randn(1152, device="cuda", dtype=torch.bfloat16)))
+    first = [mm_out(a, b, out_dtype, tuned=True, bias=bias) for a, b, out_dtype, bias in cases]
+    aux = torch.empty(1024, 1152, device="cuda", dtype=torch.bfloat16)
+    gelu = cublaslt.gemm(a, b, torch.empty_like(aux), cublaslt.EPILOGUE_GELU_AUX, aux=aux)
+    state = kernels.gemm_picks_state()
+    assert len(state["tuned_mm"]) == 4 and len(state["cublaslt"]) >= 1
+
+    for table in (tuned_mm._picks, cublaslt._plans):  # a new process
+        table.clear()
+    assert kernels.restore_gemm_picks(state) == len(state["tuned_mm"]) + len(state["cublaslt"])
+    monkeypatch.setattr(cublaslt, "time_ms", lambda fn: pytest.fail("a restored key was timed"))
+    again = [mm_out(a, b, out_dtype, tuned=True, bias=bias) for a, b, out_dtype, bias in cases]
+    for out, out_again in zip(first, again):
+        torch.testing.assert_close(out_again, out, rtol=0, atol=0)
+    aux_again = torch.empty_like(aux)
+    gelu_again = cublaslt.gemm(a, b, torch.empty_like(aux), cublaslt.EPILOGUE_GELU_AUX, aux=aux_again)
+    torch.testing.assert_close(gelu_again, gelu, rtol=0, atol=0)
+    assert kernels.gemm_picks_state() == state

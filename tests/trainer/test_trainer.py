@@ -228,6 +228,38 @@ def test_resume_from_a_missing_or_incomplete_path_is_a_clear_error(tmp_path):
                 SyntheticLoader(4), None, CPU)
 
 
+def test_checkpoints_carry_the_gemm_picks_into_the_resumed_run(tmp_path, capsys):
+    """Each rank's file holds the GEMM kernels its process picked by timing (`kernels.linear: tuned`,
+    cuBLASLt's algorithms); a resume hands them to the kernels, and unreadable ones are a logged skip
+    (the GEMMs are timed again), not a failed resume."""
+    from kernels import cublaslt, tuned_mm
+    from src.trainer.checkpoint import rank_file_name
+
+    cfg = make_config(tmp_path / "picks", max_steps=2, checkpoint=CheckpointConfig(every=1, save_final=False,
+                                                                                   export_hf=False))
+    Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU).fit(until_step=1)
+    rank_file = os.path.join(list_checkpoints(str(tmp_path / "picks" / "checkpoints"))[-1], rank_file_name(0))
+    state = torch.load(rank_file, weights_only=False)
+    assert state["gemm_picks"]["format"] == 1  # the CPU times nothing: no picks, but the slot is there
+    state["gemm_picks"]["tuned_mm"] = {"(8, 4)|(4, 1)|key of the saved run": "cublaslt"}
+    torch.save(state, rank_file)
+    saved_before = dict(tuned_mm._saved)
+    try:
+        resumed = replace(cfg, checkpoint=CheckpointConfig(resume="auto", save_final=False, export_hf=False))
+        Trainer(resumed, tiny_model(), SyntheticLoader(4), None, CPU)
+        assert tuned_mm._saved["(8, 4)|(4, 1)|key of the saved run"] == "cublaslt"
+
+        state["gemm_picks"] = {"format": 0}
+        torch.save(state, rank_file)
+        trainer = Trainer(resumed, tiny_model(), SyntheticLoader(4), None, CPU)
+        assert "the GEMM picks are not usable (GEMM picks of format 0, expected 1 " in capsys.readouterr().out
+        assert trainer.step == 1 and trainer.fit() == "max_steps"
+    finally:
+        tuned_mm._saved.clear()
+        tuned_mm._saved.update(saved_before)
+        assert not cublaslt._saved_algos
+
+
 def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
     cfg = make_config(tmp_path / "fresh", max_steps=2)
     trainer = Trainer(replace(cfg, checkpoint=CheckpointConfig(resume="auto", export_hf=False)), tiny_model(),

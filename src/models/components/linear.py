@@ -23,8 +23,8 @@ its first `in` columns, and dy.T @ x_ext = [dW | db | 0 ...]: no separate pass o
 MLP ops, `swiglu_linear` and `gelu_mlp`) run by `kernels.tuned_mm`: per shape, the faster of
 cuBLAS's own pick and the best of cuBLASLt's candidates, timed on the first call. It also takes
 over from autograd where the weights are already in the compute dtype (bf16 parameters,
-`optimizer.bf16_grads`), with the same math. A resumed run is then not bit-identical to an
-uninterrupted one if a shape's two candidates are within noise (kernels/tuned_mm.py).
+`optimizer.bf16_grads`), with the same math. The picks are timed per process; checkpoints keep
+them, so a resumed run runs the kernels of the run it continues (kernels/tuned_mm.py).
 
 `Linear` is `nn.Linear` (same parameters, initialisation and state_dict) that calls the chosen
 implementation, so checkpoints and `isinstance(m, nn.Linear)` are unaffected.
