@@ -24,9 +24,9 @@ CUDA matmul), so versions cannot mix. Descriptors and the algorithm are cached p
 dtype, epilogue and alignment; the first call of each times the heuristic's candidates and keeps
 the fastest (as PyTorch's TunableOp does for plain GEMMs). The candidates differ in summation
 order, so a restarted process could keep another one and round differently: `picks_state` gives
-the algorithms chosen (cuBLASLt's algorithm structure is serializable by design, valid for the same
-library), a checkpoint stores them, and `restore_picks` makes a resumed process take the same ones
-without timing (the Trainer does both). A call sets the pointers and launches
+the candidate chosen for each key (its place in the heuristic's list, which is the same for the same
+problem, library and GPU), a checkpoint stores them, and `restore_picks` makes a resumed process take
+the same ones without timing (the Trainer does both). A call sets the pointers and launches
 on PyTorch's current stream with a workspace from PyTorch's allocator, so it can be captured in a
 CUDA graph. Every status is checked; a configuration the library has no kernel for raises
 `CublasLtUnsupported`, which callers catch to fall back to the unfused PyTorch path.
@@ -65,7 +65,6 @@ _CUDA_TYPES = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 14}  # cudaDa
 _OP_N, _OP_T = 0, 1
 _WORKSPACE_BYTES = 32 * 1024 * 1024  # what cuBLAS asks for on Hopper
 _HEURISTIC_BYTES = 96  # sizeof(cublasLtMatmulHeuristicResult_t): algo (64), workspaceSize, state, wavesCount, reserved[4]
-_ALGO_BYTES = 64  # sizeof(cublasLtMatmulAlgo_t), the heuristic result's first field
 _CANDIDATES = 8  # algorithms asked of the heuristic and timed once per plan
 
 
@@ -77,7 +76,8 @@ _lock = threading.Lock()
 _lib = None
 _handles: dict[int, ctypes.c_void_p] = {}
 _plans: dict[tuple, tuple | str] = {}  # a str: why cuBLASLt has no kernel for that key
-_saved_algos: dict[str, str] = {}  # key_str -> the algorithm's bytes (hex) a checkpoint holds (`restore_picks`)
+_chosen: dict[tuple, list[int]] = {}  # key -> [the plan's index among the heuristic's candidates, how many]
+_saved_algos: dict[str, list[int]] = {}  # key_str -> [index, count] from a checkpoint (`restore_picks`)
 
 
 def _find_library() -> str:
@@ -177,21 +177,21 @@ def key_str(key: tuple) -> str:
     return "|".join(parts)
 
 
-def _algo_hex(plan: tuple) -> str:
-    return bytes(plan[4])[:_ALGO_BYTES].hex()
+def picks_state() -> dict[str, list[int]]:
+    """{key_str: [index of the chosen candidate in the heuristic's list, the list's length]} of every
+    plan made in this process."""
+    return {key_str(key): list(chosen) for key, chosen in _chosen.items()}
 
 
-def picks_state() -> dict[str, str]:
-    """{key_str: the chosen algorithm's bytes in hex} of every plan made in this process."""
-    return {key_str(key): _algo_hex(plan) for key, plan in _plans.items() if not isinstance(plan, str)}
+def restore_picks(state: dict[str, list[int]]) -> int:
+    """Take `picks_state()` of an earlier process: a key planned from now on takes the saved
+    candidate, untimed, where the heuristic offers as many as it did then (else it times them again,
+    with a warning). Returns how many picks were given."""
+    def valid(v):
+        return isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) for i in v) and 0 <= v[0] < v[1]
 
-
-def restore_picks(state: dict[str, str]) -> int:
-    """Take `picks_state()` of an earlier process: a key planned from now on uses the saved
-    algorithm, untimed, where the heuristic still offers it (else it is timed again, with a
-    warning). Returns how many picks were given."""
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in state.items()):
-        raise ValueError("cuBLASLt picks: expected {key: algorithm hex} strings, as picks_state() returns")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and valid(v) for k, v in state.items()):
+        raise ValueError("cuBLASLt picks: expected {key: [candidate index, candidate count]}, as picks_state() returns")
     _saved_algos.update(state)
     return len(state)
 
@@ -308,14 +308,16 @@ def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bi
         name = _NAMES.get(epilogue, epilogue)
         raise CublasLtUnsupported(f"cuBLASLt's heuristic for epilogue {name} returned no usable algorithm")
     saved = _saved_algos.get(key_str(key)) if _saved_algos else None
-    restored = [plan for plan in candidates if _algo_hex(plan) == saved] if saved is not None else []
-    if saved is not None and not restored:
-        warnings.warn(f"cuBLASLt no longer offers the algorithm a checkpoint picked for {key_str(key)} (another "
-                      "library version?): timing the candidates again; results may differ in the last bits")
-    if restored:
-        plan = restored[0]
+    if saved is not None and saved[1] != len(candidates):
+        warnings.warn(f"cuBLASLt's heuristic offers {len(candidates)} algorithms for {key_str(key)}, {saved[1]} when "
+                      "the checkpoint picked one (another library version?): timing them again; results may differ "
+                      "in the last bits")
+        saved = None
+    if saved is not None:
+        plan = candidates[saved[0]]
     else:
         plan = _fastest(candidates, tensors) if len(candidates) > 1 else candidates[0]
+    _chosen[key] = [candidates.index(plan), len(candidates)]
     _plans[key] = plan
     return plan
 
