@@ -20,12 +20,16 @@ peak FLOP/s (DESIGN.md), FLOPs per token = 6N + 12 L H Q T from `model.flops_per
     python benchmarks/throughput.py --strategy fsdp2 --variants optimized "optimized optimizer=torch"  # FSDP2, one GPU
     python benchmarks/throughput.py --strategy fsdp2 --fsdp-units 4 --variants optimized "optimized +FSDP units of 4 blocks"
     python benchmarks/throughput.py --strategy ddp --variants optimized "optimized +whole-model +CUDA graphs"
+    python benchmarks/throughput.py --repeat 2 --variants optimized "optimized linear=tuned"   # A B A B, one process
     python benchmarks/throughput.py --help
 
 Writes benchmarks/results/throughput_<model>_<device>[_loss][_accumN].json and a PNG beside it; prints a
 table last. `--loss-check N` trains every variant of ours for N steps on the same batches (drawn
 from a fixed random Markov chain: learnable, never memorised) from the same initial weights and
-compares the final losses (mean of the last 10 steps).
+compares the final losses (mean of the last 10 steps). `--repeat N` runs the variant list N times
+over, in turn (A B A B ...), in one process on one machine, and adds each variant's median and
+spread to the table: two configurations a percent apart are told apart only this way, since
+machines of one kind differ by more than that.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -625,6 +630,37 @@ def gpu_idle(prof, steps: int) -> dict:
 # Reporting
 
 
+def row_label(row: dict) -> str:
+    """The variant's name, and which of the `--repeat` rounds when there are several."""
+    return row["variant"] + (f" [{row['round'] + 1}]" if row.get("round") else "")
+
+
+def repeat_summary(rows: list[dict], baseline: str) -> list[dict]:
+    """Per variant, over its `--repeat` rounds (in first-run order): runs, median, min and max
+    tokens/s, the spread (max - min) / median, and the median against the baseline's median."""
+    by_variant: dict[str, list[float]] = {}
+    for r in rows:
+        if "tokens_per_s" in r:
+            by_variant.setdefault(r["variant"], []).append(r["tokens_per_s"])
+    medians = {name: statistics.median(values) for name, values in by_variant.items()}
+    return [
+        {"variant": name, "runs": len(values), "median_tokens_per_s": medians[name], "min_tokens_per_s": min(values),
+         "max_tokens_per_s": max(values), "spread": (max(values) - min(values)) / medians[name],
+         "vs_baseline": medians[name] / medians[baseline] if baseline in medians else None}
+        for name, values in by_variant.items()
+    ]
+
+
+def format_summary(summary: list[dict], baseline: str) -> str:
+    header = f"{'variant (over its rounds)':28s} {'runs':>4s} {'median tok/s':>12s} {'min':>10s} {'max':>10s} {'spread':>7s} {'vs ' + baseline:>22s}"
+    lines = [header, "-" * len(header)]
+    for s in summary:
+        vs = f"{s['vs_baseline']:.3f}x" if s["vs_baseline"] is not None else "-"
+        lines.append(f"{s['variant']:28s} {s['runs']:4d} {s['median_tokens_per_s']:12.0f} {s['min_tokens_per_s']:10.0f} "
+                     f"{s['max_tokens_per_s']:10.0f} {100 * s['spread']:6.2f}% {vs:>22s}")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict], baseline: str, loss_check: bool) -> str:
     base = next((r for r in rows if r["variant"] == baseline and "tokens_per_s" in r), None)
     header = (f"{'variant':28s} {'tokens/s':>10s} {'vs ' + baseline:>22s} {'MFU':>6s} {'step ms':>8s} {'peak GiB':>9s} "
@@ -635,12 +671,12 @@ def format_table(rows: list[dict], baseline: str, loss_check: bool) -> str:
     ref_loss = next((r["final_loss"] for r in rows if r["variant"] == "reference" and "final_loss" in r), None)
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['variant']:28s} failed: {r['error'][:100]}")
+            lines.append(f"{row_label(r):28s} failed: {r['error'][:100]}")
             continue
         speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         line = (
-            f"{r['variant']:28s} {r['tokens_per_s']:10.0f} {speedup:>22s} {mfu:>6s} {r['step_ms']:8.1f} "
+            f"{row_label(r):28s} {r['tokens_per_s']:10.0f} {speedup:>22s} {mfu:>6s} {r['step_ms']:8.1f} "
             f"{r['peak_gib']:9.2f} {r.get('peak_reserved_gib', float('nan')):9.2f} {r['compile_s']:9.1f}"
         )
         if loss_check:
@@ -659,7 +695,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ok = [r for r in rows if "tokens_per_s" in r]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(ok) + 1.5))
     colors = ["#4c72b0" if r["kind"] == "ours" else "#c44e52" for r in ok]
-    ax.barh([r["variant"] for r in ok], [r["tokens_per_s"] / 1e3 for r in ok], color=colors)
+    ax.barh([row_label(r) for r in ok], [r["tokens_per_s"] / 1e3 for r in ok], color=colors)
     for i, r in enumerate(ok):
         mfu = f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
         ax.text(r["tokens_per_s"] / 1e3, i, f" {r['tokens_per_s'] / 1e3:.0f}k{mfu}, {r['peak_gib']:.1f} GiB", va="center", fontsize=8)
@@ -691,6 +727,9 @@ def parse_args(argv=None):
                    help="add one 'optimized +memory budget B' variant per value (trainer.activation_memory_budget)")
     p.add_argument("--ac-layers", type=int, nargs="*", default=[], metavar="N",
                    help="add one '... +selective AC on N blocks' variant per value (trainer.activation_checkpointing_layers)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run the variant list N times over, in turn (A B A B ...), in one process; the table adds "
+                        "each variant's median and spread (a same-machine comparison)")
     p.add_argument("--loss-check", type=int, default=0, metavar="N",
                    help="train each variant N steps on the sample text and compare final losses (no peers)")
     p.add_argument("--lr", type=float, default=6e-4)
@@ -719,6 +758,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.grad_accum < 1:
         raise SystemExit(f"--grad-accum must be at least 1, got {args.grad_accum}")
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat must be at least 1, got {args.repeat}")
+    if args.repeat > 1 and args.loss_check:
+        raise SystemExit("--repeat compares speeds over rounds; a --loss-check run trains the same steps again: drop one")
     if args.ddp_bucket_cap_mb != DDP_BUCKET_CAP_MB and args.strategy != "ddp":
         raise SystemExit("--ddp-bucket-cap-mb sizes DDP's gradient buckets: add --strategy ddp")
     if args.fsdp_units and args.strategy != "fsdp2" and args.nproc == 1:  # --nproc N relaunches with fsdp2
@@ -755,13 +798,14 @@ def main(argv=None) -> None:
     groups = [batches[g * args.grad_accum:(g + 1) * args.grad_accum] for g in range(n_groups)]  # one list per step
     peak = peak_flops(info.device, args.peak_flops)
     rows = []
-    for variant in variants:
+    for repeat, variant in [(r, v) for r in range(args.repeat) for v in variants]:  # A B A B ...
         torch._dynamo.reset()
         try:
             run = run_ours if variant.kind == "ours" else run_hf
             result = run(args, variant, groups, steps, info)
         except Exception as e:  # one failing variant must not hide the others' numbers
-            rows.append({"variant": variant.name, "kind": variant.kind, "error": f"{type(e).__name__}: {e}"})
+            rows.append({"variant": variant.name, "kind": variant.kind, "round": repeat,
+                         "error": f"{type(e).__name__}: {e}"})
             if info.rank == 0:
                 print(f"{variant.name}: FAILED {type(e).__name__}: {e}", flush=True)
             if "CUDA error" in str(e) or "illegal memory access" in str(e):
@@ -774,7 +818,7 @@ def main(argv=None) -> None:
         if args.loss_check:
             tail = result["losses"][-10:]
             result["final_loss"] = sum(tail) / len(tail)
-        rows.append({"variant": variant.name, "kind": variant.kind, "kernels": variant.kernels,
+        rows.append({"variant": variant.name, "kind": variant.kind, "round": repeat, "kernels": variant.kernels,
                      "compile": variant.compile, **result})
         if info.rank == 0:
             print(f"{variant.name}: {result['tokens_per_s']:.0f} tokens/s, step {result['step_ms']:.1f} ms "
@@ -797,14 +841,15 @@ def main(argv=None) -> None:
             "transformers": transformers.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "grad_accum": args.grad_accum,
-            "steps": steps, "warmup": args.warmup,
+            "steps": steps, "warmup": args.warmup, "repeat": args.repeat,
             "peak_flops": peak, "activation_checkpointing": args.activation_checkpointing,
             "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "strategy": args.strategy,
             "ddp_bucket_cap_mb": args.ddp_bucket_cap_mb,
             # host-bound steps (per-block compile, FSDP2 hooks) move with the host's speed
             "host_cpu": host_cpu(), "host_cores": os.cpu_count(),
         }
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        summary = repeat_summary(rows, "reference+compile") if args.repeat > 1 else None
+        out.write_text(json.dumps({"meta": meta, "rows": rows, **({"summary": summary} if summary else {})}, indent=1))
         accum = f" x {args.grad_accum} micro-batches" if args.grad_accum > 1 else ""
         title = (f"{model_name}, {args.batch}x{args.seq_len}{accum} per GPU, {info.world_size} x {device_name}, "
                  f"torch {torch.__version__}")
@@ -812,6 +857,8 @@ def main(argv=None) -> None:
         print(f"\nwrote {out} and {out.with_suffix('.png')}")
         print(title)
         print(format_table(rows, "reference+compile", bool(args.loss_check)))
+        if summary:
+            print("\n" + format_summary(summary, "reference+compile"))
     shutdown_distributed(info)
 
 

@@ -300,3 +300,39 @@ def test_strategy_flags_need_their_strategy():
         throughput.main(["--fsdp-units", "4"])
     with pytest.raises(SystemExit, match="--ddp-bucket-cap-mb sizes DDP's gradient buckets"):
         throughput.main(["--ddp-bucket-cap-mb", "100"])
+
+
+def test_repeat_runs_the_variants_in_turn_and_summarises_each(tmp_path, monkeypatch, capsys):
+    """--repeat 3: A B A B A B in one process, each row knowing its round; the JSON and the table
+    add each variant's median, min, max and spread, and its median against the compiled reference's."""
+    order = []
+    speeds = {"reference+compile": iter([100.0, 104.0, 98.0]), "reference": iter([50.0, 55.0, 51.0])}
+
+    def fake_run(args, variant, groups, steps, info):
+        order.append(variant.name)
+        return {"tokens_per_s": next(speeds[variant.name]), "flops_per_token": 1, "step_ms": 1.0, "host_ms": 1.0,
+                "peak_gib": 0.1, "peak_reserved_gib": 0.2, "compile_s": 0.0, "losses": [1.0]}
+
+    monkeypatch.setattr(throughput, "run_ours", fake_run)
+    out = tmp_path / "repeat.json"
+    throughput.main(["--model", "configs/model/gpt2_tiny.yaml", "--repeat", "3", "--out", str(out),
+                     "--variants", "reference+compile", "reference"])
+    assert order == ["reference", "reference+compile"] * 3  # in the list's order, round after round
+    written = json.loads(out.read_text())
+    assert written["meta"]["repeat"] == 3
+    assert [(r["variant"], r["round"]) for r in written["rows"]][:3] == [("reference", 0), ("reference+compile", 0),
+                                                                        ("reference", 1)]
+    summary = {s["variant"]: s for s in written["summary"]}
+    assert summary["reference+compile"]["median_tokens_per_s"] == 100.0 and summary["reference+compile"]["runs"] == 3
+    assert summary["reference"]["min_tokens_per_s"] == 50.0 and summary["reference"]["max_tokens_per_s"] == 55.0
+    assert summary["reference"]["spread"] == pytest.approx(5 / 51)
+    assert summary["reference"]["vs_baseline"] == pytest.approx(0.51)
+    table = capsys.readouterr().out
+    assert "reference [3]" in table and "0.510x" in table and "9.80%" in table
+
+
+def test_repeat_is_refused_where_it_means_nothing():
+    with pytest.raises(SystemExit, match="--repeat must be at least 1, got 0"):
+        throughput.main(["--repeat", "0"])
+    with pytest.raises(SystemExit, match="--repeat compares speeds over rounds; a --loss-check run"):
+        throughput.main(["--repeat", "2", "--loss-check", "10"])
