@@ -21,8 +21,10 @@ shape whose two candidates are within noise of each other, and cuBLAS's kernels 
 summation order (split-K), so results would then differ in the last bits. `picks_state()` holds
 this process's picks by key; a checkpoint stores them (with cuBLASLt's algorithms,
 `cublaslt.picks_state`), and `restore_picks` makes a resumed process take the same kernels for
-those keys without timing them: a resumed run then matches an uninterrupted one bit for bit, as
-with `fp32_wgrad`. (With several ranks each rank times, saves and restores its own picks.)
+those keys without timing them: a resumed run computes with the kernels, so in the summation order,
+of the run it continues, as with `fp32_wgrad`. (With several ranks each rank times, saves and
+restores its own picks. GPU training is not bitwise for other reasons: cuDNN's attention backward
+and the embedding's gradient add with atomics.)
 
 Limits:
 - Nothing can be timed during a CUDA graph capture: a key first seen there runs torch's call

@@ -198,7 +198,7 @@ class Trainer:
         """The GEMM kernels the saved run chose by timing (`kernels.linear: tuned`, cuBLASLt's
         epilogue GEMMs), so that this run computes in the same summation order. Without them (a
         checkpoint of an older version) or with unreadable ones, the GEMMs are timed again: the run
-        goes on, matching the uninterrupted one to rounding instead of bit for bit."""
+        goes on, possibly on other kernels than the saved run's, equal to rounding."""
         if state is None:
             return
         try:
