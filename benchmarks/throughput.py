@@ -125,6 +125,7 @@ class Variant:
     reshard_after_forward: bool = True  # parallel.reshard_after_forward (FSDP2 only)
     fsdp_blocks_per_unit: int = 1  # parallel.fsdp_blocks_per_unit (FSDP2 only)
     residual_dtype: str = "fp32"  # trainer.residual_dtype
+    compile_loss_head: str = "auto"  # compile_loss_head (always: the in-place Triton cross-entropy head too)
     weight_copy: bool = False  # optimizer.bf16_weight_copy: the matmuls read bf16 copies the optimizer writes
     bf16_grads: bool = False  # optimizer.bf16_grads: the linear layers' weight gradients stay bf16, in the copies
 
@@ -238,6 +239,11 @@ def our_variants(
                 if optimized.get("swiglu") == "fused_linear":
                     variants.append(Variant(f"{best} +bf16 moments swiglu=fused_linear_recompute +bf16 weight copy "
                                             "+bf16 grads", "ours", no_h, weight_copy=True, bf16_grads=True, **lean))
+            if optimized.get("cross_entropy") == "triton":
+                # the in-place Triton cross-entropy head inside the whole-model graph instead of
+                # between its two halves (compile_loss_head: always)
+                variants.append(Variant(f"{best} +bf16 moments +compiled loss head", "ours", dict(optimized),
+                                        compile_loss_head="always", **lean))
             # every GEMM of the blocks on the faster of cuBLAS's pick and cuBLASLt's best for its
             # shape (kernels/tuned_mm.py), on the memory-lean rows above
             tuned = dict(optimized, linear="tuned")
@@ -357,6 +363,7 @@ def train_config(args, variant: Variant, steps: int, out_dir: str) -> TrainConfi
             "compile": variant.compile,
             "compile_mode": variant.compile_mode,
             "compile_scope": variant.compile_scope,
+            "compile_loss_head": variant.compile_loss_head,
             "output_dir": out_dir,
             "run_name": re.sub(r"[^A-Za-z0-9_.-]+", "_", variant.name),
             "trainer": {

@@ -227,6 +227,12 @@ class TrainConfig:
     # Inductor also fuses across block boundaries (a block's last residual add with the next
     # block's norm, the final norm, the loss head); single GPU or DDP, not FSDP2.
     compile_scope: Literal["blocks", "model"] = "blocks"
+    # auto: the loss head (LM head + loss) is compiled, except with `kernels.cross_entropy: triton`,
+    # whose backward writes the logits' gradient over the logits in place: a compiled graph
+    # functionalizes that mutation, which could copy the (tokens, vocab) logits, so that head runs
+    # eagerly between the graphs. always: compile it too (with compile_scope: model the whole step
+    # is then one graph, and the tied-embedding pass applies to its gradient); measure it first.
+    compile_loss_head: Literal["auto", "always"] = "auto"
     run_name: str = "run"
     output_dir: str = "runs"  # the run directory is output_dir/run_name
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=1000))
@@ -246,6 +252,9 @@ class TrainConfig:
         if self.trainer.activation_memory_budget < 1.0 and not self.compile:
             raise ConfigError("trainer.activation_memory_budget is applied by torch.compile's partitioner; set "
                               "compile: true, or use trainer.activation_checkpointing without compile")
+        if self.compile_loss_head != "auto" and not self.compile:
+            raise ConfigError(f"compile_loss_head={self.compile_loss_head} chooses what torch.compile compiles; set "
+                              "compile: true as well, or leave compile_loss_head at auto")
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"compile_mode={self.compile_mode} applies to compiled blocks; set compile: true as well, "
                               "or compile_mode: default to run without compile (--set compile_mode=default)")

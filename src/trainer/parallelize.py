@@ -112,7 +112,11 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, layers: int | No
 
 
 def apply_compile(
-    model: nn.Module, mode: str = "default", activation_memory_budget: float = 1.0, scope: str = "blocks"
+    model: nn.Module,
+    mode: str = "default",
+    activation_memory_budget: float = 1.0,
+    scope: str = "blocks",
+    loss_head: str = "auto",
 ) -> None:
     """torch.compile the model in place (`Module.compile` keeps parameter names).
 
@@ -129,7 +133,9 @@ def apply_compile(
     there the whole model as one CUDA graph was the fastest setting (458k tokens/s, 1% over
     per-block compile; 8% on a slower host).
     `activation_memory_budget` < 1 makes the partitioner keep only that share of each block's
-    activations, recomputing the cheapest ops (by FLOPs) in backward."""
+    activations, recomputing the cheapest ops (by FLOPs) in backward. `loss_head` ("auto" or
+    "always", the config's `compile_loss_head`): whether the in-place Triton cross-entropy head is
+    compiled too (see below)."""
     options = {} if mode == "default" else {"mode": mode}
     # Read by AOTAutograd's min-cut partitioner when each graph compiles (at its first call). It
     # is process-wide: one training run per process.
@@ -141,10 +147,14 @@ def apply_compile(
     # with the fused linear+CE (an opaque op: the graph holds the casts around it). The Triton
     # `cross_entropy` writes its gradient into the logits in place; under compile that mutation is
     # functionalized, which may copy the (N, V) logits (Inductor re-inplaced it on the CPU; not
-    # measured on a GPU), so that head stays eager.
+    # measured on a GPU), so that head stays eager unless `loss_head="always"`.
+    if loss_head not in ("auto", "always"):
+        raise ValueError(f"loss_head must be auto or always, got {loss_head!r}")
     inner = getattr(model, "module", model)  # the model inside a DDP wrapper
     kernels = getattr(inner, "kernels", None)
-    compile_head = hasattr(inner, "lm_output") and (kernels is None or kernels.cross_entropy in ("torch", "fused_linear"))
+    compile_head = hasattr(inner, "lm_output") and (
+        loss_head == "always" or kernels is None or kernels.cross_entropy in ("torch", "fused_linear")
+    )
     if scope == "model":
         if not hasattr(inner, "lm_output"):
             raise ValueError(f"compile_scope=model compiles a causal LM's forward; {type(inner).__name__} is "
@@ -253,7 +263,8 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing, cfg.trainer.activation_checkpointing_layers)
     whole_model_ddp = cfg.compile and cfg.compile_scope == "model" and strategy == "ddp"
     if cfg.compile and not whole_model_ddp:
-        apply_compile(model, cfg.compile_mode, cfg.trainer.activation_memory_budget, cfg.compile_scope)
+        apply_compile(model, cfg.compile_mode, cfg.trainer.activation_memory_budget, cfg.compile_scope,
+                      cfg.compile_loss_head)
     if strategy == "fsdp2":
         apply_fsdp2(model, info, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward,
                     blocks_per_unit=cfg.parallel.fsdp_blocks_per_unit)
@@ -264,6 +275,6 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool
             # Compiling the DDP wrapper lets Dynamo split the graph at DDP's gradient buckets, so
             # each bucket's all-reduce starts while backward goes on (one graph would finish all
             # gradients at its very end).
-            apply_compile(ddp, cfg.compile_mode, cfg.trainer.activation_memory_budget, "model")
+            apply_compile(ddp, cfg.compile_mode, cfg.trainer.activation_memory_budget, "model", cfg.compile_loss_head)
         return ddp, model
     return model, model

@@ -86,6 +86,10 @@ class Trainer:
         self.bf16 = resolve_precision(t.precision, info.device) == "bf16"
         self.sharded = cfg.parallel.strategy == "fsdp2"
         self.model, self.bare = prepare_model(model, cfg, info, bf16=self.bf16)
+        # The loop reads only the loss: a causal LM is asked for no logits, which frees them after
+        # backward instead of at the end of the step, and keeps a compiled in-place loss head (the
+        # Triton cross-entropy writes the logits' gradient over them) from returning its buffer.
+        self.forward_kwargs = {"return_logits": False} if hasattr(self.bare, "lm_output") else {}
         # {weight: bf16 copy} (optimizer.bf16_weight_copy): our AdamW writes them with its update;
         # after torch's AdamW, or a checkpoint load, they are copied from the weights.
         self.weight_copies = weight_copies(self.bare)
@@ -244,7 +248,7 @@ class Trainer:
             weight = counts[i] * scale
             with self._grad_sync(last):
                 with self._autocast():
-                    output = self.model(**self._to_device(batch))
+                    output = self.model(**self._to_device(batch), **self.forward_kwargs)
                 weighted = output.loss.float() * weight
                 weighted.backward()
             step_loss += weighted.detach()
@@ -414,7 +418,7 @@ class Trainer:
         for _, batch in zip(range(n), iter(self.val_loader)):
             count = supervised_count(batch)
             with self._autocast():
-                loss = self.model(**self._to_device(batch)).loss
+                loss = self.model(**self._to_device(batch), **self.forward_kwargs).loss
             sums[0] += loss.float() * count
             sums[1] += count
         self.model.train()

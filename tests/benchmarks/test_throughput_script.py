@@ -31,7 +31,7 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
     n_best_ablations = sum(len(throughput.ALTERNATIVES[op]) - 1 for op in optimized) + 2 + len(selective_flips)
     n_lean = 2 + (family == "qwen2")  # the bf16-moment rows
     n_copy = 1 + (family == "qwen2")  # the bf16 weight-copy rows
-    n_grads = 2 + (family == "qwen2")  # and with bf16 gradients in the copies, last
+    n_grads = 2 + (family == "qwen2")  # and with bf16 gradients in the copies
     n_best_ablations += n_lean + n_copy + n_grads
     # last, the memory-lean rows again with every GEMM of the blocks on its timed pick (linear=tuned)
     n_tuned = 3 + 2 * (family == "qwen2")
@@ -44,6 +44,9 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
         if untuned is not None:  # the same row but for the GEMMs
             assert dict(untuned.kernels, linear="tuned") == variant.kernels and untuned.weight_copy == variant.weight_copy
     names = names[:-n_tuned]
+    if family == "gpt2":  # before them, the in-place Triton loss head compiled into the graph
+        assert names[-1] == f"{best} +bf16 moments +compiled loss head"
+        names = names[:-1]
     assert names[-6 - n_best_ablations:-n_best_ablations] == [
         "optimized +selective AC", "optimized +CUDA graphs", "reference+compile whole model",
         "optimized +whole-model compile", best, f"{best} optimizer=torch"]
@@ -55,6 +58,10 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
             assert variant.kernels == dict(optimized, **{op: other})
             assert (variant.compile_scope, variant.compile_mode) == ("model", "reduce-overhead")
     assert by_name[f"{best} +selective AC"].activation_checkpointing == "selective"
+    head = by_name.get(f"{best} +bf16 moments +compiled loss head")
+    assert (head is not None) == (optimized["cross_entropy"] == "triton")
+    if head is not None:
+        assert head.compile_loss_head == "always" and head.kernels == optimized
     for op in selective_flips:  # Qwen2's SwiGLU product recomputed inside its op's backward
         flip = by_name[f"{best} +selective AC {op}={throughput.SELECTIVE_FLIPS[op]}"]
         assert flip.activation_checkpointing == "selective" and flip.kernels[op] == throughput.SELECTIVE_FLIPS[op]

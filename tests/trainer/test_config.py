@@ -78,6 +78,8 @@ def test_missing_model_yaml_lists_what_exists(tmp_path):
         (["compile=true", "compile_scope=model", "compile_mode=reduce-overhead", "parallel.strategy=fsdp2"],
          r"set compile_mode: default and compile_scope: blocks \(--set compile_mode=default --set compile_scope=blocks\)"),
         (["compile=true", "compile_scope=layers"], "compile_scope"),
+        (["compile_loss_head=always"], "compile_loss_head=always chooses what torch.compile compiles; set compile: true"),
+        (["compile=true", "compile_loss_head=never"], "compile_loss_head"),
         (["trainer.activation_memory_budget=0.5"], "applied by torch.compile's partitioner; set compile: true"),
         (["trainer.activation_memory_budget=1.5"], r"activation_memory_budget must be in \[0, 1\]"),
         (["compile=true", "trainer.activation_memory_budget=0.5", "trainer.activation_checkpointing=full"],

@@ -74,32 +74,38 @@ def test_cuda_graphs_with_gradient_accumulation_train_like_the_default_mode(tmp_
 )
 def test_whole_model_compile_with_every_kernel_trains_like_per_block(tmp_path, cross_entropy, linear, residual_dtype, gelu):
     """compile_scope: model (one graph; the in-place Triton loss head stays eager behind a graph
-    break) and the same with CUDA graphs give the training and evaluation losses of per-block
-    compilation, with our Triton kernels on (and the optimized settings: fp32 weight gradients
-    from cuBLAS, the residual stream in bf16, the GELU in cuBLASLt's epilogues)."""
+    break, or with `compile_loss_head: always` is compiled into it) and the same with CUDA graphs
+    give the training and evaluation losses of per-block compilation, with our Triton kernels on
+    (and the optimized settings: fp32 weight gradients from cuBLAS, the residual stream in bf16,
+    the GELU in cuBLASLt's epilogues)."""
     from src.models import AutoModelForCausalLM, KernelConfig
 
     from .helpers import tiny_model_config
 
     kernels = KernelConfig(layernorm="triton", gelu=gelu, cross_entropy=cross_entropy, linear=linear, attention="auto")
     losses = {}
-    for scope, mode in (("blocks", "default"), ("model", "default"), ("model", "reduce-overhead")):
+    runs = [("blocks", "default", "auto"), ("model", "default", "auto"), ("model", "reduce-overhead", "auto")]
+    if cross_entropy == "triton":
+        runs.append(("model", "reduce-overhead", "always"))
+    for scope, mode, loss_head in runs:
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(tiny_model_config(), kernels=kernels)
-        cfg = replace(cuda_config(tmp_path / f"{scope}_{mode}", eval_every=15, residual_dtype=residual_dtype),
-                      compile=True, compile_scope=scope, compile_mode=mode, kernels=kernels)
+        cfg = replace(cuda_config(tmp_path / f"{scope}_{mode}_{loss_head}", eval_every=15, residual_dtype=residual_dtype),
+                      compile=True, compile_scope=scope, compile_mode=mode, compile_loss_head=loss_head, kernels=kernels)
         val = SyntheticLoader(8, seed=1, num_batches=2)  # evaluation: the same forward without grad
         trainer = Trainer(cfg, model, SyntheticLoader(8), val, gpu_info())
         trainer.fit()
         for split in ("train", "val"):
-            losses[scope, mode, split] = torch.tensor([r["loss"] for r in trainer.history if r["split"] == split])
-    for key in (("model", "default"), ("model", "reduce-overhead")):
+            losses[scope, mode, loss_head, split] = torch.tensor(
+                [r["loss"] for r in trainer.history if r["split"] == split]
+            )
+    for key in runs[1:]:
         for split in ("train", "val"):
-            expected = losses["blocks", "default", split]
+            expected = losses["blocks", "default", "auto", split]
             assert len(expected) > 0
             torch.testing.assert_close(losses[(*key, split)], expected, rtol=2e-2, atol=2e-2, msg=str((key, split)))
-    train = losses["model", "default", "train"]
+    train = losses["model", "default", "auto", "train"]
     assert train[-1] < train[0] - 0.5
 
 

@@ -387,6 +387,25 @@ def test_compile_scopes_train_like_eager(scope, tmp_path):
 
 
 
+@pytest.mark.parametrize("loss_head", ["auto", "always"])
+def test_the_in_place_triton_loss_head_is_compiled_only_when_asked(loss_head, tmp_path):
+    """compile_scope: model with `cross_entropy: triton`: by default the head (whose backward writes
+    the gradient over the logits) runs eagerly outside the graph; `compile_loss_head: always` puts it
+    in the one graph. Either way the losses are the eager run's."""
+    from src.models import KernelConfig
+
+    kernels = KernelConfig.reference().replace(cross_entropy="triton")
+    torch._dynamo.reset()
+    eager = Trainer(make_config(tmp_path / "eager", max_steps=3), tiny_model(kernels=kernels), SyntheticLoader(4), None, CPU)
+    cfg = replace(make_config(tmp_path / loss_head, max_steps=3), compile=True, compile_scope="model",
+                  compile_loss_head=loss_head)
+    compiled = Trainer(cfg, tiny_model(kernels=kernels), SyntheticLoader(4), None, CPU)
+    assert ("lm_output" in vars(compiled.bare)) == (loss_head == "auto")  # the eager head: a compiler.disable wrapper
+    for trainer in (eager, compiled):
+        trainer.fit()
+    assert train_losses(compiled) == pytest.approx(train_losses(eager), rel=1e-5)
+
+
 def test_whole_model_compile_of_qwen2_with_checkpointing_and_accumulation(tmp_path):
     """compile_scope: model on a tiny Qwen2 (RoPE, GQA, tied embeddings) with selective
     checkpointing inside the one graph, two micro-batches per step and an evaluation pass (a
