@@ -235,17 +235,17 @@ def time_ms(fn, runs: int = 5) -> float:
     return start.elapsed_time(end) / runs
 
 
-def _fastest(candidates: list[tuple], tensors: tuple) -> tuple:
-    """The candidate algorithm that runs fastest on these tensors (`time_ms`, the best of three
-    rounds), once per plan: the heuristic's first choice is not always the fastest with an
+def _fastest(candidates: list[tuple], tensors: tuple) -> int:
+    """The index of the candidate algorithm that runs fastest on these tensors (`time_ms`, the best
+    of three rounds), once per plan: the heuristic's first choice is not always the fastest with an
     epilogue. During a CUDA graph capture nothing can be timed; the first choice is taken."""
-    if torch.cuda.is_current_stream_capturing():
-        return candidates[0]
-    best, best_ms = candidates[0], float("inf")
-    for plan in candidates:
+    if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+        return 0
+    best, best_ms = 0, float("inf")
+    for i, plan in enumerate(candidates):
         ms = min(time_ms(lambda: _launch(plan, *tensors)) for _ in range(3))
         if ms < best_ms:
-            best, best_ms = plan, ms
+            best, best_ms = i, ms
     return best
 
 
@@ -313,13 +313,10 @@ def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bi
                       "the checkpoint picked one (another library version?): timing them again; results may differ "
                       "in the last bits")
         saved = None
-    if saved is not None:
-        plan = candidates[saved[0]]
-    else:
-        plan = _fastest(candidates, tensors) if len(candidates) > 1 else candidates[0]
-    _chosen[key] = [candidates.index(plan), len(candidates)]
-    _plans[key] = plan
-    return plan
+    index = saved[0] if saved is not None else _fastest(candidates, tensors)
+    _chosen[key] = [index, len(candidates)]
+    _plans[key] = candidates[index]
+    return _plans[key]
 
 
 def gemm(

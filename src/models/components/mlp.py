@@ -118,8 +118,8 @@ class GeluMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._mlp is not None:
             fc, proj = self.fc, self.proj
-            (fc_weight, fc_copy), (proj_weight, proj_copy) = matmul_weight(fc.weight, fc.weight_copy), matmul_weight(
-                proj.weight, proj.weight_copy)
+            fc_weight, fc_copy = matmul_weight(fc.weight, fc.weight_copy)
+            proj_weight, proj_copy = matmul_weight(proj.weight, proj.weight_copy)
             y = self._mlp(x, fc_weight, fc.bias, proj_weight, proj.bias, fc_weight_copy=fc_copy,
                           proj_weight_copy=proj_copy, tuned=fc.impl == "tuned")
             return self.dropout(y)
