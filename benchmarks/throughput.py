@@ -244,6 +244,9 @@ def our_variants(
                 # between its two halves (compile_loss_head: always)
                 variants.append(Variant(f"{best} +bf16 moments +compiled loss head", "ours", dict(optimized),
                                         compile_loss_head="always", **lean))
+                # and the fused linear + cross-entropy head on the same row (no (N, V) logits)
+                variants.append(Variant(f"{best} +bf16 moments cross_entropy=fused_linear", "ours",
+                                        dict(optimized, cross_entropy="fused_linear"), **lean))
             # every GEMM of the blocks on the faster of cuBLAS's pick and cuBLASLt's best for its
             # shape (kernels/tuned_mm.py), on the memory-lean rows above
             tuned = dict(optimized, linear="tuned")

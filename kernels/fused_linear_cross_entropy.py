@@ -1,10 +1,13 @@
 """Fused linear + cross-entropy: loss(hidden @ weight.T, labels) without the (N, V) logits.
 
 For each chunk of C tokens (C x V logits, a few hundred MiB at most):
-    logits_c  = hidden_c @ weight.T                          (cuBLAS, in the activation dtype)
-    loss_c    = row losses of logits_c,  G_c = d loss_c / d logits_c written over logits_c
-                (one launch of `_cross_entropy_fwd_bwd_kernel`, in place)
-    dhidden_c = G_c @ weight,   dweight += G_c.T @ hidden_c   (cuBLAS)
+    logits_c  = hidden_c @ weight.T                       (cuBLAS, in the activation dtype)
+    one pass over logits_c (`_loss_and_numerators_kernel`): the row losses, and over the logits
+              the gradient's numerators G'_c, with d loss_c / d logits_c = a * G'_c - eps / V
+              for one fp32 scale a per row
+    dhidden_c = a * (G'_c @ weight) - (eps / V) sum_v weight_v         (cuBLAS, fp32 result)
+    dweight  += G'_c.T @ (a * hidden_c)                                (cuBLAS)
+and, with label smoothing, dweight -= (eps / V) sum_i hidden_i (one broadcast row) at the end.
 The loss is a sum, so its gradients are linear in the upstream scalar g: they are computed in the
 forward pass with g = 1 and scaled by g in backward. That takes three matmuls (the minimum) instead
 of recomputing the logits in backward, and keeps at most one chunk of logits alive. The weight
@@ -12,9 +15,24 @@ gradient accumulates in the weight's dtype, chunk by chunk, like Liger-Kernel's 
 embeddings autograd adds dweight to the embedding's gradient as usual. When no gradient is needed
 (evaluation, the frozen reference model of DPO) only the first matmul and the loss run.
 
-Math of the row kernels (ignore_index, label smoothing, z-loss): see `cross_entropy.py`.
+Why numerators. The gradient p - onehot needs the row's log-sum-exp before its first element can
+be written, and a row of Qwen2's vocabulary (304 KB in bf16) fits in no SM: written directly, the
+gradient costs two reads of the logits and a write. Instead the pass writes exp(x - c) with a shift
+c fixed before the row is read, sums those in fp32 (Z), and leaves the division by Z to the
+matmuls' row scale a: one read and one write (2/3 of the bytes). Per row (label y, eps = label
+smoothing, z = z-loss weight, lse = c + log Z):
+    G'_j = exp(x_j - c)                     for j != y
+    G'_y = exp(x_y - c) - (1 - eps) / a     (computed in fp32 before rounding, as p_y - 1 is)
+    a    = (1 + 2 z lse) / Z                so that a * G' - eps / V = p (1 + 2 z lse) - (1 - eps) onehot - eps / V
+    loss = lse - (1 - eps) x_y - (eps / V) sum_j x_j + z lse^2
+c starts at the label's logit x_y, so Z >= 1 and no term underflows that would not in the
+softmax itself. A block whose maximum exceeds c by more than RESCALE_NATS (the row's loss is
+above ~30 nats: a diverging model) raises c to that maximum and rescales the row's written blocks
+once more (read and write): exact in every case, slower only in that one. Ignored rows are zero
+(a = 0). The cross-entropy op's own row kernels are in `cross_entropy.py`.
+
 Reference: `fused_linear_cross_entropy_ref` in src/models/components/loss.py; the chunking idea of
-mgmalek/efficient_cross_entropy and Liger-Kernel.
+mgmalek/efficient_cross_entropy and Liger-Kernel; the online softmax of Milakov & Gimelshein (2018).
 
 Limits: hidden (N, H) and weight (V, H) of one floating dtype (under autocast both are cast to the
 autocast dtype first, as the reference matmul is); labels (N,) in [0, V) or ignore_index; no bias.
@@ -27,10 +45,129 @@ import triton
 import triton.language as tl
 
 from kernels import num_sms
-from kernels.cross_entropy import ce_forward_backward_rows, ce_forward_rows, check_logits_labels
+from kernels.cross_entropy import ce_forward_rows, check_logits_labels, fwd_bwd_launch_params
 
 # -- kernels --------------------------------------------------------------------------------------
-# The row kernels are those of cross_entropy.py; the matmuls are cuBLAS (torch.mm).
+# The matmuls are cuBLAS (torch.mm); the evaluation path uses cross_entropy.py's forward row kernel.
+
+RESCALE_NATS = 30.0  # see the module docstring: bounds Z by V * e^30, far inside fp32 and bf16
+
+
+@triton.jit
+def _store_scaled_row(SRC_ptr, DST_ptr, scale, H, BLOCK_H: tl.constexpr):
+    """dst[:H] = scale * src[:H], in dst's dtype."""
+    for start in range(0, H, BLOCK_H):
+        cols = start + tl.arange(0, BLOCK_H)
+        mask = cols < H
+        x = tl.load(SRC_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DST_ptr + cols, (x * scale).to(DST_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _loss_and_numerators_kernel(
+    LOGITS_ptr,  # (C, V) a chunk's logits, overwritten with the gradient numerators G'
+    LABELS_ptr,  # (C,) integer labels
+    LOSS_ptr,  # (C,) fp32 output: per-row loss (0 for ignored rows)
+    SCALE_ptr,  # (C,) fp32 output: per-row a (0 for ignored rows)
+    HIDDEN_ptr,  # (C, H) the chunk's hidden states, read when WRITE_HS
+    HS_ptr,  # (C, H) output when WRITE_HS: a * hidden, the weight gradient's right operand
+    stride_lm,
+    stride_hm,
+    stride_sm,
+    N,
+    V,
+    H,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    RESCALE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    WRITE_HS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """A fixed number of programs (a few per SM) loop over rows; one read and one write of each
+    row (plus a rescale pass over a row's written part when its shift must move: see the module
+    docstring)."""
+    label_smoothing = tl.cast(label_smoothing, tl.float32)  # Inductor may pass Python floats as fp64
+    z_loss = tl.cast(z_loss, tl.float32)
+    dtype = LOGITS_ptr.dtype.element_ty
+    for row in range(tl.program_id(0), N, tl.num_programs(0)):
+        row_ptr = LOGITS_ptr + tl.cast(row, tl.int64) * stride_lm
+        hidden_row = HIDDEN_ptr + tl.cast(row, tl.int64) * stride_hm
+        hs_row = HS_ptr + tl.cast(row, tl.int64) * stride_sm
+        label = tl.load(LABELS_ptr + row).to(tl.int64)
+        if label == ignore_index:
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                tl.store(row_ptr + cols, tl.zeros((BLOCK_V,), dtype=tl.float32).to(dtype), mask=cols < V)
+            tl.store(LOSS_ptr + row, 0.0)
+            tl.store(SCALE_ptr + row, 0.0)
+            if WRITE_HS:
+                _store_scaled_row(hidden_row, hs_row, 0.0, H, BLOCK_H)
+        else:
+            target = tl.load(row_ptr + label).to(tl.float32)
+            shift = target
+            z = tl.zeros((), dtype=tl.float32)
+            x_sum = tl.zeros((), dtype=tl.float32)
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                mask = cols < V
+                x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                block_max = tl.max(x, axis=0)
+                if block_max > shift + RESCALE:  # rare: move the shift up, rescale what is written
+                    factor = tl.exp(shift - block_max)
+                    for prev in range(0, start, BLOCK_V):
+                        prev_cols = prev + tl.arange(0, BLOCK_V)
+                        keep = prev_cols != label  # the label's entry is written last, below
+                        p = tl.load(row_ptr + prev_cols, mask=keep, other=0.0).to(tl.float32)
+                        tl.store(row_ptr + prev_cols, (p * factor).to(dtype), mask=keep)
+                    z = z * factor
+                    shift = block_max
+                e = tl.exp(x - shift)  # masked tail: exp(-inf) = 0
+                z += tl.sum(e, axis=0)
+                if HAS_SMOOTHING:
+                    x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+                tl.store(row_ptr + cols, e.to(dtype), mask=mask & (cols != label))
+            lse = shift + tl.log(z)
+            loss = lse - (1.0 - label_smoothing) * target + z_loss * lse * lse
+            if HAS_SMOOTHING:
+                loss -= label_smoothing * x_sum / V
+            scale = (1.0 + 2.0 * z_loss * lse) / z
+            # 1 + 2 z lse == 0 (a z-loss exactly cancelling) would leave G'_y infinite; a scale of
+            # 1e-30 instead keeps it finite and changes the other entries by 1e-30 * p.
+            scale = tl.where(tl.abs(scale) < 1e-30, 1e-30, scale)
+            tl.store(row_ptr + label, (tl.exp(target - shift) - (1.0 - label_smoothing) / scale).to(dtype))
+            tl.store(LOSS_ptr + row, loss)
+            tl.store(SCALE_ptr + row, scale)
+            if WRITE_HS:
+                _store_scaled_row(hidden_row, hs_row, scale, H, BLOCK_H)
+
+
+@triton.jit
+def _finish_dhidden_kernel(
+    RAW_ptr,  # (C, H) fp32: G' @ weight
+    SCALE_ptr,  # (C,) fp32: a per row
+    LABELS_ptr,  # (C,)
+    WSUM_ptr,  # (H,) fp32: sum_v weight_v, read when HAS_SMOOTHING
+    DH_ptr,  # (C, H) output: a * raw - [y != ignore] (eps / V) wsum, in the hidden dtype
+    stride_rm,
+    stride_dm,
+    H,
+    ignore_index,
+    uniform,  # eps / V
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < H
+    d = tl.load(RAW_ptr + row * stride_rm + cols, mask=mask, other=0.0) * tl.load(SCALE_ptr + row)
+    if HAS_SMOOTHING:
+        label = tl.load(LABELS_ptr + row).to(tl.int64)
+        weight = tl.where(label == ignore_index, 0.0, tl.cast(uniform, tl.float32))
+        d -= weight * tl.load(WSUM_ptr + cols, mask=mask, other=0.0)
+    tl.store(DH_ptr + row * stride_dm + cols, d.to(DH_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -95,7 +232,7 @@ def _fused_linear_cross_entropy_fwd_launch(
     grad_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_linear_inputs(hidden, weight, labels, "fused_linear_cross_entropy")
-    N = hidden.shape[0]
+    N, H = hidden.shape
     V = weight.shape[0]
     chunk = chunk_size or chunk_tokens(N, V, hidden.element_size())
     loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
@@ -113,24 +250,86 @@ def _fused_linear_cross_entropy_fwd_launch(
             del logits  # free this chunk before the next one is allocated
         return loss.sum(), dhidden, dweight
 
-    # Training: per chunk, logits (cuBLAS), loss + gradient over the logits in one launch, then
-    # the two gradient matmuls (cuBLAS). Running the loss kernel on a second stream beside the
-    # matmuls was measured slower on an H100 (cuBLAS occupies every SM), so all runs in order.
+    # Training: per chunk, the logits (cuBLAS), one pass writing the loss and the gradient's
+    # numerators over them, then the two gradient matmuls (cuBLAS). Running the loss pass on a
+    # second stream beside the matmuls was measured slower on an H100 (cuBLAS occupies every SM),
+    # so all runs in order.
     programs = ce_programs(hidden.device)
-    buffer = torch.empty((min(chunk, N), V), dtype=hidden.dtype, device=hidden.device)  # logits, then their gradient
+    C = min(chunk, N)
+    buffer = torch.empty((C, V), dtype=hidden.dtype, device=hidden.device)  # logits, then G'
+    scale = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    hs = torch.empty((C, H), dtype=hidden.dtype, device=hidden.device) if grad_weight else hidden
+    smoothing = label_smoothing > 0.0
+    weight_sum = weight.sum(0, dtype=torch.float32) if smoothing and grad_hidden else scale  # (H,)
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
-        grads = buffer[: end - start]  # (C, V)
+        grads = buffer[: end - start]  # (c, V)
         torch.mm(hidden[start:end], weight.t(), out=grads)
-        ce_forward_backward_rows(grads, labels[start:end], loss[start:end], ignore_index, label_smoothing, z_loss, programs)
+        loss_and_numerators_rows(
+            grads, labels[start:end], loss[start:end], scale[start:end], hidden[start:end], hs[: end - start],
+            ignore_index, label_smoothing, z_loss, programs, write_hs=grad_weight,
+        )  # fmt: skip
         if grad_hidden:
-            torch.mm(grads, weight, out=dhidden[start:end])  # (C, H)
+            raw = _mm_fp32(grads, weight)  # (c, H)
+            _finish_dhidden_kernel[(end - start, triton.cdiv(H, FINISH_BLOCK_H))](
+                raw, scale[start:end], labels[start:end], weight_sum, dhidden[start:end],
+                raw.stride(0), dhidden.stride(0), H, ignore_index, label_smoothing / V,
+                HAS_SMOOTHING=smoothing, BLOCK_H=FINISH_BLOCK_H,
+            )  # fmt: skip
         if grad_weight:
             if start == 0:
-                dweight = torch.mm(grads.t(), hidden[start:end])  # (V, H)
+                dweight = torch.mm(grads.t(), hs[: end - start])  # (V, H)
             else:
-                dweight.addmm_(grads.t(), hidden[start:end])
+                dweight.addmm_(grads.t(), hs[: end - start])
+    if grad_weight and smoothing:  # the uniform term: every vocabulary row gets -(eps / V) sum_i h_i
+        kept = (labels != ignore_index)[:, None]
+        dweight.sub_(torch.where(kept, hidden, 0).sum(0, dtype=torch.float32).mul_(label_smoothing / V))
     return loss.sum(), dhidden, dweight
+
+
+FINISH_BLOCK_H = 1024
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result, rounded once: cuBLAS's bf16 / fp16 GEMM with fp32 output on a
+    GPU (`out_dtype`). The CPU (the interpreter's tests) has no such mm; there the product is
+    rounded to the operands' dtype first."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).float()
+
+
+def loss_and_numerators_rows(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss: torch.Tensor,
+    scale: torch.Tensor,
+    hidden: torch.Tensor,
+    hs: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    programs: int,
+    write_hs: bool = True,
+    launch: dict | None = None,
+) -> None:
+    """Per-row loss and scale a of `logits` (M, V) into the (M,) fp32 buffers, the gradient's
+    numerators G' written over `logits`, and a * hidden into `hs` (M, H) when `write_hs`, in one
+    launch of `programs` programs. d (sum of losses) / d logits = a[:, None] * G' - eps / V.
+    `launch` overrides the block size and warps (BLOCK_V, num_warps) for tests and sweeps."""
+    if logits.stride(-1) != 1 or (write_hs and (hidden.stride(-1) != 1 or hs.stride(-1) != 1)):
+        raise ValueError("fused_linear_cross_entropy: the logits, hidden and hs rows need a unit stride")
+    H = hidden.shape[-1]
+    _loss_and_numerators_kernel[(max(1, min(programs, logits.shape[0])),)](
+        logits, labels, loss, scale, hidden, hs,
+        logits.stride(0), hidden.stride(0), hs.stride(0),
+        logits.shape[0], logits.shape[1], H,
+        ignore_index, label_smoothing, z_loss,
+        RESCALE=RESCALE_NATS, HAS_SMOOTHING=label_smoothing > 0.0, WRITE_HS=write_hs,
+        BLOCK_H=min(1024, triton.next_power_of_2(H)), **(launch or fwd_bwd_launch_params(logits.shape[1])),
+    )  # fmt: skip
 
 
 def _scale_launch_(x: torch.Tensor, grad: torch.Tensor) -> None:

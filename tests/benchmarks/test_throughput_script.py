@@ -44,9 +44,11 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
         if untuned is not None:  # the same row but for the GEMMs
             assert dict(untuned.kernels, linear="tuned") == variant.kernels and untuned.weight_copy == variant.weight_copy
     names = names[:-n_tuned]
-    if family == "gpt2":  # before them, the in-place Triton loss head compiled into the graph
-        assert names[-1] == f"{best} +bf16 moments +compiled loss head"
-        names = names[:-1]
+    if family == "gpt2":  # before them, the in-place Triton loss head compiled into the graph, then the fused head
+        assert names[-2:] == [f"{best} +bf16 moments +compiled loss head", f"{best} +bf16 moments cross_entropy=fused_linear"]
+        fused = all_variants[names[-1]]
+        assert fused.kernels == dict(optimized, cross_entropy="fused_linear") and fused.optimizer_state == "bfloat16"
+        names = names[:-2]
     assert names[-6 - n_best_ablations:-n_best_ablations] == [
         "optimized +selective AC", "optimized +CUDA graphs", "reference+compile whole model",
         "optimized +whole-model compile", best, f"{best} optimizer=torch"]

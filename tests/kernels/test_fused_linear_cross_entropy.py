@@ -4,10 +4,10 @@ label smoothing, z-loss, tied embeddings, the no-grad path."""
 import pytest
 import torch
 
-from kernels.fused_linear_cross_entropy import chunk_tokens, fused_linear_cross_entropy
+from kernels.fused_linear_cross_entropy import chunk_tokens, fused_linear_cross_entropy, loss_and_numerators_rows
 from src.models.components.loss import fused_linear_cross_entropy_ref
 
-from .helpers import DEVICE, DTYPES, assert_close, leaf, needs_triton
+from .helpers import DEVICE, DTYPES, assert_close, assert_rows_match_ref, leaf, needs_triton
 
 pytestmark = needs_triton
 
@@ -38,6 +38,53 @@ def test_fused_linear_cross_entropy_matches_reference(n, hidden, vocab, chunk, l
     for name, g, w in zip(("loss", "dhidden", "dweight"), got, want):
         assert g.dtype == w.dtype, name
         assert_close(g, w, dtype, name)
+
+
+def _numerators(logits, labels, label_smoothing, z_loss, block_v, programs=3):
+    """The one-pass row kernel on a copy of `logits`: per-row loss, the gradient rebuilt from its
+    numerators (a * G' - eps / V), and hs = a * hidden for a random hidden."""
+    n, vocab = logits.shape
+    grads = logits.clone()
+    loss = torch.full((n,), float("nan"), device=logits.device)
+    scale = torch.full((n,), float("nan"), device=logits.device)
+    hidden = torch.randn(n, 5, device=logits.device, dtype=logits.dtype)
+    hs = torch.full_like(hidden, float("nan"))
+    loss_and_numerators_rows(grads, labels, loss, scale, hidden, hs, -100, label_smoothing, z_loss, programs,
+                             launch=dict(BLOCK_V=block_v, num_warps=1))  # fmt: skip
+    rebuilt = (scale[:, None] * grads.float() - label_smoothing / vocab * (labels != -100)[:, None]).to(logits.dtype)
+    assert_close(hs, scale[:, None] * hidden.float(), logits.dtype, "hs")
+    return loss, rebuilt, scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,vocab,block", [(1, 300, 64), (13, 1000, 256), (20, 123, 128), (9, 4100, 1024)])
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.0, 0.0), (0.1, 1e-3), (0.0, 1e-2)])
+def test_loss_and_numerators_rows_match_pytorch(n, vocab, block, label_smoothing, z_loss, dtype):
+    logits = (torch.randn(n, vocab, device=DEVICE) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (n,), device=DEVICE)
+    labels[1::4] = -100
+    labels[0] = vocab - 1  # the last column, in the masked tail of the last block
+    loss, rebuilt, scale = _numerators(logits, labels, label_smoothing, z_loss, block)
+    assert_rows_match_ref(loss, rebuilt, logits, labels, label_smoothing, z_loss)
+    assert (scale[labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_loss_and_numerators_rescale_when_a_logit_far_exceeds_the_label(dtype):
+    """Rows whose loss is far above RESCALE_NATS (30): the shift starts at the label's logit and
+    must move up, once in the first block, once after blocks are written, twice in one row."""
+    vocab, block = 1000, 128
+    logits = torch.randn(4, vocab, device=DEVICE)
+    labels = torch.tensor([5, 700, 3, 999], device=DEVICE)
+    logits[0, 5], logits[0, 17] = -40.0, 10.0  # beyond the shift in the first block
+    logits[1, 700], logits[1, 600] = 0.0, 40.0  # after four blocks were written with the old shift
+    logits[2, 3], logits[2, 300], logits[2, 900] = -20.0, 15.0, 80.0  # two moves; loss 100 nats
+    logits[3, 999] = 50.0  # the label is the maximum: no move
+    logits = logits.to(dtype)
+    for label_smoothing, z_loss in ((0.0, 0.0), (0.1, 1e-4)):
+        loss, rebuilt, _ = _numerators(logits, labels, label_smoothing, z_loss, block, programs=2)
+        assert_rows_match_ref(loss, rebuilt, logits, labels, label_smoothing, z_loss)
+        assert torch.isfinite(rebuilt).all() and loss[1] > 35 and loss[2] > 90
 
 
 def test_fused_linear_cross_entropy_z_loss_and_chunks_agree():
