@@ -85,6 +85,7 @@ def _loss_and_numerators_kernel(
     WRITE_HS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr,  # a power of two >= cdiv(V, BLOCK_V)
 ):
     """A fixed number of programs (a few per SM) loop over rows; one read and one write of each
     row (plus a rescale pass over a row's written part when its shift must move: see the module
@@ -110,25 +111,32 @@ def _loss_and_numerators_kernel(
             shift = target
             z = tl.zeros((), dtype=tl.float32)
             x_sum = tl.zeros((), dtype=tl.float32)
+            block_ids = tl.arange(0, MAX_BLOCKS)
+            shifts = tl.zeros((MAX_BLOCKS,), dtype=tl.float32) + target  # the shift each block was written with
             for start in range(0, V, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 mask = cols < V
                 x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                # Branch-free: a branch with a rescale loop inside this loop ran it 3x slower on
+                # an H200. A block whose max exceeds the shift by RESCALE moves the shift up; the
+                # blocks written before are rescaled after the loop.
                 block_max = tl.max(x, axis=0)
-                if block_max > shift + RESCALE:  # rare: move the shift up, rescale what is written
-                    factor = tl.exp(shift - block_max)
-                    for prev in range(0, start, BLOCK_V):
-                        prev_cols = prev + tl.arange(0, BLOCK_V)
-                        keep = prev_cols != label  # the label's entry is written last, below
-                        p = tl.load(row_ptr + prev_cols, mask=keep, other=0.0).to(tl.float32)
-                        tl.store(row_ptr + prev_cols, (p * factor).to(dtype), mask=keep)
-                    z = z * factor
-                    shift = block_max
-                e = tl.exp(x - shift)  # masked tail: exp(-inf) = 0
-                z += tl.sum(e, axis=0)
+                new_shift = tl.where(block_max > shift + RESCALE, block_max, shift)
+                e = tl.exp(x - new_shift)  # masked tail: exp(-inf) = 0
+                z = z * tl.exp(shift - new_shift) + tl.sum(e, axis=0)
+                shift = new_shift
+                shifts = tl.where(block_ids == start // BLOCK_V, shift, shifts)
                 if HAS_SMOOTHING:
                     x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
                 tl.store(row_ptr + cols, e.to(dtype), mask=mask & (cols != label))
+            if tl.min(shifts, axis=0) < shift:  # rare: blocks written with an older shift
+                for start in range(0, V, BLOCK_V):
+                    block_shift = tl.sum(tl.where(block_ids == start // BLOCK_V, shifts, 0.0), axis=0)
+                    if block_shift < shift:
+                        cols = start + tl.arange(0, BLOCK_V)
+                        keep = (cols < V) & (cols != label)  # the label's entry is written last, below
+                        p = tl.load(row_ptr + cols, mask=keep, other=0.0).to(tl.float32)
+                        tl.store(row_ptr + cols, (p * tl.exp(block_shift - shift)).to(dtype), mask=keep)
             lse = shift + tl.log(z)
             loss = lse - (1.0 - label_smoothing) * target + z_loss * lse * lse
             if HAS_SMOOTHING:
@@ -322,13 +330,15 @@ def loss_and_numerators_rows(
     if logits.stride(-1) != 1 or (write_hs and (hidden.stride(-1) != 1 or hs.stride(-1) != 1)):
         raise ValueError("fused_linear_cross_entropy: the logits, hidden and hs rows need a unit stride")
     H = hidden.shape[-1]
+    launch = launch or fwd_bwd_launch_params(logits.shape[1])
     _loss_and_numerators_kernel[(max(1, min(programs, logits.shape[0])),)](
         logits, labels, loss, scale, hidden, hs,
         logits.stride(0), hidden.stride(0), hs.stride(0),
         logits.shape[0], logits.shape[1], H,
         ignore_index, label_smoothing, z_loss,
         RESCALE=RESCALE_NATS, HAS_SMOOTHING=label_smoothing > 0.0, WRITE_HS=write_hs,
-        BLOCK_H=min(1024, triton.next_power_of_2(H)), **(launch or fwd_bwd_launch_params(logits.shape[1])),
+        BLOCK_H=min(1024, triton.next_power_of_2(H)), MAX_BLOCKS=triton.next_power_of_2(triton.cdiv(logits.shape[1], launch["BLOCK_V"])),
+        **launch,
     )  # fmt: skip
 
 
