@@ -129,11 +129,12 @@ def _cross_entropy_fwd_bwd_kernel(
     HAS_SMOOTHING: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Loss and gradient in one launch, for the fused linear + cross-entropy: a fixed number of
-    programs (a couple per SM) loop over rows, reading each row twice (log-sum-exp, then the
-    gradient written over it). The second pass runs backwards, over the most recently read
-    blocks first, which are the likeliest to be still in L2. On an H100 this matches the separate
-    forward and backward kernels' speed with one launch instead of two."""
+    """Loss and gradient in one launch: a fixed number of programs (a couple per SM) loop over
+    rows, reading each row twice (log-sum-exp, then the gradient written over it). The second pass
+    runs backwards, over the most recently read blocks first, which are the likeliest to be still
+    in L2. The fused linear + cross-entropy ran it until 2026-12-07 and now reads each row once
+    (`fused_linear_cross_entropy.py`); it stays as the baseline of the row-kernel probes
+    (benchmarks/probe_ce_split.py, probe_ce_resident.py)."""
     label_smoothing = tl.cast(label_smoothing, tl.float32)  # Inductor may pass Python floats as fp64
     z_loss = tl.cast(z_loss, tl.float32)
     n_blocks = tl.cdiv(V, BLOCK_V)

@@ -117,9 +117,9 @@ def _loss_and_numerators_kernel(
                 cols = start + tl.arange(0, BLOCK_V)
                 mask = cols < V
                 x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                # Branch-free: a branch with a rescale loop inside this loop ran it 3x slower on
-                # an H200. A block whose max exceeds the shift by RESCALE moves the shift up; the
-                # blocks written before are rescaled after the loop.
+                # A block whose max exceeds the shift by RESCALE moves the shift up, without a
+                # branch; the blocks written before are rescaled after the loop, so this loop
+                # stays a plain stream.
                 block_max = tl.max(x, axis=0)
                 new_shift = tl.where(block_max > shift + RESCALE, block_max, shift)
                 e = tl.exp(x - new_shift)  # masked tail: exp(-inf) = 0
@@ -128,13 +128,16 @@ def _loss_and_numerators_kernel(
                 shifts = tl.where(block_ids == start // BLOCK_V, shift, shifts)
                 if HAS_SMOOTHING:
                     x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
-                tl.store(row_ptr + cols, e.to(dtype), mask=mask & (cols != label))
+                # The label's entry is rewritten last. Leaving it out of this store instead (a mask
+                # `cols != label`, not uniform over a vector's elements) made Triton store element
+                # by element: 0.90 ms per 1024 x 151936 bf16 chunk on an H100 against 0.23.
+                tl.store(row_ptr + cols, e.to(dtype), mask=mask)
             if tl.min(shifts, axis=0) < shift:  # rare: blocks written with an older shift
                 for start in range(0, V, BLOCK_V):
                     block_shift = tl.sum(tl.where(block_ids == start // BLOCK_V, shifts, 0.0), axis=0)
                     if block_shift < shift:
                         cols = start + tl.arange(0, BLOCK_V)
-                        keep = (cols < V) & (cols != label)  # the label's entry is written last, below
+                        keep = cols < V
                         p = tl.load(row_ptr + cols, mask=keep, other=0.0).to(tl.float32)
                         tl.store(row_ptr + cols, (p * tl.exp(block_shift - shift)).to(dtype), mask=keep)
             lse = shift + tl.log(z)
@@ -145,6 +148,7 @@ def _loss_and_numerators_kernel(
             # 1 + 2 z lse == 0 (a z-loss exactly cancelling) would leave G'_y infinite; a scale of
             # 1e-30 instead keeps it finite and changes the other entries by 1e-30 * p.
             scale = tl.where(tl.abs(scale) < 1e-30, 1e-30, scale)
+            tl.debug_barrier()  # the block stores above, by any thread, land before the label's entry
             tl.store(row_ptr + label, (tl.exp(target - shift) - (1.0 - label_smoothing) / scale).to(dtype))
             tl.store(LOSS_ptr + row, loss)
             tl.store(SCALE_ptr + row, scale)
