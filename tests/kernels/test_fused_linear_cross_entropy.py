@@ -124,6 +124,17 @@ def test_fused_linear_cross_entropy_without_grad_and_frozen_weight():
     assert_close(hs.grad, hr.grad, torch.float32)
 
 
+def test_fused_linear_cross_entropy_frozen_hidden_trains_the_weight():
+    """Only the weight needs a gradient (a frozen trunk): no dh matmul, dW as the reference's."""
+    h, weight, labels = _inputs(21, 8, 60, torch.float32)
+    for label_smoothing in (0.0, 0.2):
+        ws, wr = leaf(weight), leaf(weight)
+        fused_linear_cross_entropy(h, ws, labels, label_smoothing=label_smoothing, chunk_size=8).backward()
+        fused_linear_cross_entropy_ref(h, wr, labels, label_smoothing=label_smoothing).backward()
+        assert h.grad is None
+        assert_close(ws.grad, wr.grad, torch.float32, f"dweight eps={label_smoothing}")
+
+
 def test_fused_linear_cross_entropy_bad_input():
     h, weight, labels = _inputs(4, 8, 20, torch.float32)
     with pytest.raises(ValueError, match="expected hidden"):
