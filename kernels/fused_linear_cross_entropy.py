@@ -36,6 +36,8 @@ mgmalek/efficient_cross_entropy and Liger-Kernel; the online softmax of Milakov 
 
 Limits: hidden (N, H) and weight (V, H) of one floating dtype (under autocast both are cast to the
 autocast dtype first, as the reference matmul is); labels (N,) in [0, V) or ignore_index; no bias.
+fp16 cannot hold the numerators (Z alone reaches V, beyond 65504): in fp16 the pass writes the
+gradient itself with cross_entropy.py's two-read row kernel (one read more per row).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import triton
 import triton.language as tl
 
 from kernels import num_sms
-from kernels.cross_entropy import ce_forward_rows, check_logits_labels, fwd_bwd_launch_params
+from kernels.cross_entropy import ce_forward_backward_rows, ce_forward_rows, check_logits_labels, fwd_bwd_launch_params
 
 # -- kernels --------------------------------------------------------------------------------------
 # The matmuls are cuBLAS (torch.mm); the evaluation path uses cross_entropy.py's forward row kernel.
@@ -269,6 +271,13 @@ def _fused_linear_cross_entropy_fwd_launch(
     programs = ce_programs(hidden.device)
     C = min(chunk, N)
     buffer = torch.empty((C, V), dtype=hidden.dtype, device=hidden.device)  # logits, then G'
+    if hidden.dtype == torch.float16:
+        # The numerators need fp32's exponent range (Z alone reaches V, beyond fp16's 65504): fp16
+        # writes the gradient itself, reading each row twice.
+        return _fused_linear_cross_entropy_fp16(
+            hidden, weight, labels, ignore_index, label_smoothing, z_loss, chunk, grad_hidden, grad_weight,
+            loss, dhidden, buffer, programs,
+        )  # fmt: skip
     scale = torch.empty(N, dtype=torch.float32, device=hidden.device)
     hs = torch.empty((C, H), dtype=hidden.dtype, device=hidden.device) if grad_weight else hidden
     smoothing = label_smoothing > 0.0
@@ -300,6 +309,29 @@ def _fused_linear_cross_entropy_fwd_launch(
 
 
 FINISH_BLOCK_H = 1024
+
+
+def _fused_linear_cross_entropy_fp16(
+    hidden, weight, labels, ignore_index, label_smoothing, z_loss, chunk, grad_hidden, grad_weight,
+    loss, dhidden, buffer, programs,
+):
+    """The training path for fp16: per chunk the logits, the two-read loss + gradient kernel of
+    cross_entropy.py written over them (G = d loss / d logits), then dh = G @ W and dW += G.T @ h."""
+    N = hidden.shape[0]
+    dweight = weight.new_empty(0)
+    for start in range(0, N, chunk):
+        end = min(start + chunk, N)
+        grads = buffer[: end - start]  # (c, V)
+        torch.mm(hidden[start:end], weight.t(), out=grads)
+        ce_forward_backward_rows(grads, labels[start:end], loss[start:end], ignore_index, label_smoothing, z_loss, programs)
+        if grad_hidden:
+            torch.mm(grads, weight, out=dhidden[start:end])  # (c, H)
+        if grad_weight:
+            if start == 0:
+                dweight = torch.mm(grads.t(), hidden[start:end])  # (V, H)
+            else:
+                dweight.addmm_(grads.t(), hidden[start:end])
+    return loss.sum(), dhidden, dweight
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
