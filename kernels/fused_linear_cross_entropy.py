@@ -270,68 +270,48 @@ def _fused_linear_cross_entropy_fwd_launch(
     # so all runs in order.
     programs = ce_programs(hidden.device)
     C = min(chunk, N)
-    buffer = torch.empty((C, V), dtype=hidden.dtype, device=hidden.device)  # logits, then G'
-    if hidden.dtype == torch.float16:
-        # The numerators need fp32's exponent range (Z alone reaches V, beyond fp16's 65504): fp16
-        # writes the gradient itself, reading each row twice.
-        return _fused_linear_cross_entropy_fp16(
-            hidden, weight, labels, ignore_index, label_smoothing, z_loss, chunk, grad_hidden, grad_weight,
-            loss, dhidden, buffer, programs,
-        )  # fmt: skip
+    buffer = torch.empty((C, V), dtype=hidden.dtype, device=hidden.device)  # logits, then G' (or G)
+    # The numerators need fp32's exponent range (Z alone reaches V, beyond fp16's 65504): fp16
+    # writes the gradient G itself with the two-read row kernel, and the matmuls use it unscaled.
+    numerators = hidden.dtype != torch.float16
     scale = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    hs = torch.empty((C, H), dtype=hidden.dtype, device=hidden.device) if grad_weight else hidden
+    hs = torch.empty((C, H), dtype=hidden.dtype, device=hidden.device) if grad_weight and numerators else hidden
     smoothing = label_smoothing > 0.0
-    weight_sum = weight.sum(0, dtype=torch.float32) if smoothing and grad_hidden else scale  # (H,)
+    weight_sum = weight.sum(0, dtype=torch.float32) if numerators and smoothing and grad_hidden else scale  # (H,)
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
         grads = buffer[: end - start]  # (c, V)
         torch.mm(hidden[start:end], weight.t(), out=grads)
-        loss_and_numerators_rows(
-            grads, labels[start:end], loss[start:end], scale[start:end], hidden[start:end], hs[: end - start],
-            ignore_index, label_smoothing, z_loss, programs, write_hs=grad_weight,
-        )  # fmt: skip
-        if grad_hidden:
+        if numerators:
+            rhs = hs[: end - start]  # (c, H): a * hidden, written by the pass
+            loss_and_numerators_rows(
+                grads, labels[start:end], loss[start:end], scale[start:end], hidden[start:end], rhs,
+                ignore_index, label_smoothing, z_loss, programs, write_hs=grad_weight,
+            )  # fmt: skip
+        else:
+            rhs = hidden[start:end]
+            ce_forward_backward_rows(grads, labels[start:end], loss[start:end], ignore_index, label_smoothing, z_loss, programs)
+        if grad_hidden and numerators:
             raw = _mm_fp32(grads, weight)  # (c, H)
             _finish_dhidden_kernel[(end - start, triton.cdiv(H, FINISH_BLOCK_H))](
                 raw, scale[start:end], labels[start:end], weight_sum, dhidden[start:end],
                 raw.stride(0), dhidden.stride(0), H, ignore_index, label_smoothing / V,
                 HAS_SMOOTHING=smoothing, BLOCK_H=FINISH_BLOCK_H,
             )  # fmt: skip
+        elif grad_hidden:
+            torch.mm(grads, weight, out=dhidden[start:end])  # (c, H)
         if grad_weight:
             if start == 0:
-                dweight = torch.mm(grads.t(), hs[: end - start])  # (V, H)
+                dweight = torch.mm(grads.t(), rhs)  # (V, H)
             else:
-                dweight.addmm_(grads.t(), hs[: end - start])
-    if grad_weight and smoothing:  # the uniform term: every vocabulary row gets -(eps / V) sum_i h_i
+                dweight.addmm_(grads.t(), rhs)
+    if grad_weight and numerators and smoothing:  # the uniform term: every vocabulary row gets -(eps / V) sum_i h_i
         kept = (labels != ignore_index)[:, None]
         dweight.sub_(torch.where(kept, hidden, 0).sum(0, dtype=torch.float32).mul_(label_smoothing / V))
     return loss.sum(), dhidden, dweight
 
 
 FINISH_BLOCK_H = 1024
-
-
-def _fused_linear_cross_entropy_fp16(
-    hidden, weight, labels, ignore_index, label_smoothing, z_loss, chunk, grad_hidden, grad_weight,
-    loss, dhidden, buffer, programs,
-):
-    """The training path for fp16: per chunk the logits, the two-read loss + gradient kernel of
-    cross_entropy.py written over them (G = d loss / d logits), then dh = G @ W and dW += G.T @ h."""
-    N = hidden.shape[0]
-    dweight = weight.new_empty(0)
-    for start in range(0, N, chunk):
-        end = min(start + chunk, N)
-        grads = buffer[: end - start]  # (c, V)
-        torch.mm(hidden[start:end], weight.t(), out=grads)
-        ce_forward_backward_rows(grads, labels[start:end], loss[start:end], ignore_index, label_smoothing, z_loss, programs)
-        if grad_hidden:
-            torch.mm(grads, weight, out=dhidden[start:end])  # (c, H)
-        if grad_weight:
-            if start == 0:
-                dweight = torch.mm(grads.t(), hidden[start:end])  # (V, H)
-            else:
-                dweight.addmm_(grads.t(), hidden[start:end])
-    return loss.sum(), dhidden, dweight
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
