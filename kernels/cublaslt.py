@@ -196,14 +196,14 @@ def restore_picks(state: dict[str, list[int]]) -> int:
     return len(state)
 
 
-def _launch(plan, a, b, out, bias, aux) -> None:
+def _launch(plan, a, b, out, bias, aux, accumulate=False) -> None:
     lib = _library()
     desc, layout_b, layout_a, layout_d, heuristic, workspace_bytes = plan
     if bias is not None:
         _set(lib.cublasLtMatmulDescSetAttribute, desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
     if aux is not None:
         _set(lib.cublasLtMatmulDescSetAttribute, desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
-    alpha, beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+    alpha, beta = ctypes.c_float(1.0), ctypes.c_float(1.0 if accumulate else 0.0)
     # A workspace from PyTorch's allocator for this call: inside a CUDA graph it is a temporary of
     # the graph's pool like any other (one kept across calls would be an untracked live tensor there).
     workspace = torch.empty(max(workspace_bytes, 16), dtype=torch.uint8, device=out.device)
@@ -235,7 +235,7 @@ def time_ms(fn, runs: int = 5) -> float:
     return start.elapsed_time(end) / runs
 
 
-def _fastest(candidates: list[tuple], tensors: tuple) -> int:
+def _fastest(candidates: list[tuple], tensors: tuple, accumulate: bool = False) -> int:
     """The index of the candidate algorithm that runs fastest on these tensors (`time_ms`, the best
     of three rounds), once per plan: the heuristic's first choice is not always the fastest with an
     epilogue. During a CUDA graph capture nothing can be timed; the first choice is taken."""
@@ -243,18 +243,23 @@ def _fastest(candidates: list[tuple], tensors: tuple) -> int:
         return 0
     best, best_ms = 0, float("inf")
     for i, plan in enumerate(candidates):
-        ms = min(time_ms(lambda: _launch(plan, *tensors)) for _ in range(3))
+        ms = min(time_ms(lambda: _launch(plan, *tensors, accumulate)) for _ in range(3))
         if ms < best_ms:
             best, best_ms = i, ms
     return best
 
 
-def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bias, aux, align: int):
-    """Descriptors, layouts and algorithm for out = a @ b with `epilogue` (cached; the first call
-    for a key times the heuristic's candidates on its tensors, which it may overwrite)."""
+def _plan_key(a, b, out, epilogue, bias_dtype, align, accumulate) -> tuple:
+    key = (a.shape, a.stride(), b.shape, b.stride(), out.shape, a.dtype, out.dtype, epilogue, bias_dtype, align, out.device)
+    return key + (("accumulate",) if accumulate else ())  # (keys saved before the flag existed still match)
+
+
+def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bias, aux, align: int, accumulate=False):
+    """Descriptors, layouts and algorithm for out (+)= a @ b with `epilogue` (cached; the first call
+    for a key times the heuristic's candidates on its tensors, overwriting `out`)."""
     tensors = (a, b, out, bias, aux)
     bias_dtype = bias.dtype if bias is not None else None
-    key = (a.shape, a.stride(), b.shape, b.stride(), out.shape, a.dtype, out.dtype, epilogue, bias_dtype, align, out.device)
+    key = _plan_key(a, b, out, epilogue, bias_dtype, align, accumulate)
     plan = _plans.get(key)
     if isinstance(plan, str):
         raise CublasLtUnsupported(plan)
@@ -313,7 +318,7 @@ def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bi
                       "the checkpoint picked one (another library version?): timing them again; results may differ "
                       "in the last bits")
         saved = None
-    index = saved[0] if saved is not None else _fastest(candidates, tensors)
+    index = saved[0] if saved is not None else _fastest(candidates, tensors, accumulate)
     _chosen[key] = [index, len(candidates)]
     _plans[key] = candidates[index]
     return _plans[key]
@@ -326,8 +331,10 @@ def gemm(
     epilogue: int = EPILOGUE_DEFAULT,
     bias: torch.Tensor | None = None,
     aux: torch.Tensor | None = None,
+    accumulate: bool = False,
 ) -> torch.Tensor:
-    """out (M, N) = epilogue(a (M, K) @ b (K, N)), fp32 accumulation, on the current stream.
+    """out (M, N) = epilogue(a (M, K) @ b (K, N)), fp32 accumulation, on the current stream;
+    `accumulate`: out += a @ b instead (cuBLAS's beta = 1: out is read in the epilogue, once).
 
     `bias` (N,): the bias added (BIAS, GELU_AUX_BIAS) or the bias gradient written (DGELU_BGRAD,
     the sum of the output over its M rows; in out's dtype: cuBLAS 13 has no fp32 bias gradient
@@ -350,6 +357,28 @@ def gemm(
     if bias is not None and (bias.shape != (bias_len,) or not bias.is_contiguous()):
         raise ValueError(f"cuBLASLt: bias must be a contiguous ({bias_len},) vector, got {tuple(bias.shape)}")
     with _lock:
-        plan = _plan(a, b, out, epilogue, bias, aux, alignment(a, b, out, aux))
-        _launch(plan, a, b, out, bias, aux)
+        align = alignment(a, b, out, aux)
+        bias_dtype = bias.dtype if bias is not None else None
+        if accumulate and _plan_key(a, b, out, epilogue, bias_dtype, align, accumulate) not in _plans:
+            # Planning times the candidates on its `out`: here a copy, since out's sum must be kept
+            # (`plan` on a scratch `out` first avoids the copy).
+            _plan(a, b, out.clone(), epilogue, bias, aux, align, accumulate)
+        chosen = _plan(a, b, out, epilogue, bias, aux, align, accumulate)
+        _launch(chosen, a, b, out, bias, aux, accumulate)
     return out
+
+
+def plan(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    epilogue: int = EPILOGUE_DEFAULT,
+    bias: torch.Tensor | None = None,
+    aux: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> None:
+    """Plan `gemm`'s key for these arguments now, timing the candidates on these tensors: `out` (and
+    `aux`) are overwritten with garbage. For an accumulating GEMM whose output is about to be
+    written anyway (a fresh buffer), this spares `gemm` the copy it would time on."""
+    with _lock:
+        _plan(a, b, out, epilogue, bias, aux, alignment(a, b, out, aux), accumulate)

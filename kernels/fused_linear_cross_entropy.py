@@ -1,13 +1,17 @@
 """Fused linear + cross-entropy: loss(hidden @ weight.T, labels) without the (N, V) logits.
 
 For each chunk of C tokens (C x V logits, a few hundred MiB at most):
-    logits_c  = hidden_c @ weight.T                       (cuBLAS, in the activation dtype)
+    logits_c  = hidden_c @ weight.T                       (cuBLAS*, in the activation dtype)
     one pass over logits_c (`_loss_and_numerators_kernel`): the row losses, and over the logits
               the gradient's numerators G'_c, with d loss_c / d logits_c = a * G'_c - eps / V
               for one fp32 scale a per row
-    dhidden_c = a * (G'_c @ weight) - (eps / V) sum_v weight_v         (cuBLAS, fp32 result)
-    dweight  += G'_c.T @ (a * hidden_c)                                (cuBLAS)
+    dhidden_c = a * (G'_c @ weight) - (eps / V) sum_v weight_v         (cuBLAS*, fp32 result)
+    dweight  += G'_c.T @ (a * hidden_c)                                (cuBLAS*)
 and, with label smoothing, dweight -= (eps / V) sum_i hidden_i (one broadcast row) at the end.
+(*) Each GEMM runs the faster of torch's call and cuBLASLt's best candidate for its shape, timed on
+its first call (tuned_mm.py; kept in checkpoints like the linear layers' picks). On an H100 that
+took the logits GEMM from 0.388 to 0.351 ms per 1024-token chunk and the accumulation into dweight
+(cuBLAS's beta = 1) from 0.484 to about 0.39 (kernels/README.md).
 The loss is a sum, so its gradients are linear in the upstream scalar g: they are computed in the
 forward pass with g = 1 and scaled by g in backward. That takes three matmuls (the minimum) instead
 of recomputing the logits in backward, and keeps at most one chunk of logits alive. The weight
@@ -47,6 +51,7 @@ import triton
 import triton.language as tl
 
 from kernels import num_sms
+from kernels.tuned_mm import mm_into, mm_out, plan_into
 from kernels.cross_entropy import ce_forward_backward_rows, ce_forward_rows, check_logits_labels, fwd_bwd_launch_params
 
 # -- kernels --------------------------------------------------------------------------------------
@@ -281,7 +286,7 @@ def _fused_linear_cross_entropy_fwd_launch(
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
         grads = buffer[: end - start]  # (c, V)
-        torch.mm(hidden[start:end], weight.t(), out=grads)
+        _logits_mm(hidden[start:end], weight, grads)
         if numerators:
             rhs = hs[: end - start]  # (c, H): a * hidden, written by the pass
             loss_and_numerators_rows(
@@ -299,12 +304,12 @@ def _fused_linear_cross_entropy_fwd_launch(
                 HAS_SMOOTHING=smoothing, BLOCK_H=FINISH_BLOCK_H,
             )  # fmt: skip
         elif grad_hidden:
-            torch.mm(grads, weight, out=dhidden[start:end])  # (c, H)
+            mm_into(grads, weight, dhidden[start:end])  # (c, H)
         if grad_weight:
             if start == 0:
-                dweight = torch.mm(grads.t(), rhs)  # (V, H)
-            else:
-                dweight.addmm_(grads.t(), rhs)
+                dweight = torch.empty_like(weight)
+                _plan_dweight_accumulation(grads, rhs, dweight, N, chunk)
+            dweight = _dweight_mm(grads, rhs, dweight, accumulate=start > 0)  # (V, H)
     if grad_weight and numerators and smoothing:  # the uniform term: every vocabulary row gets -(eps / V) sum_i h_i
         kept = (labels != ignore_index)[:, None]
         dweight.sub_(torch.where(kept, hidden, 0).sum(0, dtype=torch.float32).mul_(label_smoothing / V))
@@ -314,14 +319,33 @@ def _fused_linear_cross_entropy_fwd_launch(
 FINISH_BLOCK_H = 1024
 
 
+def _logits_mm(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """out (c, V) = hidden (c, H) @ weight.T, written into the chunk's buffer."""
+    mm_into(hidden, weight.t(), out)
+
+
+def _dweight_mm(grads: torch.Tensor, rhs: torch.Tensor, dweight: torch.Tensor, accumulate: bool) -> torch.Tensor:
+    """dweight (V, H) = grads.T @ rhs (the first chunk), or dweight += it (cuBLAS's beta = 1)."""
+    return mm_into(grads.t(), rhs, dweight, accumulate=accumulate)
+
+
+def _plan_dweight_accumulation(grads: torch.Tensor, rhs: torch.Tensor, dweight: torch.Tensor, N: int, chunk: int) -> None:
+    """Time the accumulating dweight GEMMs of the chunks after the first (full chunks, and a shorter
+    last one) on the fresh dweight before the first chunk writes it: timed later, they would need
+    a copy of dweight (272 MB for Qwen2-0.5B) to keep its sum."""
+    for rows in sorted({chunk, N % chunk} - {0}):
+        if rows <= grads.shape[0] and N > chunk:
+            plan_into(grads[:rows].t(), rhs[:rows], dweight, accumulate=True)
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result, rounded once: cuBLAS's bf16 / fp16 GEMM with fp32 output on a
-    GPU (`out_dtype`). The CPU (the interpreter's tests) has no such mm; there the product is
-    rounded to the operands' dtype first."""
+    """a @ b with an fp32 result, rounded once: a bf16 / fp16 GEMM with fp32 output on a GPU (the
+    faster of torch's `out_dtype` call and cuBLASLt's). The CPU (the interpreter's tests) has no such
+    mm; there the product is rounded to the operands' dtype first."""
     if a.dtype == torch.float32:
         return torch.mm(a, b)
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        return mm_out(a, b, torch.float32, tuned=True)
     return torch.mm(a, b).float()
 
 

@@ -75,9 +75,9 @@ def _key(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, bias: torch.T
             cublaslt.alignment(a, b, bias), a.device)  # fmt: skip
 
 
-def _pick(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None) -> str:
-    """"torch" or "cublaslt" for this call's key: timed on its first call (see the module docstring)."""
-    key = _key(a, b, out_dtype, bias)
+def _pick(key: tuple, torch_call, cublaslt_call, cublaslt_plan=None) -> str:
+    """"torch" or "cublaslt" for `key`: timed on its first call (see the module docstring), by
+    running the two zero-argument calls; `cublaslt_plan` (default: the call) plans cuBLASLt's key."""
     pick = _picks.get(key)
     if pick is not None:
         return pick
@@ -88,14 +88,14 @@ def _pick(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, bias: torch.
     if torch.cuda.is_current_stream_capturing():
         return "torch"
     try:
-        _cublaslt_mm(a, b, out_dtype, bias)  # plans the key: times cuBLASLt's candidates, keeps the fastest
+        (cublaslt_plan or cublaslt_call)()  # plans the key: times cuBLASLt's candidates, keeps the fastest
     except cublaslt.CublasLtUnsupported:
         _picks[key] = "torch"
         return "torch"
     torch_ms = lt_ms = float("inf")
     for _ in range(_ROUNDS):
-        torch_ms = min(torch_ms, cublaslt.time_ms(lambda: _torch_mm(a, b, out_dtype, bias)))
-        lt_ms = min(lt_ms, cublaslt.time_ms(lambda: _cublaslt_mm(a, b, out_dtype, bias)))
+        torch_ms = min(torch_ms, cublaslt.time_ms(torch_call))
+        lt_ms = min(lt_ms, cublaslt.time_ms(cublaslt_call))
     _picks[key] = "cublaslt" if lt_ms < torch_ms else "torch"
     return _picks[key]
 
@@ -105,13 +105,73 @@ def _tuned_mm_launch(
 ) -> torch.Tensor:
     if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype:
         with _lock:
-            pick = _pick(a, b, out_dtype, bias)
+            pick = _pick(
+                _key(a, b, out_dtype, bias),
+                lambda: _torch_mm(a, b, out_dtype, bias),
+                lambda: _cublaslt_mm(a, b, out_dtype, bias),
+            )
         if pick == "cublaslt":
             try:
                 return _cublaslt_mm(a, b, out_dtype, bias)
             except cublaslt.CublasLtUnsupported:  # a restored pick this library cannot run
                 _picks[_key(a, b, out_dtype, bias)] = "torch"
     return _torch_mm(a, b, out_dtype, bias)
+
+
+def _torch_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> torch.Tensor:
+    return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+
+
+def _into_key(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> tuple:
+    return _key(a, b, out.dtype, None) + ("into", cublaslt.alignment(out), accumulate)
+
+
+def _tunable_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> bool:
+    return a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype == out.dtype
+
+
+def _decided(key: tuple) -> bool:
+    """Whether `_pick` would answer for `key` without timing."""
+    saved = bool(_saved) and cublaslt.key_str(key) in _saved
+    return key in _picks or saved or torch.cuda.is_current_stream_capturing()
+
+
+def _pick_into(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, key: tuple, accumulate: bool) -> str:
+    """The pick for `key`, timed (on its first call) by writing into `target`, which it overwrites."""
+    return _pick(
+        key,
+        lambda: _torch_into(a, b, target, accumulate),
+        lambda: cublaslt.gemm(a, b, target, accumulate=accumulate),
+        lambda: cublaslt.plan(a, b, target, accumulate=accumulate),
+    )
+
+
+def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+    """out (M, N) = a (M, K) @ b (K, N), or out += a @ b with `accumulate`, in out's buffer (out
+    contiguous, in a's dtype): the faster of torch's call (`mm(out=)` / `addmm_`) and cuBLASLt's
+    best candidate for the key, as `mm_out(tuned=True)` picks (fp16 / bf16 on CUDA; torch's call
+    elsewhere). An accumulating key is timed on a copy of `out` the first time, unless `plan_into`
+    timed it on a scratch buffer before. Without autograd (the fused loss calls it in its op)."""
+    if _tunable_into(a, b, out):
+        key = _into_key(a, b, out, accumulate)
+        with _lock:
+            timed = accumulate and not _decided(key)
+            pick = _pick_into(a, b, out.clone() if timed else out, key, accumulate)
+        if pick == "cublaslt":
+            try:
+                return cublaslt.gemm(a, b, out, accumulate=accumulate)
+            except cublaslt.CublasLtUnsupported:  # a restored pick this library cannot run
+                _picks[key] = "torch"
+    return _torch_into(a, b, out, accumulate)
+
+
+def plan_into(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor, accumulate: bool = False) -> None:
+    """Make `mm_into`'s pick for (a, b, an output laid out as `scratch`, accumulate) now, timing on
+    `scratch`, which is overwritten: a buffer about to be written anyway (the fused loss's weight
+    gradient before its first chunk) spares the copy an accumulating key is otherwise timed on."""
+    if _tunable_into(a, b, scratch):
+        with _lock:
+            _pick_into(a, b, scratch, _into_key(a, b, scratch, accumulate), accumulate)
 
 
 def picks_state() -> dict[str, str]:

@@ -13,6 +13,7 @@ import kernels
 import kernels.cublaslt as cublaslt
 import kernels.tuned_mm as tuned_mm
 from kernels import mm_out
+from kernels.tuned_mm import mm_into, plan_into
 
 
 def _operands(layout, M, N, K, device, dtype=torch.bfloat16):
@@ -108,6 +109,67 @@ def test_each_candidate_computes_the_gemm_gpu():
         torch.testing.assert_close(candidate(a, b, out_dtype, None), expected, rtol=1.6e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_mm_into_is_torch_on_the_cpu(accumulate):
+    a, b = torch.randn(9, 5, dtype=torch.bfloat16), torch.randn(7, 5, dtype=torch.bfloat16).t()
+    start = torch.randn(9, 7, dtype=torch.bfloat16)
+    out = start.clone()
+    assert mm_into(a, b, out, accumulate=accumulate) is out
+    torch.testing.assert_close(out, torch.addmm(start, a, b) if accumulate else torch.mm(a, b), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_mm_into_either_pick_computes_the_gemm_gpu(fresh_picks, accumulate):
+    """Both candidates of `mm_into`, forced, in the fused loss's layouts (logits: a weight read
+    transposed; dW: a transposed view of the gradient chunk), against fp32 math; and the timed pick,
+    whose first (timing) call must add the product once."""
+    torch.manual_seed(0)
+    h, w = torch.randn(256, 96, device="cuda", dtype=torch.bfloat16), torch.randn(1000, 96, device="cuda", dtype=torch.bfloat16)
+    grads = torch.randn(256, 1000, device="cuda", dtype=torch.bfloat16)
+    for a, b in ((h, w.t()), (grads.t(), h)):
+        start = torch.randn(a.shape[0], b.shape[1], device="cuda", dtype=torch.bfloat16)
+        expected = (start.float() if accumulate else 0) + a.float() @ b.float()
+        for forced in ("torch", "cublaslt", None):
+            tuned_mm._picks.clear()
+            if forced:
+                tuned_mm._picks[tuned_mm._into_key(a, b, start, accumulate)] = forced
+            out = mm_into(a, b, start.clone(), accumulate=accumulate)
+            torch.testing.assert_close(out.float(), expected, rtol=1.6e-2, atol=0.25, msg=f"pick {forced}")
+
+
+@pytest.mark.gpu
+def test_plan_into_spares_the_accumulating_copy_gpu(fresh_picks, monkeypatch):
+    """After `plan_into` on a scratch buffer, an accumulating `mm_into` of that key copies nothing
+    (no 272 MB copy of Qwen2's weight gradient at the first step) and adds the product once."""
+    torch.manual_seed(0)
+    grads, h = torch.randn(512, 3000, device="cuda", dtype=torch.bfloat16), torch.randn(512, 64, device="cuda", dtype=torch.bfloat16)
+    dweight = torch.empty(3000, 64, device="cuda", dtype=torch.bfloat16)
+    plan_into(grads.t(), h, dweight, accumulate=True)
+    start = torch.randn_like(dweight)
+    dweight.copy_(start)
+    monkeypatch.setattr(torch.Tensor, "clone", lambda *args, **kwargs: pytest.fail("mm_into copied its output"))
+    mm_into(grads.t(), h, dweight, accumulate=True)
+    torch.testing.assert_close(dweight.float(), start.float() + grads.t().float() @ h.float(), rtol=1.6e-2, atol=0.25)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cublaslt_accumulate_adds_the_product_once_gpu(out_dtype):
+    """`cublaslt.gemm(..., accumulate=True)`: out += a @ b, once, also on the call that plans the key
+    (its candidates are timed on a copy of out, not on out), in the fused loss's dW layout (a
+    transposed view)."""
+    torch.manual_seed(0)
+    grads = torch.randn(1024, 300, device="cuda", dtype=torch.bfloat16)
+    a, b = grads.t(), torch.randn(1024, 200, device="cuda", dtype=torch.bfloat16)  # (300, 1024) @ (1024, 200)
+    start = torch.randn(300, 200, device="cuda", dtype=out_dtype)
+    out = start.clone()
+    for step in (1, 2):  # the planning call, then the planned one
+        cublaslt.gemm(a, b, out, accumulate=True)
+        expected = start.float() + step * (a.float() @ b.float())
+        torch.testing.assert_close(out.float(), expected, rtol=1.6e-2, atol=0.25 if out_dtype == torch.bfloat16 else 1e-2)
+
+
 def _captured(fn):
     """(graph, fn's output) with fn captured in a CUDA graph on a side stream."""
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
@@ -174,7 +236,8 @@ def test_a_restored_pick_is_taken_for_its_key_untimed(fresh_picks, monkeypatch):
     assert name.startswith("(12, 7)|(7, 1)|(7, 10)|(1, 7)|bfloat16|bfloat16|None|") and name.endswith("|cpu")
     assert kernels.restore_gemm_picks({"format": 1, "tuned_mm": {name: "cublaslt"}, "cublaslt": {}}) == 1
     monkeypatch.setattr(cublaslt, "time_ms", lambda fn: pytest.fail("a restored key was timed"))
-    assert tuned_mm._pick(a, b, out_dtype, None) == "cublaslt"
+    never = lambda: pytest.fail("a restored key ran a candidate")  # noqa: E731
+    assert tuned_mm._pick(key, never, never) == "cublaslt"
     assert kernels.gemm_picks_state() == {"format": 1, "tuned_mm": {name: "cublaslt"}, "cublaslt": {}}
 
 
