@@ -227,8 +227,13 @@ def graph_ms(fn: Callable, leaves: list[torch.Tensor], budget_ms: float = 150.0)
             call()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    home = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            call()
+    except Exception:
+        _recover_from_failed_capture(home)
+        raise
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     graph.replay()
     torch.cuda.synchronize()
@@ -251,6 +256,19 @@ def graph_ms(fn: Callable, leaves: list[torch.Tensor], budget_ms: float = 150.0)
     for leaf in leaves:
         leaf.grad = None
     return times[len(times) // 2]
+
+
+def _recover_from_failed_capture(home: torch.cuda.Stream) -> None:
+    """Undo what a capture that failed inside the captured call leaves behind. When the call does
+    what a graph cannot hold (a host sync such as Liger-Kernel's `.item()`), `capture_end` raises
+    before the graph context restores the stream and before the CUDA generator leaves capture mode:
+    every later kernel would be queued on the dead capture stream, and every later `torch.randn`
+    on the device would raise "Offset increment outside graph capture". So: back to the stream of
+    before, and the generator on a copy of its state (same seed and offset, not capturing)."""
+    torch.cuda.set_stream(home)
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    generator.graphsafe_set_state(generator.clone_state())
+    torch.cuda.synchronize()
 
 
 def measure(case: Case, name: str, fn: Callable, reference: Callable, dtype: torch.dtype) -> dict:
