@@ -13,6 +13,8 @@ needs) and none of the backward epilogues, so this module calls the library itse
     BGRAD_OF_A      D = A @ B, and the sum of A over its K columns (M,): a weight-gradient GEMM
                     dW = dY.T @ X that also writes the bias gradient, the sum of dY over tokens
 
+and, with any of them, `accumulate=True`: D += the result (beta = 1, D read once in the epilogue).
+
 (GELU here is the tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): GPT-2's
 `gelu_new`.) `gemm` takes row-major PyTorch tensors, `out = a @ b` with a (M, K), b (K, N) and
 out (M, N); an operand may be a transposed view (`w.t()`), which becomes cuBLAS's transpose flag.

@@ -12,6 +12,12 @@ alternatives, but on CUDA builds it offers only cuBLAS's default. So the first c
 (kernels/cublaslt.py times them), then times it against torch's call, three rounds of queued runs
 each, interleaved (`cublaslt.time_ms`), and every later call for the key runs the winner.
 
+`mm_into(a, b, out, accumulate)` makes the same choice for a GEMM that writes into a given buffer
+or adds to it (`out += a @ b`: torch's `addmm_` against cuBLASLt with beta = 1), for the fused
+linear + cross-entropy's chunk loop. Timing runs a key many times, so an accumulating key is timed on
+a copy of `out` unless `plan_into` timed it on a scratch buffer first (the fused loss plans on its
+fresh weight gradient before writing it).
+
 Where it runs: CUDA, fp16 / bf16 operands of one dtype (what `kernels.linear: tuned` hands it).
 Elsewhere (the CPU, fp32) `mm_out` is torch's matmul, so CPU tests check the wiring and the GPU
 tests the picks.
