@@ -13,7 +13,8 @@ needs) and none of the backward epilogues, so this module calls the library itse
     BGRAD_OF_A      D = A @ B, and the sum of A over its K columns (M,): a weight-gradient GEMM
                     dW = dY.T @ X that also writes the bias gradient, the sum of dY over tokens
 
-and, with any of them, `accumulate=True`: D += the result (beta = 1, D read once in the epilogue).
+and `accumulate=True`: D = A @ B + D (beta = 1: D read once in the epilogue; an activation
+epilogue would apply to that sum, so only DEFAULT accumulates here: the fused loss's weight gradient).
 
 (GELU here is the tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): GPT-2's
 `gelu_new`.) `gemm` takes row-major PyTorch tensors, `out = a @ b` with a (M, K), b (K, N) and
@@ -343,6 +344,8 @@ def gemm(
     for bf16 outputs, seen on an H200); (M,) for BGRAD_OF_A, the sum of `a` over K. `aux` (M, N),
     contiguous: the pre-activation written (GELU_AUX*) or read (DGELU*). a and b share a dtype
     (fp16 or bf16); out is contiguous."""
+    if accumulate and epilogue != EPILOGUE_DEFAULT:
+        raise ValueError(f"cuBLASLt: accumulate=True takes the DEFAULT epilogue, got {_NAMES.get(epilogue, epilogue)}")
     if not (a.is_cuda and b.is_cuda and out.is_cuda):
         raise CublasLtUnsupported("cuBLASLt runs on CUDA tensors only")
     if a.dtype != b.dtype or a.dtype not in (torch.float16, torch.bfloat16):

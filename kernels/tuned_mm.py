@@ -158,6 +158,14 @@ def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
     best candidate for the key, as `mm_out(tuned=True)` picks (fp16 / bf16 on CUDA; torch's call
     elsewhere). An accumulating key is timed on a copy of `out` the first time, unless `plan_into`
     timed it on a scratch buffer before. Without autograd (the fused loss calls it in its op)."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1]):
+        raise ValueError(
+            f"mm_into: a (M, K) @ b (K, N) into out (M, N) expected, got {tuple(a.shape)} @ {tuple(b.shape)} "
+            f"into {tuple(out.shape)}"
+        )
+    if out.dtype != a.dtype or not out.is_contiguous():
+        raise ValueError(f"mm_into: out must be contiguous and in the operands' dtype {a.dtype}, got {out.dtype}"
+                         f"{'' if out.is_contiguous() else ', not contiguous'}; use mm_out for another output dtype")
     if _tunable_into(a, b, out):
         key = _into_key(a, b, out, accumulate)
         with _lock:

@@ -60,6 +60,14 @@ def test_bad_operands_name_the_problem():
         mm_out(torch.randn(6, 5), torch.randn(5, 3), torch.float32, bias=torch.randn(4))
     with pytest.raises(ValueError, match="bias is torch.bfloat16 but the output torch.float32; cast the bias"):
         mm_out(torch.randn(6, 5), torch.randn(5, 3), torch.float32, bias=torch.randn(3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"mm_into: a \(M, K\) @ b \(K, N\) into out \(M, N\) expected, got \(6, 5\) @ \(5, 3\) into \(3, 6\)"):
+        mm_into(torch.randn(6, 5), torch.randn(5, 3), torch.empty(3, 6))
+    with pytest.raises(ValueError, match="in the operands' dtype torch.float32, got torch.bfloat16; use mm_out"):
+        mm_into(torch.randn(6, 5), torch.randn(5, 3), torch.empty(6, 3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="not contiguous"):
+        mm_into(torch.randn(6, 5), torch.randn(5, 3), torch.empty(3, 6).t())
+    with pytest.raises(ValueError, match="accumulate=True takes the DEFAULT epilogue, got BIAS"):
+        cublaslt.gemm(*[torch.empty(4, 4, device="meta")] * 3, cublaslt.EPILOGUE_BIAS, accumulate=True)
 
 
 # -- GPU ------------------------------------------------------------------------------------------
