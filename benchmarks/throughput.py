@@ -73,13 +73,13 @@ from src.utils.misc import peak_flops  # noqa: E402
 # `layernorm` and `rmsnorm` set to torch. The packed Triton SwiGLU beats Inductor's (its backward
 # writes the gate/up gradient whole; +0.6% per block, +1.5% whole-model with CUDA graphs), and
 # `fused_linear` (its backward inside the down projection's input-gradient GEMM) beats that by
-# 0.7-1.4% whole-model. The loss is ours: the Triton cross-entropy for GPT-2's 50K vocabulary
-# (fastest; its bf16 logits cost 1.4 GiB at 16x1024), the fused linear+CE for Qwen2's 152K (no
-# logits; 2.3 GiB less, 2% slower), in chunks of 2048 tokens (+0.4-0.7% on an H100 for 0.29 GiB
-# more than the op's own 1024). GPT-2's MLP runs its GELU in cuBLASLt's GEMM epilogues
+# 0.7-1.4% whole-model. The loss is the fused linear + cross-entropy (no (N, V) logits): for
+# GPT-2's 50K vocabulary it beat the Triton cross-entropy by 0.75% on two H100s on 2026-12-07
+# (after its one-pass loss and tuned GEMMs) at 1.8 GiB less peak; for Qwen2's 152K it saves 2.3 GiB,
+# in chunks of 2048 tokens (+0.4-0.7% on an H100 for 0.29 GiB more than the op's own 1024). GPT-2's MLP runs its GELU in cuBLASLt's GEMM epilogues
 # (`gelu: cublaslt`, +1.6% and +2.1% whole-model on an H200).
 OPTIMIZED = {
-    "gpt2": dict(layernorm="torch", gelu="cublaslt", cross_entropy="triton", linear="fp32_wgrad", attention="auto"),
+    "gpt2": dict(layernorm="torch", gelu="cublaslt", cross_entropy="fused_linear", linear="fp32_wgrad", attention="auto"),
     "qwen2": dict(
         rmsnorm="torch", rope="triton", swiglu="fused_linear", cross_entropy="fused_linear", linear="fp32_wgrad",
         attention="auto", loss_chunk_tokens=2048,
@@ -239,14 +239,6 @@ def our_variants(
                 if optimized.get("swiglu") == "fused_linear":
                     variants.append(Variant(f"{best} +bf16 moments swiglu=fused_linear_recompute +bf16 weight copy "
                                             "+bf16 grads", "ours", no_h, weight_copy=True, bf16_grads=True, **lean))
-            if optimized.get("cross_entropy") == "triton":
-                # the in-place Triton cross-entropy head inside the whole-model graph instead of
-                # between its two halves (compile_loss_head: always)
-                variants.append(Variant(f"{best} +bf16 moments +compiled loss head", "ours", dict(optimized),
-                                        compile_loss_head="always", **lean))
-                # and the fused linear + cross-entropy head on the same row (no (N, V) logits)
-                variants.append(Variant(f"{best} +bf16 moments cross_entropy=fused_linear", "ours",
-                                        dict(optimized, cross_entropy="fused_linear"), **lean))
             # every GEMM of the blocks on the faster of cuBLAS's pick and cuBLASLt's best for its
             # shape (kernels/tuned_mm.py), on the memory-lean rows above
             tuned = dict(optimized, linear="tuned")

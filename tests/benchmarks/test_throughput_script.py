@@ -44,11 +44,6 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
         if untuned is not None:  # the same row but for the GEMMs
             assert dict(untuned.kernels, linear="tuned") == variant.kernels and untuned.weight_copy == variant.weight_copy
     names = names[:-n_tuned]
-    if family == "gpt2":  # before them, the in-place Triton loss head compiled into the graph, then the fused head
-        assert names[-2:] == [f"{best} +bf16 moments +compiled loss head", f"{best} +bf16 moments cross_entropy=fused_linear"]
-        fused = all_variants[names[-1]]
-        assert fused.kernels == dict(optimized, cross_entropy="fused_linear") and fused.optimizer_state == "bfloat16"
-        names = names[:-2]
     assert names[-6 - n_best_ablations:-n_best_ablations] == [
         "optimized +selective AC", "optimized +CUDA graphs", "reference+compile whole model",
         "optimized +whole-model compile", best, f"{best} optimizer=torch"]
@@ -60,10 +55,8 @@ def test_variants_flip_each_op_of_the_optimized_default(family):
             assert variant.kernels == dict(optimized, **{op: other})
             assert (variant.compile_scope, variant.compile_mode) == ("model", "reduce-overhead")
     assert by_name[f"{best} +selective AC"].activation_checkpointing == "selective"
-    head = by_name.get(f"{best} +bf16 moments +compiled loss head")
-    assert (head is not None) == (optimized["cross_entropy"] == "triton")
-    if head is not None:
-        assert head.compile_loss_head == "always" and head.kernels == optimized
+    assert optimized["cross_entropy"] == "fused_linear"  # both families' loss head: no (N, V) logits
+    assert by_name[f"{best} cross_entropy=triton"].kernels == dict(optimized, cross_entropy="triton")
     for op in selective_flips:  # Qwen2's SwiGLU product recomputed inside its op's backward
         flip = by_name[f"{best} +selective AC {op}={throughput.SELECTIVE_FLIPS[op]}"]
         assert flip.activation_checkpointing == "selective" and flip.kernels[op] == throughput.SELECTIVE_FLIPS[op]
