@@ -252,17 +252,17 @@ def _fastest(candidates: list[tuple], tensors: tuple, accumulate: bool = False) 
     return best
 
 
-def _plan_key(a, b, out, epilogue, bias_dtype, align, accumulate) -> tuple:
-    key = (a.shape, a.stride(), b.shape, b.stride(), out.shape, a.dtype, out.dtype, epilogue, bias_dtype, align, out.device)
-    return key + (("accumulate",) if accumulate else ())  # (keys saved before the flag existed still match)
-
-
-def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bias, aux, align: int, accumulate=False):
+def _plan(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bias, aux, align: int,
+    accumulate: bool = False, out_is_scratch: bool = False,
+):  # fmt: skip
     """Descriptors, layouts and algorithm for out (+)= a @ b with `epilogue` (cached; the first call
-    for a key times the heuristic's candidates on its tensors, overwriting `out`)."""
+    for a key times the heuristic's candidates on its tensors, overwriting `out`, or for an
+    accumulating key whose `out` holds a sum to keep, a copy of it)."""
     tensors = (a, b, out, bias, aux)
     bias_dtype = bias.dtype if bias is not None else None
-    key = _plan_key(a, b, out, epilogue, bias_dtype, align, accumulate)
+    key = (a.shape, a.stride(), b.shape, b.stride(), out.shape, a.dtype, out.dtype, epilogue, bias_dtype, align, out.device)
+    key += ("accumulate",) if accumulate else ()  # (so that keys saved before the flag existed still match)
     plan = _plans.get(key)
     if isinstance(plan, str):
         raise CublasLtUnsupported(plan)
@@ -321,6 +321,9 @@ def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bi
                       "the checkpoint picked one (another library version?): timing them again; results may differ "
                       "in the last bits")
         saved = None
+    timed = saved is None and len(candidates) > 1 and not torch.cuda.is_current_stream_capturing()
+    if timed and accumulate and not out_is_scratch:
+        tensors = (a, b, out.clone(), bias, aux)  # timing adds into it many times
     index = saved[0] if saved is not None else _fastest(candidates, tensors, accumulate)
     _chosen[key] = [index, len(candidates)]
     _plans[key] = candidates[index]
@@ -362,13 +365,8 @@ def gemm(
     if bias is not None and (bias.shape != (bias_len,) or not bias.is_contiguous()):
         raise ValueError(f"cuBLASLt: bias must be a contiguous ({bias_len},) vector, got {tuple(bias.shape)}")
     with _lock:
-        align = alignment(a, b, out, aux)
-        bias_dtype = bias.dtype if bias is not None else None
-        if accumulate and _plan_key(a, b, out, epilogue, bias_dtype, align, accumulate) not in _plans:
-            # Planning times the candidates on its `out`: here a copy, since out's sum must be kept
-            # (`plan` on a scratch `out` first avoids the copy).
-            _plan(a, b, out.clone(), epilogue, bias, aux, align, accumulate)
-        chosen = _plan(a, b, out, epilogue, bias, aux, align, accumulate)
+        # (an accumulating key is timed on a copy of out; `plan` on a scratch out first avoids it)
+        chosen = _plan(a, b, out, epilogue, bias, aux, alignment(a, b, out, aux), accumulate)
         _launch(chosen, a, b, out, bias, aux, accumulate)
     return out
 
@@ -386,4 +384,4 @@ def plan(
     `aux`) are overwritten with garbage. For an accumulating GEMM whose output is about to be
     written anyway (a fresh buffer), this spares `gemm` the copy it would time on."""
     with _lock:
-        _plan(a, b, out, epilogue, bias, aux, alignment(a, b, out, aux), accumulate)
+        _plan(a, b, out, epilogue, bias, aux, alignment(a, b, out, aux), accumulate, out_is_scratch=True)

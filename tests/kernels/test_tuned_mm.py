@@ -288,3 +288,22 @@ def test_restored_picks_run_the_same_kernels_untimed_gpu(fresh_picks, monkeypatc
     after = kernels.gemm_picks_state()  # cuBLASLt planned only the keys it ran: the saved picks again
     assert after["tuned_mm"] == state["tuned_mm"]
     assert after["cublaslt"] and all(state["cublaslt"][k] == v for k, v in after["cublaslt"].items())
+
+
+@pytest.mark.gpu
+def test_a_restored_accumulating_pick_copies_nothing_gpu(fresh_picks, monkeypatch):
+    """An accumulating key restored from a checkpoint runs its saved kernel untimed, so it needs no
+    copy of its output (the fused loss's weight gradient) to time on, and adds the product once."""
+    torch.manual_seed(0)
+    grads, h = torch.randn(512, 3000, device="cuda", dtype=torch.bfloat16), torch.randn(512, 64, device="cuda", dtype=torch.bfloat16)
+    dweight = torch.randn(3000, 64, device="cuda", dtype=torch.bfloat16)
+    mm_into(grads.t(), h, dweight, accumulate=True)  # timed, on a copy
+    state = kernels.gemm_picks_state()
+    for table in (tuned_mm._picks, cublaslt._plans, cublaslt._chosen):  # a new process
+        table.clear()
+    kernels.restore_gemm_picks(state)
+    start = dweight.clone()
+    monkeypatch.setattr(torch.Tensor, "clone", lambda *args, **kwargs: pytest.fail("mm_into copied its output"))
+    monkeypatch.setattr(cublaslt, "time_ms", lambda fn: pytest.fail("a restored key was timed"))
+    mm_into(grads.t(), h, dweight, accumulate=True)
+    torch.testing.assert_close(dweight.float(), start.float() + grads.t().float() @ h.float(), rtol=1.6e-2, atol=0.25)
