@@ -255,7 +255,7 @@ def _fused_linear_cross_entropy_fwd_launch(
     V = weight.shape[0]
     chunk = chunk_size or chunk_tokens(N, V, hidden.element_size())
     loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    dhidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
+    dhidden = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0)  # contiguous rows
     dweight = weight.new_empty(0)
     if not (grad_hidden or grad_weight):  # evaluation: one matmul and the loss row kernel per chunk
         lse, target = torch.empty_like(loss), torch.empty_like(loss)
@@ -307,7 +307,7 @@ def _fused_linear_cross_entropy_fwd_launch(
             mm_into(grads, weight, dhidden[start:end])  # (c, H)
         if grad_weight:
             if start == 0:
-                dweight = torch.empty_like(weight)
+                dweight = weight.new_empty(weight.shape)  # contiguous, whatever the weight's strides
                 _plan_dweight_accumulation(grads, rhs, dweight, N, chunk)
             dweight = _dweight_mm(grads, rhs, dweight, accumulate=start > 0)  # (V, H)
     if grad_weight and numerators and smoothing:  # the uniform term: every vocabulary row gets -(eps / V) sum_i h_i
@@ -333,9 +333,10 @@ def _plan_dweight_accumulation(grads: torch.Tensor, rhs: torch.Tensor, dweight: 
     """Time the accumulating dweight GEMMs of the chunks after the first (full chunks, and a shorter
     last one) on the fresh dweight before the first chunk writes it: timed later, they would need
     a copy of dweight (272 MB for Qwen2-0.5B) to keep its sum."""
+    if N <= chunk:  # one chunk: nothing accumulates
+        return
     for rows in sorted({chunk, N % chunk} - {0}):
-        if rows <= grads.shape[0] and N > chunk:
-            plan_into(grads[:rows].t(), rhs[:rows], dweight, accumulate=True)
+        plan_into(grads[:rows].t(), rhs[:rows], dweight, accumulate=True)
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -406,8 +407,8 @@ _fused_linear_cross_entropy_fwd = torch.library.custom_op(
 @_fused_linear_cross_entropy_fwd.register_fake
 def _(hidden, weight, labels, ignore_index, label_smoothing, z_loss, chunk_size, grad_hidden, grad_weight):
     loss = hidden.new_empty((), dtype=torch.float32)
-    dhidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
-    dweight = torch.empty_like(weight) if grad_weight else weight.new_empty(0)
+    dhidden = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0)  # contiguous, as the op's
+    dweight = weight.new_empty(weight.shape) if grad_weight else weight.new_empty(0)
     return loss, dhidden, dweight
 
 

@@ -40,6 +40,21 @@ def test_fused_linear_cross_entropy_matches_reference(n, hidden, vocab, chunk, l
         assert_close(g, w, dtype, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_transposed_hidden_and_weight_views(dtype):
+    """Hidden states and weight given as transposed views (column-major storage): the gradients come
+    back in the inputs' shapes, equal to the reference's, whatever the strides (the op's GEMMs
+    write into contiguous buffers of its own)."""
+    h, weight, labels = _inputs(37, 24, 301, dtype)
+    h_t, weight_t = h.t().contiguous().t(), weight.t().contiguous().t()
+    assert not h_t.is_contiguous() and not weight_t.is_contiguous()
+    got = _run(fused_linear_cross_entropy, h_t, weight_t, labels, chunk_size=16)
+    want = _run(fused_linear_cross_entropy_ref, h, weight, labels)
+    for name, g, w in zip(("loss", "dhidden", "dweight"), got, want):
+        assert g.shape == w.shape, name
+        assert_close(g, w, dtype, name)
+
+
 def _numerators(logits, labels, label_smoothing, z_loss, block_v, programs=3):
     """The one-pass row kernel on a copy of `logits`: per-row loss, the gradient rebuilt from its
     numerators (a * G' - eps / V), and hs = a * hidden for a random hidden."""
