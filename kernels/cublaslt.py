@@ -254,7 +254,7 @@ def _fastest(candidates: list[tuple], tensors: tuple, accumulate: bool = False) 
 
 def _plan(
     a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int, bias, aux, align: int,
-    accumulate: bool = False, out_is_scratch: bool = False,
+    accumulate: bool = False, scratch_out: bool = False,
 ):  # fmt: skip
     """Descriptors, layouts and algorithm for out (+)= a @ b with `epilogue` (cached; the first call
     for a key times the heuristic's candidates on its tensors, overwriting `out`, or for an
@@ -322,7 +322,7 @@ def _plan(
                       "in the last bits")
         saved = None
     timed = saved is None and len(candidates) > 1 and not torch.cuda.is_current_stream_capturing()
-    if timed and accumulate and not out_is_scratch:
+    if timed and accumulate and not scratch_out:
         tensors = (a, b, out.clone(), bias, aux)  # timing adds into it many times
     index = saved[0] if saved is not None else _fastest(candidates, tensors, accumulate)
     _chosen[key] = [index, len(candidates)]
@@ -338,9 +338,13 @@ def gemm(
     bias: torch.Tensor | None = None,
     aux: torch.Tensor | None = None,
     accumulate: bool = False,
+    scratch_out: bool = False,
 ) -> torch.Tensor:
     """out (M, N) = epilogue(a (M, K) @ b (K, N)), fp32 accumulation, on the current stream;
     `accumulate`: out += a @ b instead (cuBLAS's beta = 1: out is read in the epilogue, once).
+    The first call of an accumulating key times the candidates on a copy of `out`, whose sum must
+    be kept; `scratch_out` says out holds nothing to keep (a buffer about to be written anyway), so
+    they are timed on it instead.
 
     `bias` (N,): the bias added (BIAS, GELU_AUX_BIAS) or the bias gradient written (DGELU_BGRAD,
     the sum of the output over its M rows; in out's dtype: cuBLAS 13 has no fp32 bias gradient
@@ -365,23 +369,7 @@ def gemm(
     if bias is not None and (bias.shape != (bias_len,) or not bias.is_contiguous()):
         raise ValueError(f"cuBLASLt: bias must be a contiguous ({bias_len},) vector, got {tuple(bias.shape)}")
     with _lock:
-        # (an accumulating key is timed on a copy of out; `plan` on a scratch out first avoids it)
-        chosen = _plan(a, b, out, epilogue, bias, aux, alignment(a, b, out, aux), accumulate)
+        chosen = _plan(a, b, out, epilogue, bias, aux, alignment(a, b, out, aux), accumulate, scratch_out)
         _launch(chosen, a, b, out, bias, aux, accumulate)
     return out
 
-
-def plan(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    out: torch.Tensor,
-    epilogue: int = EPILOGUE_DEFAULT,
-    bias: torch.Tensor | None = None,
-    aux: torch.Tensor | None = None,
-    accumulate: bool = False,
-) -> None:
-    """Plan `gemm`'s key for these arguments now, timing the candidates on these tensors: `out` (and
-    `aux`) are overwritten with garbage. For an accumulating GEMM whose output is about to be
-    written anyway (a fresh buffer), this spares `gemm` the copy it would time on."""
-    with _lock:
-        _plan(a, b, out, epilogue, bias, aux, alignment(a, b, out, aux), accumulate, out_is_scratch=True)

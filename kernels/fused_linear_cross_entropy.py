@@ -51,11 +51,12 @@ import triton
 import triton.language as tl
 
 from kernels import num_sms
-from kernels.tuned_mm import mm_into, mm_out, plan_into
 from kernels.cross_entropy import ce_forward_backward_rows, ce_forward_rows, check_logits_labels, fwd_bwd_launch_params
+from kernels.tuned_mm import mm_into, mm_out, plan_into
 
 # -- kernels --------------------------------------------------------------------------------------
-# The matmuls are cuBLAS (torch.mm); the evaluation path uses cross_entropy.py's forward row kernel.
+# The matmuls are cuBLAS / cuBLASLt (tuned_mm.py); the evaluation path uses cross_entropy.py's
+# forward row kernel.
 
 RESCALE_NATS = 30.0  # see the module docstring: bounds Z by V * e^30, far inside fp32 and bf16
 
@@ -269,8 +270,8 @@ def _fused_linear_cross_entropy_fwd_launch(
             del logits  # free this chunk before the next one is allocated
         return loss.sum(), dhidden, dweight
 
-    # Training: per chunk, the logits (cuBLAS), one pass writing the loss and the gradient's
-    # numerators over them, then the two gradient matmuls (cuBLAS). Running the loss pass on a
+    # Training: per chunk, the logits, one pass writing the loss and the gradient's numerators over
+    # them, then the two gradient matmuls. Running the loss pass on a
     # second stream beside the matmuls was measured slower on an H100 (cuBLAS occupies every SM),
     # so all runs in order.
     programs = ce_programs(hidden.device)
@@ -286,7 +287,7 @@ def _fused_linear_cross_entropy_fwd_launch(
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
         grads = buffer[: end - start]  # (c, V)
-        _logits_mm(hidden[start:end], weight, grads)
+        mm_into(hidden[start:end], weight.t(), grads)
         if numerators:
             rhs = hs[: end - start]  # (c, H): a * hidden, written by the pass
             loss_and_numerators_rows(
@@ -309,7 +310,7 @@ def _fused_linear_cross_entropy_fwd_launch(
             if start == 0:
                 dweight = weight.new_empty(weight.shape)  # contiguous, whatever the weight's strides
                 _plan_dweight_accumulation(grads, rhs, dweight, N, chunk)
-            dweight = _dweight_mm(grads, rhs, dweight, accumulate=start > 0)  # (V, H)
+            mm_into(grads.t(), rhs, dweight, accumulate=start > 0)  # dweight (V, H) (+)= G'_c.T @ rhs
     if grad_weight and numerators and smoothing:  # the uniform term: every vocabulary row gets -(eps / V) sum_i h_i
         kept = (labels != ignore_index)[:, None]
         dweight.sub_(torch.where(kept, hidden, 0).sum(0, dtype=torch.float32).mul_(label_smoothing / V))
@@ -317,16 +318,6 @@ def _fused_linear_cross_entropy_fwd_launch(
 
 
 FINISH_BLOCK_H = 1024
-
-
-def _logits_mm(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-    """out (c, V) = hidden (c, H) @ weight.T, written into the chunk's buffer."""
-    mm_into(hidden, weight.t(), out)
-
-
-def _dweight_mm(grads: torch.Tensor, rhs: torch.Tensor, dweight: torch.Tensor, accumulate: bool) -> torch.Tensor:
-    """dweight (V, H) = grads.T @ rhs (the first chunk), or dweight += it (cuBLAS's beta = 1)."""
-    return mm_into(grads.t(), rhs, dweight, accumulate=accumulate)
 
 
 def _plan_dweight_accumulation(grads: torch.Tensor, rhs: torch.Tensor, dweight: torch.Tensor, N: int, chunk: int) -> None:

@@ -81,9 +81,9 @@ def _key(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, bias: torch.T
             cublaslt.alignment(a, b, bias), a.device)  # fmt: skip
 
 
-def _pick(key: tuple, torch_call, cublaslt_call, cublaslt_plan=None) -> str:
+def _pick(key: tuple, torch_call, cublaslt_call) -> str:
     """"torch" or "cublaslt" for `key`: timed on its first call (see the module docstring), by
-    running the two zero-argument calls; `cublaslt_plan` (default: the call) plans cuBLASLt's key."""
+    running the two zero-argument calls."""
     pick = _picks.get(key)
     if pick is not None:
         return pick
@@ -94,7 +94,7 @@ def _pick(key: tuple, torch_call, cublaslt_call, cublaslt_plan=None) -> str:
     if torch.cuda.is_current_stream_capturing():
         return "torch"
     try:
-        (cublaslt_plan or cublaslt_call)()  # plans the key: times cuBLASLt's candidates, keeps the fastest
+        cublaslt_call()  # plans the key: times cuBLASLt's candidates, keeps the fastest
     except cublaslt.CublasLtUnsupported:
         _picks[key] = "torch"
         return "torch"
@@ -147,8 +147,7 @@ def _pick_into(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, key: tupl
     return _pick(
         key,
         lambda: _torch_into(a, b, target, accumulate),
-        lambda: cublaslt.gemm(a, b, target, accumulate=accumulate),
-        lambda: cublaslt.plan(a, b, target, accumulate=accumulate),
+        lambda: cublaslt.gemm(a, b, target, accumulate=accumulate, scratch_out=True),
     )
 
 
