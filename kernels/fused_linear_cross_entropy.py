@@ -309,7 +309,7 @@ def _fused_linear_cross_entropy_fwd_launch(
         if grad_weight:
             if start == 0:
                 dweight = weight.new_empty(weight.shape)  # contiguous, whatever the weight's strides
-                _plan_dweight_accumulation(grads, rhs, dweight, N, chunk)
+                plan_dweight_accumulation(grads, rhs, dweight, N, chunk)
             mm_into(grads.t(), rhs, dweight, accumulate=start > 0)  # dweight (V, H) (+)= G'_c.T @ rhs
     if grad_weight and numerators and smoothing:  # the uniform term: every vocabulary row gets -(eps / V) sum_i h_i
         kept = (labels != ignore_index)[:, None]
@@ -320,7 +320,7 @@ def _fused_linear_cross_entropy_fwd_launch(
 FINISH_BLOCK_H = 1024
 
 
-def _plan_dweight_accumulation(grads: torch.Tensor, rhs: torch.Tensor, dweight: torch.Tensor, N: int, chunk: int) -> None:
+def plan_dweight_accumulation(grads: torch.Tensor, rhs: torch.Tensor, dweight: torch.Tensor, N: int, chunk: int) -> None:
     """Time the accumulating dweight GEMMs of the chunks after the first (full chunks, and a shorter
     last one) on the fresh dweight before the first chunk writes it: timed later, they would need
     a copy of dweight (272 MB for Qwen2-0.5B) to keep its sum."""

@@ -10,6 +10,9 @@ Unlike the summed loss of `fused_linear_cross_entropy.py`, the upstream gradient
 token, so dweight cannot be formed in the forward pass: the backward recomputes the chunk's logits
 (four matmuls in all). The frozen reference model pays for one matmul and one row pass only.
 Rows whose label is ignore_index get log-probability 0 and no gradient.
+The GEMMs write into one chunk buffer and the gradients' own contiguous buffers through
+`tuned_mm.mm_into` (the faster of torch's call and cuBLASLt's best candidate per shape, the
+accumulation into dweight with cuBLAS's beta = 1), as the fused linear + cross-entropy's do.
 Reference: `token_logprobs_ref` in src/models/components/loss.py.
 
 Limits: hidden (N, H) and weight (V, H) of one floating dtype (cast to the autocast dtype under
@@ -21,10 +24,11 @@ from __future__ import annotations
 import torch
 
 from kernels.cross_entropy import ce_backward_rows, ce_forward_rows
-from kernels.fused_linear_cross_entropy import check_linear_inputs, chunk_tokens
+from kernels.fused_linear_cross_entropy import check_linear_inputs, chunk_tokens, plan_dweight_accumulation
+from kernels.tuned_mm import mm_into
 
 # -- kernels --------------------------------------------------------------------------------------
-# The row kernels are those of cross_entropy.py; the matmuls are cuBLAS (torch.mm).
+# The row kernels are those of cross_entropy.py; the matmuls are cuBLAS / cuBLASLt (tuned_mm.py).
 
 
 # -- launchers ------------------------------------------------------------------------------------
@@ -36,19 +40,17 @@ def _token_logprobs_fwd_launch(
     check_linear_inputs(hidden, weight, labels, "token_logprobs")
     N, V = hidden.shape[0], weight.shape[0]
     chunk = chunk_size or chunk_tokens(N, V, hidden.element_size())
-    neg_logprobs, lses = [], []
+    buffer = torch.empty((min(chunk, N), V), dtype=hidden.dtype, device=hidden.device)  # one chunk's logits
+    neg_logprobs = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    lse, target = torch.empty_like(neg_logprobs), torch.empty_like(neg_logprobs)
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
-        logits = torch.mm(hidden[start:end], weight.t())  # (C, V)
-        loss = torch.empty(end - start, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(loss)
-        target = torch.empty_like(loss)
+        logits = buffer[: end - start]  # (c, V)
+        mm_into(hidden[start:end], weight.t(), logits)
         # With no smoothing and no z-loss the row loss is lse - x_y = -log p(y).
-        ce_forward_rows(logits, labels[start:end], loss, lse, target, ignore_index, 0.0, 0.0)
-        neg_logprobs.append(loss)
-        lses.append(lse)
-        del logits  # free this chunk before the next one is allocated
-    return torch.cat(neg_logprobs).neg(), torch.cat(lses)
+        ce_forward_rows(logits, labels[start:end], neg_logprobs[start:end], lse[start:end], target[start:end],
+                        ignore_index, 0.0, 0.0)  # fmt: skip
+    return neg_logprobs.neg_(), lse
 
 
 def _token_logprobs_bwd_launch(
@@ -66,21 +68,22 @@ def _token_logprobs_bwd_launch(
     chunk = chunk_size or chunk_tokens(N, V, hidden.element_size())
     # d logprob / d x = onehot - softmax = -(d loss / d x): run the loss gradient with -g.
     neg_grad = grad.float().neg()
-    dhidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
-    dweight = weight.new_empty(0)
+    # The gradients in contiguous buffers of their own, whatever the inputs' strides (as the fake says).
+    dhidden = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0)
+    dweight = weight.new_empty(weight.shape) if grad_weight else weight.new_empty(0)
+    buffer = torch.empty((min(chunk, N), V), dtype=hidden.dtype, device=hidden.device)  # logits, then G
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
         hidden_c = hidden[start:end]
-        logits = torch.mm(hidden_c, weight.t())  # (C, V)
-        ce_backward_rows(logits, logits, labels[start:end], lse[start:end], neg_grad[start:end], ignore_index, 0.0, 0.0)
+        grads = buffer[: end - start]  # (c, V)
+        mm_into(hidden_c, weight.t(), grads)
+        ce_backward_rows(grads, grads, labels[start:end], lse[start:end], neg_grad[start:end], ignore_index, 0.0, 0.0)
         if grad_hidden:
-            torch.mm(logits, weight, out=dhidden[start:end])  # (C, H)
+            mm_into(grads, weight, dhidden[start:end])  # (c, H)
         if grad_weight:
             if start == 0:
-                dweight = torch.mm(logits.t(), hidden_c)  # (V, H)
-            else:
-                dweight.addmm_(logits.t(), hidden_c)
-        del logits
+                plan_dweight_accumulation(grads, hidden_c, dweight, N, chunk)
+            mm_into(grads.t(), hidden_c, dweight, accumulate=start > 0)  # dweight (V, H) (+)= G_c.T @ hidden_c
     return dhidden, dweight
 
 
@@ -99,8 +102,8 @@ def _(hidden, weight, labels, ignore_index, chunk_size):
 
 @_token_logprobs_bwd.register_fake
 def _(grad, hidden, weight, labels, lse, ignore_index, chunk_size, grad_hidden, grad_weight):
-    dhidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
-    dweight = torch.empty_like(weight) if grad_weight else weight.new_empty(0)
+    dhidden = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0)  # contiguous, as the op's
+    dweight = weight.new_empty(weight.shape) if grad_weight else weight.new_empty(0)
     return dhidden, dweight
 
 

@@ -50,6 +50,26 @@ def test_token_logprobs_no_grad_matches_and_tied_weight():
     assert_close(grads[0], grads[1], torch.float32, "tied dweight")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_token_logprobs_transposed_views(dtype):
+    """Hidden states and weight as transposed views (column-major storage): the gradients come back
+    in the inputs' shapes, equal to the reference's (the op's GEMMs write into contiguous buffers of
+    its own)."""
+    n, hidden, vocab = 29, 24, 301
+    h = torch.randn(n, hidden, device=DEVICE, dtype=dtype)
+    weight = torch.randn(vocab, hidden, device=DEVICE, dtype=dtype) * hidden**-0.5 * 2
+    labels = torch.randint(0, vocab, (n,), device=DEVICE)
+    labels[::4] = -100
+    upstream = torch.randn(n, device=DEVICE)
+    h_t, weight_t = h.t().contiguous().t(), weight.t().contiguous().t()
+    assert not h_t.is_contiguous() and not weight_t.is_contiguous()
+    got = _run(token_logprobs, h_t, weight_t, labels, upstream, chunk_size=8)
+    want = _run(token_logprobs_ref, h, weight, labels, upstream)
+    for name, g, w in zip(("logprobs", "dhidden", "dweight"), got, want):
+        assert g.shape == w.shape, name
+        assert_close(g, w, dtype, name)
+
+
 @pytest.mark.gpu
 def test_token_logprobs_real_sizes_gpu():
     h = torch.randn(4096, 896, device="cuda", dtype=torch.bfloat16)
