@@ -48,6 +48,23 @@ def shift_labels(input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------
+# Config checks (the families' __post_init__): a bad value fails at load time, naming the key and
+# the allowed range, instead of as a shape error or NaN logits deep in the model.
+
+
+def require_positive(name: str, value: float | int | None, when: str = "") -> None:
+    """`value` > 0; None passes (an optional field left unset). `when` says when the key is used."""
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be > 0{when}, got {value}")
+
+
+def require_probability(name: str, value: float) -> None:
+    """A dropout rate: in [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1) (a dropout probability), got {value}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Hugging Face checkpoint files
 
 

@@ -62,3 +62,44 @@ def test_sharded_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids).logits, ours(input_ids).logits, atol=0, rtol=0)
         torch.testing.assert_close(reloaded(input_ids).logits, ours(input_ids).logits, atol=ATOL, rtol=0)
+
+
+def test_hub_layout_without_prefix_and_with_mask_buffers(tmp_path):
+    """The hub's GPT-2 file (openai-community/gpt2): GPT2Model keys (`h.0.attn.c_attn.weight`,
+    `wte.weight`, ... without `transformer.`), no lm_head, and the old causal-mask buffers."""
+    from safetensors.torch import save_file
+
+    hf, _ = tiny_hf_gpt2(tmp_path)
+    n_pos = hf.config.n_positions
+    tensors = {
+        k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"
+    }
+    assert "h.0.attn.c_attn.weight" in tensors and "wte.weight" in tensors
+    for i in range(hf.config.n_layer):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_pos, n_pos, dtype=torch.uint8)).view(1, 1, n_pos, n_pos)
+        tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    hub = tmp_path / "hub_layout"
+    hub.mkdir()
+    save_file(tensors, str(hub / "model.safetensors"), metadata={"format": "pt"})
+    hf.config.save_pretrained(hub)
+    ours = AutoModelForCausalLM.from_pretrained(hub).eval()
+    input_ids = torch.randint(0, 97, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids).logits, hf(input_ids).logits, atol=ATOL, rtol=0)
+
+
+def test_three_dropout_rates_load_apply_and_export(tmp_path):
+    """embd_pdrop, attn_pdrop and resid_pdrop stay separate: each where transformers applies it."""
+    _, path = tiny_hf_gpt2(tmp_path, embd_pdrop=0.1, attn_pdrop=0.2, resid_pdrop=0.3)
+    ours = AutoModelForCausalLM.from_pretrained(path)
+    assert (ours.config.embd_pdrop, ours.config.attn_pdrop, ours.config.resid_pdrop) == (0.1, 0.2, 0.3)
+    assert ours.drop.p == 0.1  # after the token + position embeddings
+    block = ours.layers[0]
+    assert block.attn.dropout == 0.2  # on the attention probabilities
+    assert block.attn.resid_dropout.p == 0.3 and block.mlp.dropout.p == 0.3  # before each residual add
+    out = tmp_path / "exported"
+    ours.save_pretrained(out)
+    exported = transformers.AutoConfig.from_pretrained(out)
+    assert (exported.embd_pdrop, exported.attn_pdrop, exported.resid_pdrop) == (0.1, 0.2, 0.3)
+    again = AutoModelForCausalLM.from_pretrained(out)
+    assert (again.config.embd_pdrop, again.config.attn_pdrop, again.config.resid_pdrop) == (0.1, 0.2, 0.3)

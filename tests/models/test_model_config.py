@@ -7,10 +7,12 @@ import torch
 
 from src.models import (
     AutoModelForCausalLM,
+    GPT2Config,
     GPT2LMHeadModel,
     Qwen2Config,
     Qwen2ForCausalLM,
     load_model_config,
+    model_config_from_dict,
 )
 from src.utils.config import ConfigError
 
@@ -122,3 +124,87 @@ def test_weights_that_do_not_match_the_config(tmp_path):
     config_file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"lacks 'model.layers.2"):
         AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_untied_checkpoint_without_lm_head_is_an_error(tmp_path, family):
+    """tie_word_embeddings=false and no lm_head.weight: an error, not the embedding as the head."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = (tiny_hf_gpt2 if family == "gpt2" else tiny_hf_qwen2)(tmp_path, tie_word_embeddings=False)
+    weights = tmp_path / f"hf_{family}" / "model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 'lm_head.weight', but its config sets tie_word_embeddings=false"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+GPT2_BASE = dict(model_family="gpt2", n_layer=1, n_head=4, n_embd=32, vocab_size=50, block_size=16)
+QWEN2_BASE = dict(
+    model_family="qwen2", n_layer=1, n_head=4, num_kv_heads=2, n_embd=32, vocab_size=50, block_size=16,
+    intermediate_size=48,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "base,changes,pattern",
+    [
+        (GPT2_BASE, {"n_inner": 0}, r"n_inner must be > 0 \(or null for 4 \* n_embd\), got 0"),
+        (GPT2_BASE, {"n_inner": -5}, r"n_inner must be > 0"),
+        (GPT2_BASE, {"layer_norm_eps": -1.0}, r"layer_norm_eps must be > 0, got -1.0"),
+        (GPT2_BASE, {"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        (GPT2_BASE, {"attn_pdrop": -0.1}, r"attn_pdrop must be in \[0, 1\)"),
+        (QWEN2_BASE, {"intermediate_size": 0}, r"intermediate_size must be > 0, got 0"),
+        (QWEN2_BASE, {"intermediate_size": -1}, r"intermediate_size must be > 0"),
+        (QWEN2_BASE, {"intermediate_size": None, "ffn_multiplier": -1.0}, r"ffn_multiplier must be > 0"),
+        (QWEN2_BASE, {"intermediate_size": None, "ffn_multiplier": 0.0}, r"ffn_multiplier must be > 0"),
+        (QWEN2_BASE, {"head_dim": 0}, r"head_dim must be > 0"),
+        (QWEN2_BASE, {"head_dim": -4}, r"head_dim must be > 0"),
+        (QWEN2_BASE, {"rope_base": 0.0}, r"rope_base must be > 0"),
+        (QWEN2_BASE, {"rms_norm_eps": -1.0}, r"rms_norm_eps must be > 0"),
+        (QWEN2_BASE, {"attention_dropout": 1.5}, r"attention_dropout must be in \[0, 1\)"),
+        (
+            QWEN2_BASE,
+            {"use_sliding_window": True, "sliding_window": -3},
+            r"sliding_window must be > 0 when use_sliding_window",
+        ),
+        (QWEN2_BASE, {"max_window_layers": -1}, r"max_window_layers must be >= 0"),
+        (
+            QWEN2_BASE,
+            {"rope_scaling": {"rope_type": "linear", "factor": 0.0}},
+            r"rope_scaling.factor must be a number > 0",
+        ),
+        (QWEN2_BASE, {"rope_scaling": {"rope_type": "dynamic"}}, r"rope_scaling of type 'dynamic' needs a 'factor'"),
+        (
+            QWEN2_BASE,
+            {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 0}},
+            r"rope_scaling.original_max_position_embeddings must be > 0",
+        ),
+    ],
+)
+def test_out_of_range_values_are_errors(base, changes, pattern):
+    """Caught at load, naming the key and the range, not as a shape error or NaNs in the model."""
+    with pytest.raises(ConfigError, match=r"model config: " + pattern):
+        model_config_from_dict({**base, **changes})
+
+
+def test_gpt2_dropout_shorthand_and_separate_rates():
+    config = model_config_from_dict({**GPT2_BASE, "dropout": 0.1})
+    assert (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) == (0.1, 0.1, 0.1)
+    config = model_config_from_dict({**GPT2_BASE, "dropout": 0.1, "attn_pdrop": 0.0})  # a rate of its own wins
+    assert (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) == (0.1, 0.0, 0.1)
+    config = model_config_from_dict(GPT2_BASE)
+    assert (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) == (0.0, 0.0, 0.0)
+    hf = config.to_hf_config() | {"embd_pdrop": 0.0, "attn_pdrop": 0.0, "resid_pdrop": 0.1}
+    assert GPT2Config.from_hf_config(hf).to_hf_config() == hf  # not merged into their maximum
+
+
+def test_learned_positions_beyond_block_size_are_a_clear_error():
+    """Explicit position_ids past the learned table: the block_size error, not embedding's IndexError."""
+    model = AutoModelForCausalLM.from_config({**GPT2_BASE, "block_size": 16}).eval()
+    input_ids = torch.randint(0, 50, (1, 4))
+    with torch.no_grad():
+        model(input_ids, position_ids=torch.arange(12, 16)[None])  # the last row of the table: fine
+        with pytest.raises(ValueError, match=r"17 positions exceeds block_size=16"):
+            model(input_ids, position_ids=torch.arange(13, 17)[None])

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..modeling_utils import require_positive, require_probability
+
+_DROPOUTS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
+
 
 @dataclass
 class GPT2Config:
@@ -16,7 +20,14 @@ class GPT2Config:
     model_family: Literal["gpt2"] = "gpt2"
     n_inner: int | None = None  # MLP width; None means 4 * n_embd
     activation: str = "gelu_new"  # Hugging Face's activation_function names
-    dropout: float = 0.0  # embedding, attention and residual dropout
+    # Dropout, with Hugging Face GPT-2's three rates: after the embeddings (embd_pdrop), on the
+    # attention probabilities (attn_pdrop), and on the attention and MLP outputs before the
+    # residual add (resid_pdrop). `dropout` is the shorthand for all three; a rate given on its own
+    # wins over it. After __post_init__ the three hold the rates in use.
+    dropout: float | None = None
+    embd_pdrop: float | None = None
+    attn_pdrop: float | None = None
+    resid_pdrop: float | None = None
     bias: bool = True  # biases in linear layers and LayerNorms
     layer_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
@@ -32,8 +43,14 @@ class GPT2Config:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        require_positive("n_inner", self.n_inner, " (or null for 4 * n_embd)")
+        require_positive("layer_norm_eps", self.layer_norm_eps)
+        if self.dropout is not None:
+            require_probability("dropout", self.dropout)
+        for name in _DROPOUTS:
+            if getattr(self, name) is None:
+                setattr(self, name, self.dropout or 0.0)
+            require_probability(name, getattr(self, name))
         self.head_dim = self.n_embd // self.n_head
         self.ffn_dim = self.n_inner or 4 * self.n_embd
 
@@ -48,7 +65,9 @@ class GPT2Config:
         for key, expected in unsupported.items():
             if hf.get(key, expected) != expected:
                 raise ValueError(f"GPT-2 checkpoints with {key}={hf[key]} are not supported (expected {expected})")
-        dropouts = {hf.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+        rates = {name: float(hf.get(name, 0.1)) for name in _DROPOUTS}  # transformers' default: 0.1 each
+        # Equal rates come back as the `dropout` shorthand, as a YAML file would write them.
+        dropouts = {"dropout": rates["embd_pdrop"]} if len(set(rates.values())) == 1 else rates
         return cls(
             n_layer=hf["n_layer"],
             n_head=hf["n_head"],
@@ -57,7 +76,7 @@ class GPT2Config:
             block_size=hf["n_positions"],
             n_inner=hf.get("n_inner"),
             activation=hf.get("activation_function", "gelu_new"),
-            dropout=float(max(dropouts)),
+            **dropouts,
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             tie_word_embeddings=hf.get("tie_word_embeddings", True),
             init_std=hf.get("initializer_range", 0.02),
@@ -79,9 +98,9 @@ class GPT2Config:
             "n_ctx": self.block_size,
             "n_inner": self.n_inner,
             "activation_function": self.activation,
-            "resid_pdrop": self.dropout,
-            "embd_pdrop": self.dropout,
-            "attn_pdrop": self.dropout,
+            "embd_pdrop": self.embd_pdrop,
+            "attn_pdrop": self.attn_pdrop,
+            "resid_pdrop": self.resid_pdrop,
             "layer_norm_epsilon": self.layer_norm_eps,
             "initializer_range": self.init_std,
             "tie_word_embeddings": self.tie_word_embeddings,

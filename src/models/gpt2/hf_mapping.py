@@ -33,8 +33,10 @@ _GLOBAL_NAMES = [
     ("ln_f.weight", "transformer.ln_f.weight"),
     ("ln_f.bias", "transformer.ln_f.bias"),
 ]
-# Buffers some GPT-2 checkpoints carry (causal masks); not parameters, never needed.
-_IGNORED = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
+# Buffers older GPT-2 checkpoints carry (the causal masks of transformers < 4.x, e.g. the hub's
+# openai-community/gpt2): not parameters, never needed. Matched after the `transformer.` prefix is
+# added, so they are dropped whichever layout the checkpoint has.
+_IGNORED = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 
 
 def _pairs(config: GPT2Config):
@@ -46,9 +48,10 @@ def _pairs(config: GPT2Config):
 
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], config: GPT2Config) -> dict[str, torch.Tensor]:
-    hf = {k.removeprefix("module."): v for k, v in hf.items() if not _IGNORED.search(k)}
-    if not any(k.startswith("transformer.") for k in hf):
-        hf = {f"transformer.{k}" if not k.startswith("lm_head.") else k: v for k, v in hf.items()}  # GPT2Model dumps
+    hf = {k.removeprefix("module."): v for k, v in hf.items()}
+    if not any(k.startswith("transformer.") for k in hf):  # GPT2Model dumps (the hub's gpt2): no prefix
+        hf = {f"transformer.{k}" if not k.startswith("lm_head.") else k: v for k, v in hf.items()}
+    hf = {k: v for k, v in hf.items() if not _IGNORED.match(k)}
     ours, used = {}, set()
     for our_name, hf_name, transpose in _pairs(config):
         if hf_name not in hf:
@@ -56,10 +59,16 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: GPT2Config) -> dict[
         tensor = hf[hf_name]
         ours[our_name] = tensor.t().contiguous() if transpose else tensor
         used.add(hf_name)
-    if config.tie_word_embeddings or "lm_head.weight" not in hf:
-        ours["lm_head.weight"] = ours["wte.weight"]
-    else:
+    if config.tie_word_embeddings:
+        ours["lm_head.weight"] = ours["wte.weight"]  # a stored copy of the tied head is ignored
+    elif "lm_head.weight" in hf:
         ours["lm_head.weight"] = hf["lm_head.weight"]
+    else:
+        # Falling back to the embedding would silently give a different model than the checkpoint's.
+        raise ValueError(
+            "GPT-2 checkpoint lacks 'lm_head.weight', but its config sets tie_word_embeddings=false; "
+            "add the head's weights, or set tie_word_embeddings: true in config.json if the head is the token embedding"
+        )
     used.add("lm_head.weight")
     unexpected = sorted(set(hf) - used)
     if unexpected:

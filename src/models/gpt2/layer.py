@@ -18,7 +18,7 @@ class GPT2Block(nn.Module):
         self.attn = GPT2Attention(config, layer_idx, backend=kernels.attention, linear_impl=kernels.linear)
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, bias=config.bias, impl=kernels.layernorm)
         self.mlp = GeluMLP(
-            config.n_embd, config.ffn_dim, config.activation, bias=config.bias, dropout=config.dropout,
+            config.n_embd, config.ffn_dim, config.activation, bias=config.bias, dropout=config.resid_pdrop,
             linear_impl=kernels.linear, impl=kernels.gelu,
         )  # fmt: skip
 

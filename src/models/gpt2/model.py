@@ -31,7 +31,7 @@ class GPT2LMHeadModel(CausalLM):
         self.n_kv_heads = config.n_head
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = LearnedPositionalEmbedding(config.block_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.drop = nn.Dropout(config.embd_pdrop) if config.embd_pdrop > 0 else nn.Identity()
         self.layers = nn.ModuleList(GPT2Block(config, i, kernels) for i in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_eps, bias=config.bias, impl=kernels.layernorm)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)  # nn.Linear with a weight_copy slot
@@ -77,7 +77,7 @@ class GPT2LMHeadModel(CausalLM):
             mask = build_attention_mask(T, past + T, x.device, padding_mask=attention_mask)
         documents = None
         if document_ids is not None:  # built once here, read by every layer
-            dropout_p = self.config.dropout if self.training else 0.0
+            dropout_p = self.config.attn_pdrop if self.training else 0.0
             documents = prepare_documents(document_ids, self.kernels.attention, x, self.head_dim, False, {None}, dropout_p)
         for block in self.layers:
             x = block(x, mask=mask, kv_cache=kv_cache, documents=documents)

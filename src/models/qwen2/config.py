@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from ..components.embeddings.rotary import normalize_rope_scaling
 from ..components.mlp import ffn_hidden_dim
+from ..modeling_utils import require_positive, require_probability
 
 
 @dataclass
@@ -45,6 +46,15 @@ class Qwen2Config:
             raise ValueError(
                 f"n_head ({self.n_head}) must be a multiple of num_kv_heads ({self.num_kv_heads}) for grouped-query attention"
             )
+        for name in ("intermediate_size", "ffn_multiplier", "head_dim", "rope_base", "rms_norm_eps"):
+            require_positive(name, getattr(self, name))
+        if self.use_sliding_window:
+            require_positive("sliding_window", self.sliding_window, " when use_sliding_window is true")
+        if self.max_window_layers < 0:
+            raise ValueError(
+                f"max_window_layers must be >= 0 (the first layer index with a window), got {self.max_window_layers}"
+            )
+        require_probability("attention_dropout", self.attention_dropout)
         if self.head_dim is None:
             if self.n_embd % self.n_head != 0:
                 raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or set head_dim")
@@ -60,7 +70,7 @@ class Qwen2Config:
                 "disagree; set only one of them"
             )
         self.ffn_dim = self.intermediate_size or multiplied
-        self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
+        self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.block_size)
         if self.use_sliding_window and not self.sliding_window:
             raise ValueError("use_sliding_window is true but sliding_window is not set; give it a size in tokens")
         window = self.sliding_window if self.use_sliding_window else None

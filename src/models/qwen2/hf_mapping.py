@@ -45,7 +45,16 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: Qwen2Config) -> dict
         ours[o + "input_layernorm.weight"] = take(h + "input_layernorm.weight")
         ours[o + "post_attention_layernorm.weight"] = take(h + "post_attention_layernorm.weight")
     lm_head = hf.pop("lm_head.weight", None)
-    ours["lm_head.weight"] = ours["embed_tokens.weight"] if config.tie_word_embeddings or lm_head is None else lm_head
+    if config.tie_word_embeddings:
+        ours["lm_head.weight"] = ours["embed_tokens.weight"]  # a stored copy of the tied head is ignored
+    elif lm_head is not None:
+        ours["lm_head.weight"] = lm_head
+    else:
+        # Falling back to the embedding would silently give a different model than the checkpoint's.
+        raise ValueError(
+            "Qwen2 checkpoint lacks 'lm_head.weight', but its config sets tie_word_embeddings=false; "
+            "add the head's weights, or set tie_word_embeddings: true in config.json if the head is the token embedding"
+        )
     leftover = sorted(k for k in hf if not k.endswith("rotary_emb.inv_freq"))
     if leftover:
         raise ValueError(f"Qwen2 checkpoint has tensors this model does not know: {leftover[:5]}")

@@ -17,12 +17,16 @@ from .kv_cache import KVCache
 
 
 class MultiHeadAttention(nn.Module):
+    """`dropout`: on the attention probabilities; `resid_dropout`: on the output projection
+    (None: the same rate), as GPT-2's attn_pdrop / resid_pdrop."""
+
     def __init__(
         self,
         dim: int,
         n_heads: int,
         bias: bool = True,
         dropout: float = 0.0,
+        resid_dropout: float | None = None,
         backend: str = "auto",
         linear_impl: str = "torch",
         layer_idx: int = 0,
@@ -39,7 +43,8 @@ class MultiHeadAttention(nn.Module):
         # bias gradient's column of ones needs (components/linear.py).
         self.qkv = Linear(dim, 3 * dim, bias=bias, impl=linear_impl, ones_column=True)
         self.proj = Linear(dim, dim, bias=bias, impl=linear_impl)
-        self.resid_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        resid_dropout = dropout if resid_dropout is None else resid_dropout
+        self.resid_dropout = nn.Dropout(resid_dropout) if resid_dropout > 0 else nn.Identity()
 
     def forward(
         self,

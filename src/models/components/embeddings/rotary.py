@@ -39,8 +39,13 @@ _SCALING_KEYS = {
 }
 
 
-def normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Validate a `rope_scaling` mapping; return it with the type under `rope_type` (or None)."""
+def normalize_rope_scaling(scaling: dict[str, Any] | None, max_position: int | None = None) -> dict[str, Any] | None:
+    """Validate a `rope_scaling` mapping; return it with the type under `rope_type` (or None).
+
+    A YaRN mapping without `factor` gets max_position / original_max_position_embeddings written
+    in (what transformers infers too), so that an exported config carries it: transformers
+    refuses a YaRN `rope_parameters` without the key. That needs `max_position`.
+    """
     if not scaling:
         return None
     scaling = dict(scaling)
@@ -57,11 +62,27 @@ def normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | N
             f"rope_scaling of type '{rope_type}' got unknown key(s) {sorted(unknown)}; "
             f"valid keys: {sorted(_SCALING_KEYS[rope_type])}"
         )
-    if rope_type != "default" and "factor" not in scaling and rope_type != "yarn":
-        raise ValueError(f"rope_scaling of type '{rope_type}' needs a 'factor'")
-    if rope_type in ("yarn", "llama3") and "original_max_position_embeddings" not in scaling:
+    if rope_type in ("yarn", "llama3") and scaling.get("original_max_position_embeddings") is None:
         raise ValueError(f"rope_scaling of type '{rope_type}' needs 'original_max_position_embeddings'")
+    original = scaling.get("original_max_position_embeddings")
+    if original is not None and not _is_positive(original):
+        raise ValueError(
+            "rope_scaling.original_max_position_embeddings must be > 0 (the pretrained context in tokens), "
+            f"got {original!r}"
+        )
+    if rope_type == "yarn" and scaling.get("factor") is None and max_position is not None:
+        scaling["factor"] = max_position / original
+    if rope_type != "default":
+        factor = scaling.get("factor")
+        if factor is None:
+            raise ValueError(f"rope_scaling of type '{rope_type}' needs a 'factor' (the context extension, e.g. 4.0)")
+        if not _is_positive(factor):
+            raise ValueError(f"rope_scaling.factor must be a number > 0, got {factor!r}")
     return {"rope_type": rope_type, **scaling}
+
+
+def _is_positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _default_inv_freq(dim: int, base: float) -> torch.Tensor:
@@ -75,7 +96,7 @@ def compute_inv_freq(
 
     `max_position` is the model's max_position_embeddings; `seq_len` matters for `dynamic` only.
     """
-    scaling = normalize_rope_scaling(scaling)
+    scaling = normalize_rope_scaling(scaling, max_position)
     rope_type = scaling["rope_type"] if scaling else "default"
     if rope_type == "default":
         return _default_inv_freq(dim, base), 1.0
@@ -92,7 +113,7 @@ def compute_inv_freq(
 
     if rope_type == "yarn":
         original = scaling["original_max_position_embeddings"]
-        factor = scaling.get("factor") or max_position / original
+        factor = scaling["factor"]  # filled in by normalize_rope_scaling when the mapping has none
         mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
 
         def get_mscale(scale: float, m: float = 1.0) -> float:
@@ -159,6 +180,11 @@ class RotaryEmbedding(nn.Module):
     forward(position_ids=None, seq_len=T, offset=o) -> cos, sin of shape (1, T, D) from the cache
     (positions o..o+T-1); forward(position_ids (B, T)) -> (B, T, D) computed exactly as the cache
     would be, for any positions (packed documents, left-padded generation). Both in fp32.
+
+    The buffers (frequencies and tables) stay fp32 whatever dtype the model is cast to (`_apply`),
+    as transformers keeps `inv_freq`: a bf16 `inv_freq` changes cos at position 3000 by up to 0.3
+    (rope_base 1e6), so positions computed on the fly (position_ids, past max_position, dynamic NTK) would
+    disagree with the cache and with transformers. The consumers round cos/sin to q's dtype.
     """
 
     def __init__(self, head_dim: int, base: float, max_position: int, scaling: dict[str, Any] | None = None):
@@ -166,7 +192,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.base = base
         self.max_position = max_position
-        self.scaling = normalize_rope_scaling(scaling)
+        self.scaling = normalize_rope_scaling(scaling, max_position)
         self.rope_type = self.scaling["rope_type"] if self.scaling else "default"
         self.reset_cache()
 
@@ -179,6 +205,19 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("original_inv_freq", inv_freq.clone().to(device), persistent=False)
         self.max_seq_len_cached = self.max_position
         self._build_cache(self.max_position)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Follow device moves but not dtype casts (`.to(torch.bfloat16)`, `.half()`): where `fn`
+        changes an fp32 buffer's dtype, keep the fp32 original, moved to the new device instead.
+        Casting back from bf16 would not restore the rounded frequencies, hence no re-cast."""
+
+        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.dtype == torch.float32 and out.dtype != torch.float32:
+                out = t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_fp32, recurse)
 
     def _build_cache(self, length: int) -> None:
         positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
