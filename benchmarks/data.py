@@ -11,7 +11,7 @@ Measures, on this machine's CPU cores:
      pinned memory when CUDA is present), with and without document-aware metadata;
   3. streaming: on-the-fly tokenization and packing from an in-memory document stream.
 A GPU step of a 1B model consumes well under 1M tokens/s per GPU, so reading must be far above that.
-Prints a table, writes JSON under benchmarks/results/ and a PNG next to it.
+Prints a table, writes benchmarks/results/data_cpu_<N>cores.json (N = CPU cores) and a PNG next to it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,14 @@ from src.dataset.tokenizer import build_tokenizer  # noqa: E402
 from src.utils.config import from_dict  # noqa: E402
 
 REQUIRED_READ_TOKENS_PER_S = 1_000_000
+
+
+def default_out(cores: int, quick: bool = False) -> str:
+    """benchmarks/results/data_cpu_<N>cores.json: named after the machine, as every benchmark's results
+    are (`kernels_<gpu>.json`); this one runs on the CPU cores only. A --quick smoke run gets its own
+    name so that it never overwrites the recorded figures."""
+    name = f"data_cpu_{cores}cores{'_quick' if quick else ''}.json"
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
 
 
 def synthetic_corpus(path: str, target_bytes: int, seed: int = 0) -> tuple[int, int]:
@@ -147,11 +155,13 @@ def main():
     parser.add_argument("--world-size", type=int, default=8, help="ranks the windows are split over (rank 0 is timed)")
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="small corpus and few batches (smoke test)")
-    parser.add_argument("--out", default="benchmarks/results/data.json")
+    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/data_cpu_<N>cores.json, "
+                        "named after the machine like every benchmark's results; ..._quick.json with --quick)")
     args = parser.parse_args()
     if args.quick:
         args.corpus_mb, args.batches, args.world_size = 4.0, 20, 1
     cores = os.cpu_count() or 1
+    args.out = args.out or default_out(cores, args.quick)
     workers = args.workers or sorted({1, cores})
     tmp = tempfile.mkdtemp(prefix="bench_data_")
     try:

@@ -14,7 +14,7 @@ Three source types: `local` (jsonl / json / parquet: a file, a directory or a gl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from src.utils.config import ConfigError
@@ -115,6 +115,35 @@ class DataConfig:
                               f"data.shard_size >= 1 (got {self.prefetch}, {self.shuffle_buffer}, "
                               f"{self.num_workers}, {self.shard_size})")
 
+    def check_task(self, task: str):
+        """Fields that the task does not read are errors, not silently ignored settings. A field left
+        at its default cannot be told from an unset one, so only values that differ from it are refused."""
+        if task not in TASKS:
+            raise ConfigError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+        if task != "pretrain" and self.type == "shards":
+            raise ConfigError(f"type: shards holds pretraining token streams; {task} reads type: local or streaming")
+        if task != "sft" and self.packing:
+            packs = "always packs" if task == "pretrain" else "never packs"
+            raise ConfigError(f"data.packing applies to sft ({task} {packs}); remove it")
+        if task == "dpo" and self.document_aware:
+            raise ConfigError("data.document_aware does not apply to dpo (one example per row); remove it")
+        if task == "sft" and self.document_aware and not self.packing:
+            raise ConfigError("data.document_aware needs data.packing: true for sft (unpacked rows hold one example)")
+        if task != "sft" and self.format != "auto":
+            raise ConfigError(f"data.format applies to sft only ({task} rows have a fixed layout); remove it")
+        if task == "pretrain" and self.overlong != "truncate":
+            raise ConfigError("data.overlong applies to sft and dpo (pretraining windows cut documents "
+                              "anywhere); remove it")
+        if task != "pretrain":
+            if self.shuffle_buffer:
+                raise ConfigError(f"data.shuffle_buffer applies to streaming pretraining ({task} reads the "
+                                  "stream into memory and shuffles it exactly); remove it")
+            defaults = {f.name: f.default for f in fields(self)}
+            for key in ("num_workers", "shard_size"):
+                if getattr(self, key) != defaults[key]:
+                    raise ConfigError(f"data.{key} applies to the prepare step of pretraining ({task} does not "
+                                      "prepare shards); remove it")
+
     def source_config(self) -> SourceConfig:
         """The raw-document source: the data block itself (local, streaming) or data.source (shards)."""
         if self.type == "shards":
@@ -144,22 +173,13 @@ def build_dataloader(
     The train split repeats forever over epochs (order fixed by seed, epoch and rank; ranks read
     disjoint windows); the val split is one finite pass, the same on every call to `iter()`.
     """
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+    data_cfg.check_task(task)
     if split not in ("train", "val"):
         raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
     if batch_size < 1 or seq_len < 1:
         raise ConfigError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside world_size {world_size}")
-    if task != "pretrain" and data_cfg.type == "shards":
-        raise ConfigError(f"type: shards holds pretraining token streams; {task} reads type: local or streaming")
-    if task != "sft" and data_cfg.packing:
-        raise ConfigError(f"data.packing applies to sft ({task} {'always packs' if task == 'pretrain' else 'never packs'}); remove it")
-    if task == "dpo" and data_cfg.document_aware:
-        raise ConfigError("data.document_aware does not apply to dpo (one example per row); remove it")
-    if task == "sft" and data_cfg.document_aware and not data_cfg.packing:
-        raise ConfigError("data.document_aware needs data.packing: true for sft (unpacked rows hold one example)")
     from .loader import DataLoader
 
     common = dict(batch_size=batch_size, seq_len=seq_len, split=split, rank=rank, world_size=world_size, seed=seed)

@@ -20,7 +20,8 @@ may be short), split into contiguous per-rank blocks: the pass that precomputes 
 log-probabilities (`src.trainer.launch.prepare_reference_logps`), matched back by `example_ids`.
 
 Bad rows are counted, logged skips: missing fields, an empty chosen or rejected completion,
-chosen equal to rejected (no preference to learn), and a prompt that leaves no room for a
+chosen equal to rejected (no preference to learn), an empty prompt (no token before the
+completion, so its first token could not be learned), and a prompt that leaves no room for a
 completion token within seq_len (whatever `data.overlong` says). Longer pairs are truncated
 on the right or skipped by `data.overlong`.
 """
@@ -35,7 +36,7 @@ from .base import DataConfig
 from .sampling import EpochBatches
 from .sft import SkipRow, pad_rows, read_split_rows, shift_and_fit
 from .sources import DataError, Row, SkipLog, StreamOpener, require_some
-from .tokenizer import Message, Tokenizer, check_messages, tokenize_chat
+from .tokenizer import ChatTemplateError, Message, Tokenizer, check_messages, tokenize_chat
 
 Pair = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]  # (chosen, rejected) (inputs, labels)
 
@@ -66,6 +67,8 @@ def encode_pair(record: dict, tokenizer: Tokenizer) -> tuple[tuple[list[int], li
         if chosen == rejected:
             raise SkipRow("chosen equals rejected")
         prompt_ids = tokenizer.encode(prompt)
+        if not prompt_ids:  # the first completion token would be no position's target (labels are shifted)
+            raise SkipRow("empty prompt")
         out = []
         for completion in (chosen, rejected):
             completion_ids = tokenizer.encode(completion) + [tokenizer.eos_id]
@@ -107,7 +110,7 @@ def build_pairs(rows: Sequence[Row], tokenizer: Tokenizer, seq_len: int, overlon
             chosen, rejected = encode_pair(row.record, tokenizer)
             pairs.append((shift_and_fit(*chosen, seq_len, overlong, skips),
                           shift_and_fit(*rejected, seq_len, overlong, skips)))
-        except SkipRow as e:
+        except (SkipRow, ChatTemplateError) as e:  # a template refusing one conversation skips that row
             skips.skip(str(e), row.where)
     require_some(len(pairs), len(rows), skips, what)
     skips.log_summary(len(rows))
@@ -158,7 +161,7 @@ def load_prompts(cfg: DataConfig, tokenizer: Tokenizer, split: str = "train",
                                              add_generation_prompt=True)[0])
             else:
                 raise SkipRow("no non-empty 'prompt' (a string or a message list)")
-        except SkipRow as e:
+        except (SkipRow, ChatTemplateError) as e:
             skips.skip(str(e), row.where)
     require_some(len(prompts), len(rows), skips, what)
     skips.log_summary(len(rows))

@@ -15,6 +15,7 @@ Prepare step (parallel tokenizer processes; the output is byte-identical for any
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -133,9 +134,15 @@ def _tokenize_chunk(item):
     return indices, flat, lengths
 
 
-def split_chunk(indices, flat, lengths, val_fraction: float):
-    """Divide one tokenized chunk into (train, val) parts of (flat tokens, lengths)."""
-    is_val = np.array([is_validation(int(i), val_fraction) for i in indices], dtype=bool)
+def split_chunk(indices, flat, lengths, val_fraction: float, val_documents: int = 0):
+    """Divide one tokenized chunk into (train, val) parts of (flat tokens, lengths).
+
+    Validation is the rows with index < val_documents (streaming sources, which hold out their
+    first rows) or else the fixed hash of the index with val_fraction (local sources)."""
+    if val_documents:
+        is_val = np.asarray(indices, dtype=np.int64) < val_documents
+    else:
+        is_val = np.array([is_validation(int(i), val_fraction) for i in indices], dtype=bool)
     token_is_val = np.repeat(is_val, lengths)
     return {"train": (flat[~token_is_val], lengths[~is_val]), "val": (flat[token_is_val], lengths[is_val])}
 
@@ -155,7 +162,9 @@ def tokenize_in_memory(source: SourceConfig, tokenizer: Tokenizer, split: str, v
             flat, lens = split_chunk(indices, flat, lens, val_fraction)[split]
         parts.append(flat)
         lengths.append(lens)
-    require_some(sum(len(x) for x in lengths), skips.seen, skips, f"{split} data ({source.path})")
+    require_some(sum(len(x) for x in lengths), skips.seen, skips, f"{split} data ({source.path})",
+                 split_fix=f"use more documents or another data.val_fraction (now {val_fraction}; validation is "
+                 "a fixed hash of the row index, so a handful of documents can all land on one side)")
     skips.log_summary(skips.seen)
     lengths = np.concatenate(lengths) if lengths else np.empty(0, dtype=np.int64)
     tokens = np.concatenate(parts) if parts else np.empty(0, dtype=tokenizer.token_dtype)
@@ -306,6 +315,10 @@ def prepare(cfg: DataConfig, out_dir: str, *, workers: int | None = None, overwr
     `out_dir.tmp` and renamed into place at the end: a crash never leaves a half-written dataset.
     """
     source = cfg.source_config()
+    if cfg.val_documents and source.max_documents is not None:
+        # Training on this streaming config holds out the first val_documents rows and then reads
+        # max_documents rows after them; read as many here so the train shards hold those rows.
+        source = dataclasses.replace(source, max_documents=source.max_documents + cfg.val_documents)
     workers = workers or cfg.num_workers
     tokenizer = build_tokenizer(cfg.tokenizer)
     dtype = tokenizer.token_dtype
@@ -336,7 +349,10 @@ def prepare(cfg: DataConfig, out_dir: str, *, workers: int | None = None, overwr
     start, tokens, documents = time.perf_counter(), 0, 0
     try:
         for indices, flat, lengths in results:
-            for name, (part, part_lengths) in split_chunk(indices, flat, lengths, cfg.val_fraction).items():
+            # val_documents is set only for type: streaming (DataConfig checks): its first rows are
+            # the validation split, as when training streams the same config.
+            parts = split_chunk(indices, flat, lengths, cfg.val_fraction, cfg.val_documents)
+            for name, (part, part_lengths) in parts.items():
                 ends = np.cumsum(part_lengths)
                 for end, n in zip(ends, part_lengths):
                     writers[name].add(part[end - n : end])
@@ -354,7 +370,8 @@ def prepare(cfg: DataConfig, out_dir: str, *, workers: int | None = None, overwr
     splits = {name: w.finish() for name, w in writers.items()}
     write_meta(tmp, tokenizer, dtype, splits, source={"type": source.type, "path": source.path,
                                                       "subset": source.subset, "split": source.split,
-                                                      "columns": source.columns, "val_fraction": cfg.val_fraction})
+                                                      "columns": source.columns, "val_fraction": cfg.val_fraction,
+                                                      "val_documents": cfg.val_documents})
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -39,11 +39,17 @@ class EpochBatches:
         self.what = what
         self.epoch, self.batch = 0, 0
         self._plan_epoch, self._plan = None, None
-        rows = self._rows(0)
-        if len(rows) < batch_size:
+        self._check_one_batch(0)
+
+    def _check_one_batch(self, epoch: int):
+        rows = self._rows(epoch)
+        if len(rows) < self.batch_size:
+            split = "val" if self.finite else "train"
             raise DataError(
-                f"{what}: {split} split gives {len(rows)} rows per rank, fewer than batch_size={batch_size} "
-                f"(world_size={world_size}); use more data, a smaller batch or seq_len"
+                f"{self.what}: {split} split gives {len(rows)} rows per rank"
+                + (f" in epoch {epoch}" if epoch else "")
+                + f", fewer than batch_size={self.batch_size} (world_size={self.world_size}); "
+                "use more data, a smaller batch or seq_len"
                 + (", or a larger data.val_fraction / data.val_documents" if split == "val" else "")
             )
 
@@ -68,6 +74,10 @@ class EpochBatches:
         if self.batch >= self.num_batches:
             if self.finite:
                 raise StopIteration
+            # Batches are always full: an epoch's rows beyond its last full batch are not read. The
+            # constructor checked epoch 0, but plans that differ per epoch (packed SFT) can give a
+            # later epoch fewer rows than one batch; that is an error, never a short batch.
+            self._check_one_batch(self.epoch + 1)
             self.epoch, self.batch = self.epoch + 1, 0
         rows = self._rows(self.epoch)
         b = self.batch * self.batch_size

@@ -29,7 +29,7 @@ import numpy as np
 from .base import IGNORE_INDEX, DataConfig
 from .sampling import EpochBatches, epoch_permutation, rank_slice
 from .sources import DataError, Row, SkipLog, StreamOpener, is_validation, iter_rows, require_some
-from .tokenizer import Tokenizer, check_messages, tokenize_chat
+from .tokenizer import ChatTemplateError, Tokenizer, check_messages, tokenize_chat
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +65,22 @@ def read_split_rows(cfg: DataConfig, split: str, opener: StreamOpener | None = N
     if cfg.type == "streaming":
         if split == "val" and cfg.val_documents == 0:
             raise DataError("the val split of type: streaming needs data.val_documents > 0")
-        rows = islice(rows, cfg.val_documents) if split == "val" else islice(rows, cfg.val_documents, None)
-        out = list(rows)
+        out = list(islice(rows, cfg.val_documents)) if split == "val" else list(islice(rows, cfg.val_documents, None))
+        if split == "train" and not out and cfg.val_documents:
+            raise DataError(f"data ({cfg.path}): the train split is empty: the stream has no rows after the first "
+                            f"data.val_documents={cfg.val_documents}; lower data.val_documents or use more data")
         return out, len(out)
     if split == "val" and cfg.val_fraction == 0:
         raise DataError("the val split of type: local needs data.val_fraction > 0")
     want_val = split == "val"
-    out = [r for r in rows if is_validation(r.index, cfg.val_fraction) == want_val]
+    out, total = [], 0
+    for r in rows:
+        total += 1
+        if is_validation(r.index, cfg.val_fraction) == want_val:
+            out.append(r)
+    if total and not out:  # not "no rows": the rows exist, the fixed hash put them all on the other side
+        raise DataError(f"data ({cfg.path}): the {split} split is empty: all {total} rows fell into the other split "
+                        f"(data.val_fraction={cfg.val_fraction}); use more rows or another data.val_fraction")
     return out, len(out)
 
 
@@ -160,7 +169,7 @@ def build_sft_examples(rows: Sequence[Row], fmt: str, tokenizer: Tokenizer, seq_
         try:
             ids, trainable = encode(row.record, tokenizer)
             examples.append(shift_and_fit(ids, trainable, seq_len, overlong, skips))
-        except SkipRow as e:
+        except (SkipRow, ChatTemplateError) as e:  # a template refusing one conversation skips that row
             skips.skip(str(e), row.where)
     require_some(len(examples), len(rows), skips, what)
     skips.log_summary(len(rows))

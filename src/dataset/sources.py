@@ -105,9 +105,20 @@ def _object_or_error(record: Any, where: str) -> dict:
     return record
 
 
+def _not_utf8(file: str, line: int, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"{file}:{line}: not valid UTF-8 (byte 0x{e.object[e.start]:02x}); re-save the file as UTF-8 "
+                     "(e.g. iconv -f latin1 -t utf-8 IN > OUT) or remove it from data.path")
+
+
 def _read_jsonl(file: str) -> Iterator[tuple[str, dict]]:
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    # Bytes decoded line by line, so a bad byte is reported at its own line (a text-mode file
+    # decodes ahead in blocks); utf-8-sig on the first line accepts a byte-order mark.
+    with open(file, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(file, lineno, e) from None
             if not line.strip():
                 continue
             try:
@@ -119,8 +130,12 @@ def _read_jsonl(file: str) -> Iterator[tuple[str, dict]]:
 
 
 def _read_json(file: str) -> Iterator[tuple[str, dict]]:
-    with open(file, encoding="utf-8") as f:
-        text = f.read()
+    with open(file, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark is accepted
+    except UnicodeDecodeError as e:
+        raise _not_utf8(file, raw.count(b"\n", 0, e.start) + 1, e) from None
     if not text.strip():
         return
     try:
@@ -135,13 +150,19 @@ def _read_json(file: str) -> Iterator[tuple[str, dict]]:
 
 
 def _read_parquet(file: str) -> Iterator[tuple[str, dict]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     i = 0
-    for batch in pq.ParquetFile(file).iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            yield f"{file} row {i}", record
-            i += 1
+    try:
+        batches = pq.ParquetFile(file).iter_batches(batch_size=1024)
+        for batch in batches:
+            for record in batch.to_pylist():
+                yield f"{file} row {i}", record
+                i += 1
+    except (pa.ArrowException, OSError) as e:  # a truncated or corrupt file, or not parquet at all
+        raise DataError(f"{file}: cannot read it as parquet (after {i} rows): {type(e).__name__}: {e}; "
+                        "re-write the file or remove it from data.path") from None
 
 
 def iter_local_rows(path: str) -> Iterator[tuple[str, dict]]:
@@ -253,9 +274,16 @@ def get_text(row: Row, skips: SkipLog, field: str = "text") -> str | None:
     return value
 
 
-def require_some(kept: int, total: int, skips: SkipLog, what: str):
-    """An input where nothing is usable is an error, not an empty dataset."""
+def require_some(kept: int, total: int, skips: SkipLog, what: str, split_fix: str = "use more documents"):
+    """An input where nothing is usable is an error, not an empty dataset.
+
+    `kept` counts the rows of the split asked for; usable rows that all fell into the other split
+    are a different error from unusable rows (then `split_fix` says what to change)."""
     if total == 0:
         raise DataError(f"{what}: the source has no rows")
     if kept == 0:
+        usable = total - skips.skipped
+        if usable > 0:
+            raise DataError(f"{what}: the split is empty: all {usable} usable rows (of {total}) fell into the "
+                            f"other split; {split_fix}")
         raise DataError(f"{what}: none of the {total} rows is usable: {skips.summary(total)}")

@@ -66,6 +66,11 @@ class Segment:
     special: bool  # markup: special-token strings in it become their ids
 
 
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template refused one conversation (e.g. a role it does not support);
+    the datasets turn it into a counted skip of that row."""
+
+
 def check_messages(messages: Any, where: str = "messages") -> list[Message]:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: expected a non-empty list of {{role, content}} messages, got {messages!r:.80}")
@@ -115,7 +120,15 @@ class HFChatTemplate:
     def _render(self, messages, add_generation_prompt: bool) -> str:
         if not messages:
             return ""
-        return self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:
+            return self.hf.apply_chat_template(list(messages), tokenize=False,
+                                               add_generation_prompt=add_generation_prompt)
+        except Exception as e:
+            # The template is the tokenizer author's Jinja code: it rejects conversations it does not
+            # support with raise_exception (a TemplateError) or fails on them with any error. That is
+            # a property of this row, not of the run, so it becomes a skip naming the row.
+            raise ChatTemplateError(f"the chat template of {self.source} failed: {type(e).__name__}: {e} "
+                                    "(data.tokenizer.chat_template: chatml renders any roles)") from e
 
     def segments(self, messages: Sequence[Message], trainable_from: int = 0, add_generation_prompt: bool = False):
         out, done = [], ""
@@ -152,7 +165,7 @@ class Tokenizer:
     """The interface the datasets use. Subclasses set the attributes and implement the encoders."""
 
     name: str
-    vocab_size: int
+    vocab_size: int  # the largest id + 1 (not the count of entries: ids may have gaps)
     eos_id: int
     pad_id: int
     fingerprint: str
@@ -180,7 +193,7 @@ class Tokenizer:
 
     @property
     def token_dtype(self) -> np.dtype:
-        """Smallest unsigned dtype holding every id: uint16 up to 65,536 ids, else uint32."""
+        """Smallest unsigned dtype holding every id (`vocab_size` is max id + 1): uint16 up to 65,536, else uint32."""
         return np.dtype(np.uint16) if self.vocab_size <= 2**16 else np.dtype(np.uint32)
 
     def __repr__(self):
@@ -270,7 +283,10 @@ class HFTokenizer(Tokenizer):
             if self.backend is None:
                 raise ConfigError(f"tokenizer '{path}' has no fast (Rust) backend; give its tokenizer.json instead")
             declared_eos = self.hf.eos_token
-        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+        # Ids may have gaps (reserved or padded ranges), so the count of entries
+        # (`get_vocab_size`) can be below the largest id: the storage dtype and the model's
+        # embedding must hold max id + 1.
+        self.vocab_size = max(self.backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         eos = cfg.eos_token or declared_eos or next(
             (t for t in self.EOS_CANDIDATES if self.backend.token_to_id(t) is not None), None
         )
@@ -351,6 +367,13 @@ def build_tokenizer(spec: TokenizerConfig | dict) -> Tokenizer:
         encoding = tiktoken.get_encoding(spec.path)
     except ValueError as e:
         raise ConfigError(f"data.tokenizer.path: {e}") from e
+    except OSError as e:  # requests' ConnectionError / Timeout are OSErrors: the first use downloads the BPE file
+        raise FileNotFoundError(
+            f"cannot load the tiktoken encoding '{spec.path}': {type(e).__name__}: {e}. tiktoken downloads it on "
+            "first use and caches it in $TIKTOKEN_CACHE_DIR (default: data-gym-cache in the temp directory): run "
+            "once on a machine with network access and copy that cache here with TIKTOKEN_CACHE_DIR pointing at "
+            "it (or use data.tokenizer.type: byte offline)"
+        ) from e
     return TiktokenTokenizer(encoding)
 
 

@@ -57,3 +57,22 @@ def word_level_tokenizer_json(path, vocab_size: int) -> str:
 def collect(loader, n: int) -> list[dict]:
     it = iter(loader)
     return [next(it) for _ in range(n)]
+
+
+def hf_dir_with_chat_template(path, template: str) -> str:
+    """A Hugging Face tokenizer directory (word-level, EOS `<|endoftext|>`) with its own Jinja chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer_json = word_level_tokenizer_json(os.path.join(str(path), "tokenizer_src.json"), 64)
+    hf = PreTrainedTokenizerFast(tokenizer_file=tokenizer_json, eos_token="<|endoftext|>", unk_token="[UNK]")
+    hf.chat_template = template
+    hf.save_pretrained(os.path.join(str(path), "hf_dir"))
+    return os.path.join(str(path), "hf_dir")
+
+
+# A template that refuses the system role, as several real ones do (raise_exception -> jinja TemplateError).
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{{ m['role'] }} {{ m['content'] }} {% if m['role'] == 'assistant' %}<|endoftext|> {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant {% endif %}"
+)

@@ -54,6 +54,50 @@ def test_task_checks_in_build_dataloader(tmp_path):
         loader(data_cfg(type="local", path="x"), task="ppo")
 
 
+@pytest.mark.parametrize("task, block, message", [
+    ("pretrain", dict(format="messages"), "data.format applies to sft only"),
+    ("dpo", dict(format="alpaca"), "data.format applies to sft only"),
+    ("pretrain", dict(overlong="skip"), "data.overlong applies to sft and dpo"),
+    ("sft", dict(type="streaming", shuffle_buffer=100), "data.shuffle_buffer applies to streaming pretraining"),
+    ("dpo", dict(num_workers=4), "data.num_workers applies to the prepare step of pretraining"),
+    ("sft", dict(shard_size=1000), "data.shard_size applies to the prepare step of pretraining"),
+])
+def test_fields_of_other_tasks_are_refused(task, block, message):
+    cfg = data_cfg(**{"type": "local", "path": "x", **block})
+    with pytest.raises(ConfigError, match=message):
+        loader(cfg, task=task)
+
+
+def test_fields_of_the_task_are_accepted(tmp_path):
+    sft = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "q", "output": "a"}] * 2)
+    loader(data_cfg(type="local", path=sft, format="alpaca", overlong="skip", prefetch=0), task="sft", seq_len=256)
+    dpo = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 2)
+    loader(data_cfg(type="local", path=dpo, overlong="skip", prefetch=0), task="dpo", seq_len=32)
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "alpha " * 10}])
+    loader(data_cfg(type="local", path=text, num_workers=4, shard_size=1000, prefetch=0))  # shards' prepare settings
+
+
+def test_unreadable_files_name_the_file_and_the_fix(tmp_path):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9\); re-save the file as UTF-8"):
+        list(iter_local_rows(str(latin1)))
+    latin1_json = tmp_path / "latin1.json"
+    latin1_json.write_bytes(b'[\n{"text": "fine"},\n{"text": "caf\xe9"}\n]')
+    with pytest.raises(DataError, match=r"latin1\.json:3: not valid UTF-8"):
+        list(iter_local_rows(str(latin1_json)))
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1garbage")
+    with pytest.raises(DataError, match=r"corrupt\.parquet: cannot read it as parquet .*re-write the file"):
+        loader(data_cfg(type="local", path=str(corrupt)))
+    # A UTF-8 byte-order mark (as some editors write) is accepted.
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"text": "one"}\n{"text": "two"}\n')
+    bom_json = tmp_path / "bom.json"
+    bom_json.write_bytes(b'\xef\xbb\xbf[{"text": "three"}]')
+    assert [r["text"] for _, r in iter_local_rows(str(tmp_path / "bom.*"))] == ["three", "one", "two"]
+
+
 def test_malformed_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n\n{"text": "broken"\n{"text": "never read"}\n')

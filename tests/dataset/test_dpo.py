@@ -8,9 +8,10 @@ import torch
 
 from src.dataset import IGNORE_INDEX, DataError, TokenizerConfig, build_dataloader, build_tokenizer
 
+from src.dataset.dpo import load_prompts
 from src.dataset.loader import to_tensors
 
-from .helpers import collect, data_cfg, write_jsonl
+from .helpers import NO_SYSTEM_TEMPLATE, collect, data_cfg, hf_dir_with_chat_template, write_jsonl
 
 TOK = build_tokenizer(TokenizerConfig())
 KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -92,6 +93,32 @@ def test_bad_rows_are_counted_skips(tmp_path, caplog):
     nothing = write_jsonl(tmp_path / "n.jsonl", rows[1:])
     with pytest.raises(DataError, match="none of the 6 rows is usable"):
         loader(nothing, seq_len=32)
+
+
+def test_empty_string_prompt_is_a_counted_skip(tmp_path, caplog):
+    # Without a prompt token, the first completion token would be no position's target.
+    rows = [{"prompt": "", "chosen": "yes", "rejected": "no"}, {"prompt": "q", "chosen": "yes", "rejected": "no"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        ld = loader(path)
+    assert ld.source.num_items == 1
+    assert "p.jsonl:1: empty prompt" in caplog.text and "used 1 of 2 rows (1 empty prompt)" in caplog.text
+
+
+def test_chat_template_error_is_a_counted_skip(tmp_path, caplog):
+    pytest.importorskip("transformers")
+    hf_dir = hf_dir_with_chat_template(tmp_path, NO_SYSTEM_TEMPLATE)
+    tok = build_tokenizer(TokenizerConfig(type="huggingface", path=hf_dir))
+    good = {"prompt": "alpha", "chosen": "beta", "rejected": "gamma"}
+    refused = dict(good, prompt=[{"role": "system", "content": "delta"}, {"role": "user", "content": "alpha"}])
+    path = write_jsonl(tmp_path / "p.jsonl", [good, refused, good])
+    cfg = data_cfg(type="local", path=path, prefetch=0)
+    with caplog.at_level(logging.WARNING):
+        ld = build_dataloader("dpo", cfg, tok, batch_size=1, seq_len=32, split="train", rank=0, world_size=1, seed=0,
+                              pin_memory=False)
+        prompts = load_prompts(cfg, tok)
+    assert ld.source.num_items == 2 and len(prompts) == 2
+    assert "p.jsonl:2: the chat template of" in caplog.text and "System role not supported" in caplog.text
 
 
 def test_long_completions_follow_the_policy(tmp_path, caplog):

@@ -142,3 +142,15 @@ def test_local_type_tokenizes_in_memory(tmp_path):
     tr = {tuple(w) for w in windows_of(collect(train, train.source.num_batches))}
     va = {tuple(w) for w in windows_of(list(val))}
     assert tr and va and not (tr & va)
+
+
+def test_a_split_left_empty_by_the_holdout_says_so(tmp_path):
+    # One document, and the fixed hash puts row 0 in validation: the train split is empty although
+    # every row is usable. The error must say that (not "none of the 1 rows is usable").
+    src = write_jsonl(tmp_path / "one.jsonl", [{"text": "alpha " * 50}])
+    cfg = data_cfg(type="local", path=src, val_fraction=0.5)
+    with pytest.raises(DataError, match=r"split is empty: all 1 usable rows \(of 1\) fell into the other split; "
+                                        r"use more documents or another data.val_fraction \(now 0.5") as e:
+        build_dataloader("pretrain", cfg, TOK, batch_size=1, seq_len=T, split="train", rank=0, world_size=1, seed=0,
+                         pin_memory=False)
+    assert "none of" not in str(e.value)

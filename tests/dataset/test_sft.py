@@ -3,13 +3,14 @@
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 
 from src.dataset import IGNORE_INDEX, DataError, TokenizerConfig, build_dataloader, build_tokenizer
-from src.dataset.sft import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
+from src.dataset.sft import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, sft_batches
 
-from .helpers import collect, data_cfg, write_jsonl
+from .helpers import NO_SYSTEM_TEMPLATE, collect, data_cfg, hf_dir_with_chat_template, write_jsonl
 
 TOK = build_tokenizer(TokenizerConfig())
 
@@ -151,3 +152,46 @@ def test_val_split_and_resume(tmp_path):
     resumed.load_state_dict(train.state_dict())
     for a, b in zip(reference[25:], collect(resumed, 5)):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_chat_template_error_is_a_counted_skip_naming_the_row(tmp_path, caplog):
+    pytest.importorskip("transformers")
+    hf_dir = hf_dir_with_chat_template(tmp_path, NO_SYSTEM_TEMPLATE)
+    tok = build_tokenizer(TokenizerConfig(type="huggingface", path=hf_dir))
+    ok = {"messages": [{"role": "user", "content": "alpha"}, {"role": "assistant", "content": "beta"}]}
+    refused = {"messages": [{"role": "system", "content": "gamma"}] + ok["messages"]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [ok, ok, refused, ok])
+    cfg = data_cfg(type="local", path=path, prefetch=0)
+    with caplog.at_level(logging.WARNING):
+        src = sft_batches(cfg, tok, batch_size=1, seq_len=32, split="train", rank=0, world_size=1, seed=0)
+    assert src.num_items == 3
+    assert "chat.jsonl:3: the chat template of" in caplog.text and "System role not supported" in caplog.text
+    assert "used 3 of 4 rows" in caplog.text
+
+
+def test_packed_batches_are_always_full(tmp_path):
+    # Packed plans differ per epoch: with seed 6 these 12 examples pack into 10, 9, 10 and 11 rows.
+    rng = np.random.default_rng(0)
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "i", "output": "o" * int(rng.integers(1, 250))}
+                                              for _ in range(12)])
+    cfg = data_cfg(type="local", path=path, packing=True, prefetch=0)
+
+    def source(batch_size):
+        return sft_batches(cfg, TOK, batch_size=batch_size, seq_len=400, split="train", rank=0, world_size=1, seed=6)
+
+    assert [len(source(1).plan(e)) for e in range(4)] == [10, 9, 10, 11]
+    nine = source(9)  # one full batch per epoch; the leftover packed rows of an epoch are not read
+    assert [nine.next_batch()["input_ids"].shape[0] for _ in range(4)] == [9, 9, 9, 9] and nine.epoch == 3
+    resumed = source(9)
+    resumed.load_state_dict(nine.state_dict())
+    assert np.array_equal(resumed.next_batch()["input_ids"], nine.next_batch()["input_ids"])
+    ten = source(10)  # epoch 1 cannot fill one batch: an error naming the fix, never a short batch
+    assert ten.next_batch()["input_ids"].shape[0] == 10
+    with pytest.raises(DataError, match="9 rows per rank in epoch 1, fewer than batch_size=10.*more data, a smaller"):
+        ten.next_batch()
+
+
+def test_an_empty_split_says_so(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Task", "output": "Answer"}])  # row 0 is validation
+    with pytest.raises(DataError, match="train split is empty: all 1 rows fell into the other split.*val_fraction"):
+        loader(path, val_fraction=0.5)

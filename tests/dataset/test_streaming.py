@@ -5,7 +5,8 @@ import torch
 
 from src.dataset import DataError, TokenizerConfig, build_dataloader, build_tokenizer
 from src.dataset.loader import DataLoader
-from src.dataset.pretrain import pretrain_batches
+from src.dataset.pretrain import prepare, pretrain_batches
+from src.dataset.shards import open_shards, read_meta
 
 from .helpers import collect, data_cfg, texts, write_jsonl
 
@@ -142,3 +143,21 @@ def test_malformed_local_file_through_datasets(tmp_path):
                               seed=0, pin_memory=False)
     with pytest.raises(DataError, match="reading row"):
         next(iter(loader))
+
+
+@pytest.mark.parametrize("max_documents", [None, 5])
+def test_prepare_of_a_streaming_config_holds_out_val_documents(tmp_path, max_documents):
+    # The shards must split the rows as training on the same streaming config does: the first
+    # val_documents rows are validation, training reads (max_documents) rows after them.
+    cfg = data_cfg(type="streaming", path="local/generator", val_documents=3, max_documents=max_documents)
+    out = tmp_path / "shards"
+    summary = prepare(cfg, str(out), progress=False, opener=opener_of(DOCS))
+    train_docs = DOCS[3:] if max_documents is None else DOCS[3:3 + max_documents]
+    assert read_meta(str(out))["splits"]["val"]["documents"] == 3
+    assert summary["train_tokens"] == len(stream_of(train_docs))
+    (val,) = open_shards(str(out), "val", TOK)
+    (train,) = open_shards(str(out), "train", TOK)
+    assert val.tokens.tolist() == stream_of(DOCS[:3]) and train.tokens.tolist() == stream_of(train_docs)
+    streamed_val = pretrain_batches(cfg, TOK, batch_size=1, seq_len=T, split="val", rank=0, world_size=1, seed=0,
+                                    opener=opener_of(DOCS))
+    assert streamed_val.shards[0].tokens.tolist() == val.tokens.tolist()

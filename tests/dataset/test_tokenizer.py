@@ -5,6 +5,7 @@ import pytest
 
 from src.dataset.tokenizer import (
     ByteTokenizer,
+    ChatTemplateError,
     HFTokenizer,
     TiktokenTokenizer,
     TokenizerConfig,
@@ -13,7 +14,7 @@ from src.dataset.tokenizer import (
 )
 from src.utils.config import ConfigError, from_dict
 
-from .helpers import word_level_tokenizer_json
+from .helpers import NO_SYSTEM_TEMPLATE, hf_dir_with_chat_template, word_level_tokenizer_json
 
 
 def test_byte_tokenizer_round_trip_and_specials():
@@ -51,6 +52,22 @@ def test_dtype_follows_vocabulary_size(tmp_path):
     assert big.eos_id == 1 and big.encode("alpha beta") == [2, 3]
 
 
+def test_hf_vocab_size_is_the_largest_id_plus_one_with_id_gaps(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    # 4 entries, but ids up to 70,000 (reserved ranges): the entry count (4) would pick uint16 and pass
+    # the trainer's "tokenizer fits the model's embedding" check wrongly.
+    vocab = {"[UNK]": 0, "<|endoftext|>": 1, "hello": 2, "world": 70000}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<|extra|>"])  # added tokens count too
+    tok.save(str(tmp_path / "gap.json"))
+    hf = HFTokenizer(TokenizerConfig(type="huggingface", path=str(tmp_path / "gap.json")))
+    assert (hf.vocab_size, hf.token_dtype) == (70001, np.uint32)
+    flat, lengths = hf.encode_documents(["hello world"])
+    assert flat.tolist() == [2, 70000, 1] and lengths.tolist() == [3]
+
+
 def test_hf_tokenizer_needs_an_eos(tmp_path):
     from tokenizers import Tokenizer, models
 
@@ -78,6 +95,21 @@ def test_tiktoken_wrapper_offline():
     assert tok.decode([97, 98, 256]) == "ab<|endoftext|>"
     assert (tok.eos_id, tok.vocab_size) == (256, 257)
     assert tok.encode_batch(["a", "bc"]) == [[97], [98, 99]]
+
+
+@pytest.mark.parametrize("error", [ConnectionError("Name or service not known"), "requests"])
+def test_tiktoken_without_network_names_the_encoding_and_the_fix(monkeypatch, error):
+    tiktoken = pytest.importorskip("tiktoken")
+    if error == "requests":  # what tiktoken's download actually raises offline
+        requests = pytest.importorskip("requests")
+        error = requests.exceptions.ConnectionError("Max retries exceeded")
+
+    def offline(name):
+        raise error
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(FileNotFoundError, match=r"tiktoken encoding 'gpt2'.*ConnectionError.*TIKTOKEN_CACHE_DIR"):
+        build_tokenizer({"type": "tiktoken", "path": "gpt2"})
 
 
 def test_tokenizer_config_is_strict():
@@ -134,3 +166,14 @@ def test_hf_directory_with_its_own_chat_template(tmp_path):
     assert learned == ["gamma", "delta", "<|endoftext|>"]
     forced = build_tokenizer(TokenizerConfig(type="huggingface", path=str(tmp_path / "dir"), chat_template="chatml"))
     assert forced.chat_template.name == "chatml"
+
+
+def test_hf_chat_template_refusing_a_conversation_is_a_chat_template_error(tmp_path):
+    pytest.importorskip("transformers")
+    hf_dir = hf_dir_with_chat_template(tmp_path, NO_SYSTEM_TEMPLATE)
+    tok = build_tokenizer(TokenizerConfig(type="huggingface", path=hf_dir))
+    ok = [{"role": "user", "content": "alpha"}, {"role": "assistant", "content": "beta"}]
+    assert sum(tokenize_chat(tok, ok)[1]) == 2  # "beta <|endoftext|>"
+    with pytest.raises(ChatTemplateError, match="chat template of .* failed: TemplateError: System role not "
+                                                "supported.*chat_template: chatml"):
+        tokenize_chat(tok, [{"role": "system", "content": "gamma"}] + ok)
