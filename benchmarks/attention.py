@@ -384,6 +384,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.seq_lens, args.head_dims = [1024, 8192], [128]
+    for flag, values in (("--seq-lens", args.seq_lens), ("--head-dims", args.head_dims), ("--tokens", [args.tokens]),
+                         ("--model-dim", [args.model_dim]), ("--gqa-ratio", [args.gqa_ratio]),
+                         ("--doc-len", [args.doc_len]), ("--window", [args.window])):
+        if min(values) < 1:
+            parser.error(f"{flag} must be positive, got {' '.join(map(str, values))}")
     if not torch.cuda.is_available():
         parser.error("benchmarks/attention.py needs a CUDA GPU")
     if os.environ.get("TRITON_INTERPRET") == "1":

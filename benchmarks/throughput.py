@@ -762,6 +762,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"--grad-accum must be at least 1, got {args.grad_accum}")
     if args.repeat < 1:
         raise SystemExit(f"--repeat must be at least 1, got {args.repeat}")
+    if args.warmup < 0 or (args.loss_check or args.steps) <= args.warmup:
+        what = f"--loss-check {args.loss_check}" if args.loss_check else f"--steps {args.steps}"
+        raise SystemExit(f"{what} must exceed --warmup {args.warmup} (the untimed first steps), and --warmup be >= 0: "
+                         "raise the one or lower the other")
     if args.repeat > 1 and args.loss_check:
         raise SystemExit("--repeat compares speeds over rounds; a --loss-check run trains the same steps again: drop one")
     if args.ddp_bucket_cap_mb != DDP_BUCKET_CAP_MB and args.strategy != "ddp":

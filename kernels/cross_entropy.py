@@ -350,7 +350,12 @@ def cross_entropy(
     The backward overwrites `logits` with its gradient (see the module docstring)."""
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if logits.stride(-1) != 1:
+    # The kernels take a row stride and unit columns; rows that share memory (an expanded row,
+    # stride 0) would have their in-place gradients written over each other: both get a copy.
+    overlapping_rows = logits.dim() == 2 and logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]
+    if logits.stride(-1) != 1 or overlapping_rows:
         logits = logits.contiguous()
+    # The kernels read labels[row] at a unit stride (a strided view, e.g. labels[::2], is copied).
+    labels = labels.contiguous()
     loss, _lse = _cross_entropy_fwd(logits, labels, int(ignore_index), float(label_smoothing), float(z_loss))
     return loss

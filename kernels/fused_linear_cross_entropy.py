@@ -217,7 +217,7 @@ def chunk_tokens(n_tokens: int, vocab: int, itemsize: int) -> int:
     Bigger chunks make the dweight accumulation (which reads and writes all of dweight once per
     chunk) cheaper relative to its matmul; the budget keeps the extra memory near 0.3 GiB."""
     fit = max(16, LOGITS_CHUNK_BYTES // (vocab * itemsize))
-    return min(n_tokens, 1 << (fit.bit_length() - 1))
+    return max(1, min(n_tokens, 1 << (fit.bit_length() - 1)))  # at least 1: no tokens make no chunks
 
 
 def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, op: str) -> None:
@@ -311,6 +311,8 @@ def _fused_linear_cross_entropy_fwd_launch(
                 dweight = weight.new_empty(weight.shape)  # contiguous, whatever the weight's strides
                 plan_dweight_accumulation(grads, rhs, dweight, N, chunk)
             mm_into(grads.t(), rhs, dweight, accumulate=start > 0)  # dweight (V, H) (+)= G'_c.T @ rhs
+    if grad_weight and N == 0:  # no tokens, no chunks: the weight's gradient is zero
+        dweight = weight.new_zeros(weight.shape)
     if grad_weight and numerators and smoothing:  # the uniform term: every vocabulary row gets -(eps / V) sum_i h_i
         kept = (labels != ignore_index)[:, None]
         dweight.sub_(torch.where(kept, hidden, 0).sum(0, dtype=torch.float32).mul_(label_smoothing / V))
@@ -467,6 +469,7 @@ def fused_linear_cross_entropy(
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     hidden = hidden.contiguous()
+    labels = labels.contiguous()  # the kernels read labels[row] at a unit stride
     grad = torch.is_grad_enabled()
     loss, _dhidden, _dweight = _fused_linear_cross_entropy_fwd(
         hidden, weight, labels,

@@ -198,6 +198,9 @@ _layer_norm_fwd.register_autograd(_layer_norm_grad, setup_context=_layer_norm_se
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dimension; same signature and result as `layer_norm_ref`."""
+    """LayerNorm over the last dimension; same signature and result as `layer_norm_ref`, with a
+    weight (the kernel always scales; `layer_norm_ref` also takes None)."""
+    if weight is None:
+        raise ValueError("layer_norm (triton): needs a weight (pass torch.ones(hidden) for none), or use kernels.layernorm=torch")
     y, _mean, _rstd = _layer_norm_fwd(x, weight, bias, float(eps))
     return y

@@ -121,6 +121,8 @@ def fused_backward_supported(gate_up: torch.Tensor, weight: torch.Tensor, *other
     when)."""
     if TensorDescriptor is None or gate_up.dtype not in (torch.float16, torch.bfloat16):
         return False
+    if gate_up.shape[0] == 0:  # no rows: a TMA descriptor needs a positive shape (the unfused path handles it)
+        return False
     if weight.shape[0] % 8 or weight.shape[1] % 8:  # 16-byte rows for TMA
         return False
     if any(t.data_ptr() % 16 for t in (gate_up, weight, *others)):  # TMA reads from 16-byte-aligned bases

@@ -70,7 +70,9 @@ def _token_logprobs_bwd_launch(
     neg_grad = grad.float().neg()
     # The gradients in contiguous buffers of their own, whatever the inputs' strides (as the fake says).
     dhidden = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0)
-    dweight = weight.new_empty(weight.shape) if grad_weight else weight.new_empty(0)
+    dweight = weight.new_empty(0)
+    if grad_weight:  # written by the first chunk; zero when there are no tokens (no chunks)
+        dweight = weight.new_empty(weight.shape) if N else weight.new_zeros(weight.shape)
     buffer = torch.empty((min(chunk, N), V), dtype=hidden.dtype, device=hidden.device)  # logits, then G
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
@@ -146,5 +148,7 @@ def token_logprobs(
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    logprobs, _lse = _token_logprobs_fwd(hidden.contiguous(), weight, labels, int(ignore_index), int(chunk_size or 0))
+    # The kernels read labels[row] at a unit stride (a strided view, e.g. labels[::2], is copied).
+    logprobs, _lse = _token_logprobs_fwd(hidden.contiguous(), weight, labels.contiguous(), int(ignore_index),
+                                         int(chunk_size or 0))  # fmt: skip
     return logprobs

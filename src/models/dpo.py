@@ -192,7 +192,7 @@ def token_logps_fn(model: CausalLM, chunk_size: int = 1024) -> Callable:
     the fused Triton kernel under `kernels.cross_entropy: fused_linear`, else the chunked reference."""
     kernels = getattr(model, "kernels", None)
     if kernels is not None and kernels.cross_entropy == "fused_linear":
-        return get_kernel("token_logprobs", "triton")
+        return get_kernel("token_logprobs", "triton", setting="fused_linear")
     return functools.partial(chunked_token_logps, chunk_size=chunk_size)
 
 

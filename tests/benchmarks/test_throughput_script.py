@@ -338,3 +338,14 @@ def test_repeat_is_refused_where_it_means_nothing():
         throughput.main(["--repeat", "0"])
     with pytest.raises(SystemExit, match="--repeat compares speeds over rounds; a --loss-check run"):
         throughput.main(["--repeat", "2", "--loss-check", "10"])
+
+
+def test_steps_must_exceed_the_warmup():
+    """Timing needs steps after the untimed warm-up: too few were an IndexError or a
+    ZeroDivisionError inside every variant's row, now one message up front."""
+    with pytest.raises(SystemExit, match="--steps 8 must exceed --warmup 8"):
+        throughput.main(["--steps", "8"])
+    with pytest.raises(SystemExit, match="--loss-check 5 must exceed --warmup 8"):
+        throughput.main(["--loss-check", "5"])
+    with pytest.raises(SystemExit, match="--warmup be >= 0"):
+        throughput.main(["--warmup", "-1"])

@@ -36,6 +36,29 @@ def test_triton_without_gpu_or_interpreter_names_the_fix(monkeypatch):
         get_kernel("rmsnorm", "triton")
 
 
+def test_errors_name_the_config_key_and_value_that_chose_the_op(monkeypatch):
+    """Ops behind another key's value (the fused loss behind `cross_entropy: fused_linear`, the
+    fused SwiGLU projection behind `swiglu: fused_linear`) name that key and value, which a user can
+    set, not the registry's op name, which is no config key."""
+    from src.models.components.loss import LMLoss
+    from src.models.components.mlp import SwiGLU
+    from src.trainer.config import TrainConfig
+    from src.utils.config import ConfigError, from_dict
+
+    with pytest.raises(ValueError, match=r"kernels.cross_entropy: 'bogus'.*'fused_linear'"):
+        LMLoss("bogus")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="kernels.cross_entropy: 'fused_linear'.*set kernels.cross_entropy=torch"):
+        LMLoss("fused_linear")
+    with pytest.raises(RuntimeError, match="kernels.swiglu: 'fused_linear_recompute'.*set kernels.swiglu=torch"):
+        SwiGLU(16, 32, impl="fused_linear_recompute")
+    # the fix the message gives is a key the config accepts
+    from_dict(TrainConfig, {"model_config_path": "m.yaml", "kernels": {"cross_entropy": "torch", "swiglu": "torch"}})
+    with pytest.raises(ConfigError):
+        from_dict(TrainConfig, {"model_config_path": "m.yaml", "kernels": {"fused_linear_cross_entropy": "torch"}})
+
+
 # -- Liger adapters -----------------------------------------------------------------------------
 # Liger's cross-entropy, fused linear cross-entropy and RoPE kernels run in Triton's interpreter;
 # its RMSNorm and SwiGLU kernels do not (they call .to() on Python floats), so those two are

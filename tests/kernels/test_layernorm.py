@@ -45,6 +45,11 @@ def test_layer_norm_bad_bias_shape():
         layer_norm(torch.randn(2, 8, device=DEVICE), torch.ones(8, device=DEVICE), torch.zeros(9, device=DEVICE), 1e-5)
 
 
+def test_layer_norm_without_weight_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs a weight"):
+        layer_norm(torch.randn(2, 8, device=DEVICE), None, None, 1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(8, 2048, 768), (16384, 4096)])
 def test_layer_norm_real_sizes_gpu(shape):

@@ -167,24 +167,42 @@ def triton_available() -> bool:
     return torch.cuda.is_available()
 
 
-def get_kernel(op: str, choice: str) -> Callable:
-    """The callable implementing `op` with `choice`; a clear error if it cannot run here."""
+# The `kernels:` key that selects each registry op, where the two differ (errors name the key a user
+# can set), and the values of a key that select another op than its own (shown among the choices).
+_CONFIG_KEY = {
+    "swiglu_packed": "swiglu",
+    "swiglu_linear": "swiglu",
+    "swiglu_linear_recompute": "swiglu",
+    "gelu_mlp": "gelu",
+    "fused_linear_cross_entropy": "cross_entropy",
+    "token_logprobs": "cross_entropy",
+}
+_OTHER_VALUES = {"swiglu": ["fused_linear", "fused_linear_recompute"], "cross_entropy": ["fused_linear"]}
+
+
+def get_kernel(op: str, choice: str, setting: str | None = None) -> Callable:
+    """The callable implementing `op` with `choice`; a clear error if it cannot run here, naming the
+    config key and value that chose it (`setting`: that value where it is not `choice`, e.g.
+    `fused_linear` for the fused loss's `triton` op)."""
     if op not in _REGISTRY:
         raise KeyError(f"unknown op '{op}'; known ops: {sorted(_REGISTRY)}")
     choices = _REGISTRY[op]
+    key = _CONFIG_KEY.get(op, op)
+    setting = setting or choice
     if choice not in choices:
-        raise ValueError(f"kernels.{op}: '{choice}' is not available for this op; choose one of {sorted(choices)}")
+        valid = sorted(set(choices) | set(_OTHER_VALUES.get(key, [])))
+        raise ValueError(f"kernels.{key}: '{setting}' is not available for this op; choose one of {valid}")
     if choice == "triton" and not triton_available():
         raise RuntimeError(
-            f"kernels.{op}: 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for the slow CPU interpreter); "
-            f"set kernels.{op}=torch to run on this machine"
+            f"kernels.{key}: '{setting}' runs Triton kernels, which need a CUDA GPU (or TRITON_INTERPRET=1 for the "
+            f"slow CPU interpreter); set kernels.{key}=torch to run on this machine"
         )
     module_name, attr = choices[choice].split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        fix = "pip install liger-kernel" if choice == "liger" else f"set kernels.{op}=torch"
-        raise RuntimeError(f"kernels.{op}: '{choice}' cannot be imported ({e}); {fix}") from e
+        fix = "pip install liger-kernel" if choice == "liger" else f"set kernels.{key}=torch"
+        raise RuntimeError(f"kernels.{key}: '{setting}' cannot be imported ({e}); {fix}") from e
     fn = getattr(module, attr)
     if choice == "liger":
         fn = _LIGER_ADAPTERS[op](fn)

@@ -71,7 +71,7 @@ class LMLoss:
         self.fused = choice == "fused_linear"
         self.chunk_tokens = chunk_tokens or None
         if self.fused:
-            self._fn = get_kernel("fused_linear_cross_entropy", "triton")
+            self._fn = get_kernel("fused_linear_cross_entropy", "triton", setting=choice)
         else:
             self._fn = get_kernel("cross_entropy", choice)
 

@@ -159,7 +159,7 @@ class SwiGLU(nn.Module):
         if activation in ("silu", "swish") and impl in ("fused_linear", "fused_linear_recompute"):
             self.impl = impl
             op = "swiglu_linear" if impl == "fused_linear" else "swiglu_linear_recompute"
-            self._glu_linear = get_kernel(op, "triton")
+            self._glu_linear = get_kernel(op, "triton", setting=impl)
             self._glu = self._glu_packed = None
         elif activation in ("silu", "swish"):
             self.impl = impl
