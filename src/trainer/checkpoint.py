@@ -13,6 +13,11 @@ A checkpoint is a directory `<run_dir>/checkpoints/step_00001000/` holding
 Writes go to `.tmp_step_00001000/`, which rank 0 renames into place once every rank has
 finished and meta.json is on disk: a crash mid-save leaves a `.tmp_*` directory that is never
 read (and is removed by the next save), so the last complete checkpoint stays the newest.
+
+The checkpoints of a run directory are one line of training, ranked by step: a start without
+--resume refuses a directory that holds any, and a resume from an older one moves the newer
+ones into `checkpoints/superseded/` (kept, never deleted), out of the way of rotation and of
+`--resume auto`.
 """
 
 from __future__ import annotations
@@ -37,13 +42,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from src.utils.config import to_dict
+from src.utils.config import ConfigError, to_dict
 from src.utils.distributed import DistInfo, barrier, broadcast_object
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
+SUPERSEDED = "superseded"
 
 
 class CheckpointError(RuntimeError):
@@ -100,6 +106,23 @@ def check_model_matches(meta: dict[str, Any], model_config: Any, path: str) -> N
 
 
 @contextlib.contextmanager
+def _gradients_set_aside(optimizer: torch.optim.Optimizer):
+    """torch's get_state_dict / set_state_dict give an optimizer without state its state (an lr-0
+    step on zero gradients) only when no parameter has a `.grad`. The trainer's persistent gradient
+    buffers (CUDA graphs with accumulation) would make them skip that, and a load then found no
+    state to load into and left AdamW's moments empty. The buffers are put back unchanged after."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, grad in zip(params, grads):
+            p.grad = grad
+
+
+@contextlib.contextmanager
 def _single_process_ok():
     """DCP warns that it assumes a single process when no process group exists: that is intended."""
     with warnings.catch_warnings():
@@ -130,6 +153,38 @@ class CheckpointManager:
         found = list_checkpoints(self.ckpt_dir)
         return found[-1] if found else None
 
+    def set_aside_newer_than(self, step: int) -> tuple[list[str], str | None]:
+        """Move this run's checkpoints of later steps than `step` (the one just resumed from) into
+        `superseded/<unique name>/` (rank 0; a collective). They belong to the line of training the
+        resume abandons: left in place they would outrank the new checkpoints in rotation (which
+        would delete the new ones) and in --resume auto. Returns (their names, the folder) on rank 0."""
+        moved, folder = [], None
+        if self.info.is_rank0:
+            newer = [path for path in list_checkpoints(self.ckpt_dir)
+                     if int(os.path.basename(path)[len(PREFIX):]) > step]
+            if newer:
+                folder = self._new_superseded_folder(step)
+                for path in newer:
+                    os.rename(path, os.path.join(folder, os.path.basename(path)))
+                    moved.append(os.path.basename(path))
+                _fsync_dir(self.ckpt_dir)
+        barrier(self.info)
+        return moved, folder
+
+    def _new_superseded_folder(self, step: int) -> str:
+        """`superseded/<time>_resumed_at_step_N[_k]/`: a new folder per resume, so nothing set aside
+        earlier is ever overwritten."""
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}_resumed_at_{step_dir_name(step)}"
+        base = os.path.join(self.ckpt_dir, SUPERSEDED, name)
+        folder, k = base, 1
+        while True:
+            try:
+                os.makedirs(folder)
+                return folder
+            except FileExistsError:
+                k += 1
+                folder = f"{base}_{k}"
+
     # -- save ----------------------------------------------------------------------------------
 
     def save(
@@ -152,7 +207,8 @@ class CheckpointManager:
             os.makedirs(tmp)
         barrier(info)
 
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with _gradients_set_aside(optimizer):
+            model_sd, optim_sd = get_state_dict(model, optimizer)
         with _single_process_ok():
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
         torch.save(rank_state, os.path.join(tmp, rank_file_name(info.rank)))
@@ -171,7 +227,10 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _fsync_dir(self.ckpt_dir)
-            for old in list_checkpoints(self.ckpt_dir)[: -self.keep_last]:
+            # keep_last: this one and the newest others. It is left out of the ranking, which goes by
+            # step: a checkpoint of a later step than this one must never make rotation delete it.
+            others = [path for path in list_checkpoints(self.ckpt_dir) if path != final]
+            for old in others[: max(0, len(others) - (self.keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier(info)
         return final
@@ -179,8 +238,18 @@ class CheckpointManager:
     # -- load ----------------------------------------------------------------------------------
 
     def resolve(self, resume: str | None) -> str | None:
-        """`auto`: the newest complete checkpoint of this run, or None; a path: that checkpoint."""
+        """`auto`: the newest complete checkpoint of this run, or None; a path: that checkpoint.
+        None (a new run) in a directory that already holds checkpoints is an error: the new run's
+        checkpoints would mix with the old run's, and rotation or --resume auto could pick either."""
         if resume is None:
+            existing = broadcast_object(self.info, self.latest())
+            if existing is not None:
+                raise ConfigError(
+                    f"{self.ckpt_dir} already holds checkpoints of an earlier run (the newest: "
+                    f"{os.path.basename(existing)}), and this run starts without checkpoint.resume. Continue that "
+                    "run with --resume auto (checkpoint.resume: auto), or start a new one under another run_name "
+                    "or output_dir"
+                )
             return None
         if resume == "auto":
             path = self.latest()
@@ -200,11 +269,12 @@ class CheckpointManager:
         """
         meta = read_meta(path)
         check_model_matches(meta, model_config, path)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
-        with _single_process_ok():
-            dcp.load(state, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        with _gradients_set_aside(optimizer):
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optimizer": optim_sd}
+            with _single_process_ok():
+                dcp.load(state, checkpoint_id=path)
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         rank_state = None
         rank_file = os.path.join(path, rank_file_name(self.info.rank))
         if meta.get("world_size") == self.info.world_size and os.path.isfile(rank_file):

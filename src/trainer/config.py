@@ -10,6 +10,7 @@ any GPU work, so a typo costs seconds, not a queue slot. Defaults live here and 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,7 +31,7 @@ class TrainerConfig:
     # Budgets: training stops at the first one reached; at least one of max_steps / max_tokens.
     max_steps: int | None = None
     max_tokens: int | None = None  # tokens seen, summed over ranks
-    max_time_minutes: float | None = None
+    max_time_minutes: float | None = None  # per invocation; a pause: it always saves a checkpoint
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on the CPU
     # The residual stream under bf16 autocast. fp32: autocast's own (the fp32 embeddings' output is
     # carried through every residual add, as nanoGPT does). bf16: cast once after the embeddings, as
@@ -69,8 +70,10 @@ class TrainerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"trainer.{name} must be >= 1 (or left out), got {value}")
-        if self.max_time_minutes is not None and self.max_time_minutes <= 0:
-            raise ConfigError(f"trainer.max_time_minutes must be > 0 (or left out), got {self.max_time_minutes}")
+        minutes = self.max_time_minutes
+        if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+            raise ConfigError(f"trainer.max_time_minutes must be a finite number > 0 (or left out: no time budget), "
+                              f"got {self.max_time_minutes}")
         if self.max_steps is None and self.max_tokens is None:
             raise ConfigError("set trainer.max_steps or trainer.max_tokens: the LR schedule needs a length "
                               "(trainer.max_time_minutes may stop earlier)")
@@ -125,10 +128,13 @@ class OptimizerConfig:
     bf16_grads: bool = False
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
-            raise ConfigError("optimizer.weight_decay and optimizer.grad_clip must be >= 0 and optimizer.eps > 0")
+        # `finite and in range`: a NaN fails every comparison, so a check like `lr <= 0` lets it through.
+        for name, value in (("lr", self.lr), ("eps", self.eps)):
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"optimizer.{name} must be a finite number > 0, got {value}")
+        for name, value in (("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"optimizer.{name} must be a finite number >= 0, got {value}")
         if self.implementation == "triton" and self.fused is not None:
             raise ConfigError("optimizer.fused chooses between torch's AdamW kernels; it does not apply to "
                               "optimizer.implementation=triton (remove one of them)")
@@ -143,8 +149,9 @@ class OptimizerConfig:
             raise ConfigError("optimizer.bf16_grads needs our Triton AdamW, which reads the gradients from the bf16 "
                               "copies; use optimizer.implementation: triton (or auto without optimizer.fused), or drop "
                               "bf16_grads")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"optimizer.betas must be in [0, 1), got {list(self.betas)}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optimizer.betas must be two numbers [beta1, beta2], each in [0, 1), "
+                              f"got {list(self.betas)}")
 
 
 @dataclass
@@ -157,8 +164,10 @@ class ScheduleConfig:
     decay_fraction: float = 0.2  # wsd: the last fraction of the steps decays linearly to min_lr
 
     def __post_init__(self):
-        if self.warmup_steps < 0 or self.min_lr < 0:
-            raise ConfigError("schedule.warmup_steps and schedule.min_lr must be >= 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not (math.isfinite(self.min_lr) and self.min_lr >= 0):
+            raise ConfigError(f"schedule.min_lr must be a finite number >= 0, got {self.min_lr}")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ConfigError(f"schedule.decay_fraction must be in (0, 1], got {self.decay_fraction}")
 
@@ -168,7 +177,7 @@ class CheckpointConfig:
     every: int = 0  # optimizer steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
     keep_last: int = 3
     resume: str | None = None  # auto (the newest in the run's checkpoints/, if any) or a checkpoint path
-    save_final: bool = True
+    save_final: bool = True  # at the end of a completed run (max_steps / max_tokens); other stops always save
     export_hf: bool = True  # write <run_dir>/hf (safetensors + config.json) at the end
 
     def __post_init__(self):
@@ -188,6 +197,9 @@ class LoggingConfig:
     def __post_init__(self):
         if self.log_every < 1:
             raise ConfigError(f"logging.log_every must be >= 1, got {self.log_every}")
+        if self.peak_flops is not None and not (math.isfinite(self.peak_flops) and self.peak_flops > 0):
+            raise ConfigError(f"logging.peak_flops must be a finite number > 0 (one device's FLOP/s, e.g. 989.4e12), "
+                              f"or left out for the table by device name; got {self.peak_flops}")
 
 
 DDP_BUCKET_CAP_MB = 25.0  # torch's DistributedDataParallel default
@@ -274,8 +286,9 @@ class TrainConfig:
         if self.compile_scope != "blocks" and not self.compile:
             raise ConfigError(f"compile_scope={self.compile_scope} says what torch.compile compiles; set compile: true "
                               "as well, or compile_scope: blocks to run without compile (--set compile_scope=blocks)")
-        if not self.parallel.ddp_bucket_cap_mb > 0:
-            raise ConfigError(f"parallel.ddp_bucket_cap_mb must be positive, got {self.parallel.ddp_bucket_cap_mb}")
+        if not (math.isfinite(self.parallel.ddp_bucket_cap_mb) and self.parallel.ddp_bucket_cap_mb > 0):
+            raise ConfigError(f"parallel.ddp_bucket_cap_mb must be positive (and finite), "
+                              f"got {self.parallel.ddp_bucket_cap_mb}")
         if self.parallel.ddp_bucket_cap_mb != DDP_BUCKET_CAP_MB and self.parallel.strategy != "ddp":
             raise ConfigError(f"parallel.ddp_bucket_cap_mb ({self.parallel.ddp_bucket_cap_mb}) sizes DDP's gradient "
                               f"buckets; strategy {self.parallel.strategy!r} has none: set parallel.strategy: ddp or "
@@ -319,17 +332,30 @@ def is_hf_dir(path: str) -> bool:
 
 
 def load_config(
-    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), task: str | None = None
+    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), task: str | None = None,
+    resume: str | None = None,
 ) -> TrainConfig:
     """Read and check a train YAML (plus `key.sub=value` overrides) and the model config it names.
-    `task` (pretrain | sft | dpo) checks the blocks that belong to one task."""
+    `task` (pretrain | sft | dpo) checks the blocks that belong to one task. `resume` (the command
+    line's --resume: auto or a checkpoint path) sets checkpoint.resume as given: unlike a --set
+    value it is not read as YAML, which would cut a path at ' #' or turn 'a: b' into a mapping."""
     where = os.fspath(path)
     data = apply_overrides(read_yaml(where), list(overrides))
+    if resume is not None:
+        checkpoint = data.setdefault("checkpoint", {})
+        if not isinstance(checkpoint, dict):
+            raise ConfigError(f"{where}: 'checkpoint' holds {checkpoint!r}, not a mapping")
+        checkpoint["resume"] = resume
     cfg = from_dict(TrainConfig, data, where=where)
     if cfg.data is None:
         raise ConfigError(f"{where}: missing the 'data:' block (type, path, tokenizer); see configs/train/pretrain.yaml")
     if task is not None and task != "dpo" and cfg.dpo is not None:
         raise ConfigError(f"{where}: the 'dpo:' block applies to src.train_dpo only; remove it for {task}")
+    if task is not None:  # fields of the data block that this task does not read, before any model is built
+        try:
+            cfg.data.check_task(task)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
     if task == "dpo" and cfg.dpo is None:
         cfg.dpo = DPOConfig()
     if task == "dpo" and cfg.compile_scope == "model":
@@ -368,17 +394,46 @@ def resolve_model_config(cfg: TrainConfig, where: str):
     return load_model_config(cfg.model_config_path)
 
 
+def tokens_per_step(t: TrainerConfig, world_size: int) -> int:
+    """The tokens of one optimizer step over all ranks, the unit trainer.max_tokens is counted in."""
+    return t.micro_batch_size * t.seq_len * t.grad_accum_steps * world_size
+
+
+def run_length(t: TrainerConfig, world_size: int, step: int = 0, tokens: int = 0) -> int:
+    """The run's length in optimizer steps: trainer.max_steps, or fewer when trainer.max_tokens comes
+    first. A resumed run passes the step and tokens it stands at: the tokens still to train are
+    divided by this run's tokens per step, which may differ from the saving run's (other ranks or
+    batch), so that the run ends at max_tokens whatever it resumed from."""
+    steps = [t.max_steps] if t.max_steps is not None else []
+    if t.max_tokens is not None:
+        steps.append(step + math.ceil(max(0, t.max_tokens - tokens) / tokens_per_step(t, world_size)))
+    return min(steps)
+
+
+def check_warmup(cfg: TrainConfig, world_size: int, where: str) -> None:
+    """A cosine or wsd schedule must end its warmup before the run ends."""
+    t, warmup = cfg.trainer, cfg.schedule.warmup_steps
+    length = run_length(t, world_size)
+    if cfg.schedule.type == "constant" or warmup < length:
+        return
+    if length == t.max_steps:
+        raise ConfigError(f"{where}: schedule.warmup_steps ({warmup}) must be below trainer.max_steps ({t.max_steps})")
+    raise ConfigError(f"{where}: schedule.warmup_steps ({warmup}) must be below the run's length, {length} step(s) "
+                      f"(trainer.max_tokens {t.max_tokens} at {tokens_per_step(t, world_size)} tokens per step: "
+                      f"micro_batch_size x seq_len x grad_accum_steps x {world_size} rank(s)); lower "
+                      "schedule.warmup_steps or raise trainer.max_tokens")
+
+
 def check_combinations(cfg: TrainConfig, where: str) -> None:
     t = cfg.trainer
     block_size = getattr(cfg.model_config, "block_size", None)
     if block_size is not None and t.seq_len > block_size and cfg.model_config.model_family == "gpt2":
         raise ConfigError(f"{where}: trainer.seq_len ({t.seq_len}) exceeds the model's block_size ({block_size}), "
                           "the length of GPT-2's learned position table; lower trainer.seq_len")
-    if cfg.schedule.type != "constant" and t.max_steps is not None and cfg.schedule.warmup_steps >= t.max_steps:
-        raise ConfigError(f"{where}: schedule.warmup_steps ({cfg.schedule.warmup_steps}) must be below "
-                          f"trainer.max_steps ({t.max_steps})")
+    # With one process: a max_tokens run is longest there (more ranks take more tokens per step),
+    # so this is the check that holds everywhere; the Trainer repeats it with its number of ranks.
+    check_warmup(cfg, world_size=1, where=where)
     if t.eval_every and cfg.data is not None and not cfg.data.val_fraction and not cfg.data.val_documents \
             and cfg.data.type != "shards":
         raise ConfigError(f"{where}: trainer.eval_every={t.eval_every} needs a validation split: set "
                           "data.val_fraction (local) or data.val_documents (streaming), or trainer.eval_every=0")
-

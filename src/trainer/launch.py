@@ -50,10 +50,11 @@ def run_main(task: str, main: Callable[[], str]) -> None:
 
 
 def config_from_args(task: str, args: argparse.Namespace) -> TrainConfig:
-    overrides = list(args.overrides)
-    if args.resume is not None:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    return load_config(args.config, overrides, task=task)
+    if not os.path.isfile(args.config):
+        raise ConfigError(f"--config '{args.config}': no such file (relative paths start at {os.getcwd()}); "
+                          f"give a train YAML such as configs/train/{task}.yaml")
+    # --resume is a path (or auto), passed as typed: as a --set value it would be read as YAML
+    return load_config(args.config, args.overrides, task=task, resume=args.resume)
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> CausalLM:

@@ -11,8 +11,9 @@ is the loss. What it owns is everything around that call:
   compute, fp32 gradient reduction); fp32 on the CPU;
 - clipping, the optimizer and the LR schedule; a step with a NaN/Inf gradient norm is skipped
   (no update) and counted, and too many in a row stop the run with a checkpoint;
-- evaluation, logging and checkpoints every N steps; step / token / time budgets; SIGTERM and
-  SIGINT save a checkpoint and stop cleanly; the final model is exported in HF format.
+- evaluation, logging and checkpoints every N steps; step / token / time budgets; SIGTERM,
+  SIGINT and the time budget save a checkpoint and stop cleanly; the final model is exported in
+  HF format.
 
 Host syncs (`.item()`) happen only at logging, evaluation and checkpoint steps, so the CPU runs
 ahead of the GPU through every other step. Stop decisions that must agree across ranks (time
@@ -40,7 +41,7 @@ from src.utils.logger import MetricsLogger
 from src.utils.misc import format_count, new_run_id, peak_flops, rng_state, seed_everything, set_rng_state
 
 from .checkpoint import CheckpointManager, export_hf
-from .config import TrainConfig
+from .config import TrainConfig, check_warmup, run_length, tokens_per_step
 from .optimizer import (
     LRSchedule, TritonAdamW, build_optimizer, clip_coefficient, clip_grads_, gradient_of, set_lr, total_grad_norm,
 )
@@ -83,6 +84,8 @@ class Trainer:
         self.info = info
         self.device = info.device
         t = cfg.trainer
+        if info.world_size > 1:  # load_config checked one process's run, the longest a max_tokens budget gives
+            check_warmup(cfg, info.world_size, where="train config")
         self.bf16 = resolve_precision(t.precision, info.device) == "bf16"
         self.sharded = cfg.parallel.strategy == "fsdp2"
         self.model, self.bare = prepare_model(model, cfg, info, bf16=self.bf16)
@@ -117,12 +120,7 @@ class Trainer:
         self.train_loader = train_loader
         self.val_loader = val_loader
 
-        self.nominal_tokens_per_step = t.micro_batch_size * t.seq_len * t.grad_accum_steps * info.world_size
-        steps = [t.max_steps] if t.max_steps is not None else []
-        if t.max_tokens is not None:
-            steps.append(math.ceil(t.max_tokens / self.nominal_tokens_per_step))
-        self.total_steps = min(steps)
-        self.schedule = LRSchedule(cfg.schedule, cfg.optimizer.lr, self.total_steps)
+        self.nominal_tokens_per_step = tokens_per_step(t, info.world_size)
         self.flops_per_token = self.bare.flops_per_token(t.seq_len)
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_flops)
 
@@ -131,14 +129,27 @@ class Trainer:
         self.tokens = 0
         self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
         self.nonfinite_in_row = torch.zeros((), dtype=torch.long, device=self.device)
+        # The longest streak of non-finite steps since the last log, which compares it with the
+        # limit: a streak that ended between two logs must stop the training too.
+        self.longest_nonfinite = torch.zeros((), dtype=torch.long, device=self.device)
+        self.nonfinite_streak = 0  # the streak that stopped the training (read at a log)
         self.history: list[dict[str, Any]] = []  # every logged row (train and val), on every rank
         self._last_saved_step = -1
         self._signal: int | None = None
 
         self.ckpt = CheckpointManager(os.path.join(cfg.run_dir, "checkpoints"), info, cfg.checkpoint.keep_last)
         seed_everything(t.seed + info.rank)  # dropout differs across ranks; model init happened before
-        run_id, resumed_from = self._resume(cfg.checkpoint.resume)
-        self.run_id = broadcast_object(info, run_id or new_run_id())
+        meta, resumed_from = self._resume(cfg.checkpoint.resume)  # meta: {} for a new run
+        # The run's length once the checkpoint says where the run stands: a max_tokens budget
+        # counts the tokens still to train at this run's tokens per step, which may differ from
+        # the saving run's.
+        self.total_steps = run_length(t, info.world_size, self.step, self.tokens)
+        self.schedule = LRSchedule(cfg.schedule, cfg.optimizer.lr, self.total_steps)
+        saved_total = meta.get("schedule", {}).get("total_steps")
+        if saved_total is not None and saved_total != self.total_steps and info.is_rank0:
+            print(f"warning: the checkpoint's LR schedule spans {saved_total} steps, this run {self.total_steps}; "
+                  "the learning rate continues on the new schedule", flush=True)
+        self.run_id = broadcast_object(info, meta.get("run_id") or new_run_id())
         self.logger = MetricsLogger(
             cfg.run_dir,
             info.is_rank0,
@@ -174,19 +185,20 @@ class Trainer:
 
     # -- resume --------------------------------------------------------------------------------
 
-    def _resume(self, resume: str | None) -> tuple[str | None, str | None]:
+    def _resume(self, resume: str | None) -> tuple[dict[str, Any], str | None]:
+        """Load the checkpoint `resume` names, if any: returns (its meta, its path), or ({}, None)."""
         path = self.ckpt.resolve(resume)
         if path is None:
-            return None, None
+            return {}, None
         meta, rank_state = self.ckpt.load(path, self.model, self.optimizer, self.bare.config)
         refresh_weight_copies(self.weight_copies)  # the loaded weights, not the initial ones
         self.step = int(meta["step"])
         self.tokens = int(meta["tokens"])
         self.skipped.fill_(int(meta.get("skipped_steps", 0)))
-        saved_total = meta.get("schedule", {}).get("total_steps")
-        if saved_total is not None and saved_total != self.total_steps and self.info.is_rank0:
-            print(f"warning: the checkpoint's LR schedule spans {saved_total} steps, this config {self.total_steps}; "
-                  "the learning rate continues on the new schedule", flush=True)
+        moved, folder = self.ckpt.set_aside_newer_than(self.step)
+        if moved:  # rank 0 only
+            print(f"{path} (step {self.step}) is older than this run's newest checkpoint: moved {', '.join(moved)} "
+                  f"to {folder} (kept there, out of rotation and --resume auto)", flush=True)
         if rank_state is not None:
             if rank_state.get("data") is not None and hasattr(self.train_loader, "load_state_dict"):
                 self.train_loader.load_state_dict(rank_state["data"])
@@ -196,7 +208,7 @@ class Trainer:
             print(f"warning: {path} was written by {meta.get('world_size')} rank(s), this run has "
                   f"{self.info.world_size}: model and optimizer resume exactly, the data order restarts", flush=True)
         self._last_saved_step = self.step
-        return meta.get("run_id"), path
+        return meta, path
 
     def _restore_gemm_picks(self, state: dict | None, path: str) -> None:
         """The GEMM kernels the saved run chose by timing (`kernels.linear: tuned`, cuBLASLt's
@@ -274,6 +286,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=not self.persistent_grads)  # TritonAdamW: the copies' gradients too
         self.skipped += (~finite).long()
         self.nonfinite_in_row = torch.where(finite, torch.zeros_like(self.nonfinite_in_row), self.nonfinite_in_row + 1)
+        self.longest_nonfinite = torch.maximum(self.longest_nonfinite, self.nonfinite_in_row)
         return torch.where(finite, step_loss, torch.zeros_like(step_loss)), grad_norm, finite
 
     def gradient_of(self, p: torch.Tensor) -> torch.Tensor | None:
@@ -345,8 +358,8 @@ class Trainer:
         while True:
             reason = self._stop_reason(until_step, started)
             if reason is not None:
-                if window["steps"]:
-                    self._log(window, grad_norm)
+                if window["steps"] and self._log(window, grad_norm):
+                    return "nonfinite"
                 return reason
             batches = [self._next_batch() for _ in range(t.grad_accum_steps)]
             set_lr(self.optimizer, self.schedule.lr_at(self.step))
@@ -367,13 +380,22 @@ class Trainer:
                 if self._log(window, grad_norm):
                     return "nonfinite"
             if t.eval_every and self.step % t.eval_every == 0:
-                self.evaluate()
+                self._off_the_clock(window, self.evaluate)
             if self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0:
-                self.save_checkpoint()
+                self._off_the_clock(window, self.save_checkpoint)
+
+    def _off_the_clock(self, window: dict[str, Any], work) -> None:
+        """Run `work` (an evaluation, a checkpoint) outside the logging window's time, so that its
+        tokens/s, MFU and ETA measure training only."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the training steps queued so far belong to the window
+        start = time.perf_counter()
+        work()
+        window["t0"] += time.perf_counter() - start
 
     def _log(self, window: dict[str, Any], grad_norm: torch.Tensor) -> bool:
-        """Write the progress line for the window since the last log; True when the run of
-        non-finite steps reached the limit."""
+        """Write the progress line for the window since the last log; True when a streak of
+        non-finite steps in it reached the limit."""
         names = sorted(window["metrics"])
         sums = all_reduce_sum(self.info, torch.stack([window["loss"]] + [window["metrics"][n] for n in names]))
         # The host syncs of this logging step (`applied` is the same on every rank).
@@ -402,7 +424,12 @@ class Trainer:
         self.history.append({"step": self.step, "split": "train", **metrics})
         window.update(loss=torch.zeros_like(window["loss"]), applied=torch.zeros_like(window["applied"]),
                       metrics={}, steps=0, tokens=0, t0=time.perf_counter())
-        return int(self.nonfinite_in_row) >= self.cfg.trainer.max_nonfinite_steps
+        longest = int(self.longest_nonfinite)
+        self.longest_nonfinite = self.nonfinite_in_row.clone()  # a streak still going on counts in the next window
+        if longest >= self.cfg.trainer.max_nonfinite_steps:
+            self.nonfinite_streak = longest
+            return True
+        return False
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -449,12 +476,14 @@ class Trainer:
         return path
 
     def _finish(self, reason: str) -> None:
-        completed = reason in ("max_steps", "max_tokens", "max_time")
+        # checkpoint.save_final applies to a completed run only. A time budget is a pause, like a
+        # signal: without its checkpoint the work since the last one would be lost.
+        completed = reason in ("max_steps", "max_tokens")
         if self.step != self._last_saved_step and (not completed or self.cfg.checkpoint.save_final):
             self.save_checkpoint()
         if reason == "nonfinite":
             raise FloatingPointError(
-                f"stopped at step {self.step}: {int(self.nonfinite_in_row)} steps in a row had a NaN/Inf loss or "
+                f"stopped at step {self.step}: {self.nonfinite_streak} steps in a row had a NaN/Inf loss or "
                 f"gradient norm (trainer.max_nonfinite_steps={self.cfg.trainer.max_nonfinite_steps}). A checkpoint "
                 "of the last good weights was saved; lower optimizer.lr, raise schedule.warmup_steps or check the data"
             )
@@ -463,7 +492,11 @@ class Trainer:
             return
         if reason == "until_step":
             return
-        self.logger.info(f"done: {reason} at step {self.step} ({self.tokens} tokens)")
+        if reason == "max_time":
+            self.logger.info(f"stopped: trainer.max_time_minutes reached at step {self.step} ({self.tokens} tokens); "
+                             "continue with --resume auto")
+        else:
+            self.logger.info(f"done: {reason} at step {self.step} ({self.tokens} tokens)")
         if self.cfg.checkpoint.export_hf:
             path = os.path.join(self.cfg.run_dir, "hf")
             export_hf(self.model, self.bare, path, self.info, sharded=self.sharded)

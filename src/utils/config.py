@@ -40,13 +40,35 @@ def unknown_key_error(key: str, valid: typing.Iterable[str], where: str) -> Conf
     return ConfigError(f"{where}: unknown key '{key}'.{did_you_mean} Valid keys: {', '.join(valid)}.")
 
 
+class StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML keeps the
+    last value silently, so a second `optimizer:` block would replace the first one whole."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat; its keys are overridable
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):  # SafeLoader's own error names it below
+                continue
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                name = key_node.start_mark.name  # the file's path, or "<unicode string>" for a --set value
+                where = "" if name.startswith("<") else f"{name}: "
+                raise ConfigError(f"{where}line {line}: key '{key}' appears twice in one mapping (first on line "
+                                  f"{seen[key]}); keep one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a non-mapping top level is a clear error."""
+    """Read a YAML mapping; a missing file, a key given twice or a non-mapping top level is a clear error."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: '{path}' (paths are relative to the repository root)")
     with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+        data = yaml.load(f, Loader=StrictLoader)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -98,6 +120,11 @@ def _convert(value: Any, tp: Any, where: str, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{at}: expected a list, got {type(value).__name__} {value!r}")
         args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[float, float]: that many items
+            if len(value) != len(args):
+                raise ConfigError(f"{at}: expected a list of {len(args)} items ({', '.join(map(_type_name, args))}), "
+                                  f"got {len(value)}: {list(value)!r}")
+            return tuple(_convert(v, t, where, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
         item_tp = args[0] if args else Any
         items = [_convert(v, item_tp, where, f"{path}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
@@ -202,5 +229,5 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
             if not isinstance(child, dict):
                 raise ConfigError(f"override '{item}': '{k}' holds {child!r}, not a mapping")
             node = child
-        node[keys[-1]] = yaml.safe_load(raw)
+        node[keys[-1]] = yaml.load(raw, Loader=StrictLoader)
     return data

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from src.trainer.config import TrainConfig, load_config
+from src.trainer.config import OptimizerConfig, TrainConfig, check_warmup, load_config
 from src.utils.config import ConfigError
 
 BASE = {
@@ -87,6 +87,21 @@ def test_missing_model_yaml_lists_what_exists(tmp_path):
         (["trainer.activation_checkpointing_layers=4"], "set trainer.activation_checkpointing to full or selective"),
         (["trainer.activation_checkpointing=selective", "trainer.activation_checkpointing_layers=-1"],
          "activation_checkpointing_layers must be >= 0"),
+        # a token budget of 2 steps (1000 tokens at 8 x 64 per step) with a warmup of 2
+        (["trainer.max_steps=null", "trainer.max_tokens=1000"],
+         r"warmup_steps \(2\) must be below the run's length, 2 step\(s\) \(trainer.max_tokens 1000 at 512 tokens "),
+        (["trainer.max_tokens=1000"], r"warmup_steps \(2\) must be below the run's length, 2 step\(s\)"),
+        (["optimizer.betas=[0.9]"], r"key 'optimizer.betas': expected a list of 2 items \(float, float\), got 1"),
+        (["optimizer.betas=[0.9, 0.95, 0.99]"], r"key 'optimizer.betas': expected a list of 2 items"),
+        (["optimizer.lr=nan"], r"optimizer.lr must be a finite number > 0, got nan"),
+        (["optimizer.lr=inf"], r"optimizer.lr must be a finite number > 0, got inf"),
+        (["optimizer.grad_clip=nan"], r"optimizer.grad_clip must be a finite number >= 0, got nan"),
+        (["optimizer.eps=inf"], r"optimizer.eps must be a finite number > 0, got inf"),
+        (["schedule.min_lr=nan"], r"schedule.min_lr must be a finite number >= 0, got nan"),
+        (["trainer.max_time_minutes=nan"], r"trainer.max_time_minutes must be a finite number > 0"),
+        (["logging.peak_flops=-1"], r"logging.peak_flops must be a finite number > 0"),
+        (["logging.peak_flops=inf"], r"logging.peak_flops must be a finite number > 0"),
+        (["parallel.strategy=ddp", "parallel.ddp_bucket_cap_mb=inf"], "ddp_bucket_cap_mb must be positive"),
     ],
 )
 def test_impossible_combinations(tmp_path, overrides, message):
@@ -104,6 +119,29 @@ def test_dpo_block_belongs_to_dpo(tmp_path):
         load_config(write(tmp_path, BASE), ["compile=true", "compile_scope=model"], task="dpo")
 
 
+def test_data_fields_of_another_task_are_refused_when_the_config_loads(tmp_path):
+    """Refused with the config's path before any model or data is built, not at the data loader."""
+    with pytest.raises(ConfigError, match=r"train\.yaml: data\.format applies to sft only"):
+        load_config(write(tmp_path, BASE), ["data.format=messages"], task="pretrain")
+    with pytest.raises(ConfigError, match="data.overlong applies to sft and dpo"):
+        load_config(write(tmp_path, BASE), ["data.overlong=skip"], task="pretrain")
+    assert load_config(write(tmp_path, BASE), ["data.overlong=skip"], task="dpo").data.overlong == "skip"
+
+
 def test_missing_data_block(tmp_path):
     with pytest.raises(ConfigError, match="missing the 'data:' block"):
         load_config(write(tmp_path, {k: v for k, v in BASE.items() if k != "data"}))
+
+
+def test_warmup_against_a_token_budget_counts_the_ranks(tmp_path):
+    """load_config checks one process's run, the longest a max_tokens budget gives (4 steps of 512
+    tokens here); the Trainer checks again with its ranks, 4 of which make it 1 step."""
+    cfg = load_config(write(tmp_path, BASE), ["trainer.max_steps=null", "trainer.max_tokens=2048"])
+    check_warmup(cfg, world_size=1, where="train.yaml")
+    with pytest.raises(ConfigError, match=r"run's length, 1 step\(s\) .*2048 tokens per step: .* x 4 rank\(s\)"):
+        check_warmup(cfg, world_size=4, where="train.yaml")
+
+
+def test_betas_built_in_python_need_two_values():
+    with pytest.raises(ConfigError, match=r"optimizer.betas must be two numbers \[beta1, beta2\], each in \[0, 1\)"):
+        OptimizerConfig(betas=(0.9,))

@@ -20,6 +20,11 @@ BASE = ["--config", "configs/train/dpo.yaml", "--set", "trainer.seq_len=128", "-
         "--set", "logging.log_every=1", "--set", "schedule.warmup_steps=1", "--set", "checkpoint.export_hf=false"]
 
 
+# Starts of a new run in a directory used before: it must hold no checkpoints (a new run refuses
+# a directory that does), so these runs save none.
+NEW_RUN_AGAIN = ("--set", "checkpoint.save_final=false")
+
+
 def run(output_dir, reference, *extra, steps=2):
     return train_dpo.main(BASE + ["--set", f"output_dir={output_dir}", "--set", f"dpo.reference={reference}",
                                   "--set", f"trainer.max_steps={steps}", *extra])
@@ -58,7 +63,7 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path):
 
 
 def test_stored_logps_are_reused_and_a_stale_file_is_refused(tmp_path, capsys):
-    run(tmp_path, "precomputed", steps=2)
+    run(tmp_path, "precomputed", *NEW_RUN_AGAIN, steps=2)
     path = tmp_path / "dpo" / "reference_logps_train.safetensors"
     assert "reference log-probs of" in capsys.readouterr().out
     # Poison the stored values: a second start must read them instead of recomputing.
@@ -68,7 +73,7 @@ def test_stored_logps_are_reused_and_a_stale_file_is_refused(tmp_path, capsys):
     with safe_open(str(path), framework="pt") as f:
         meta, table = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     save_file({**table, "chosen": table["chosen"] + 50.0}, str(path), metadata=meta)
-    run(tmp_path, "precomputed", steps=2)
+    run(tmp_path, "precomputed", *NEW_RUN_AGAIN, steps=2)
     assert "reusing the reference log-probs" in capsys.readouterr().out
     # At step 1 (policy == reference) ref_chosen + 50 makes every chosen reward beta * -50 = -5.
     first_steps = [r for r in rows(tmp_path / "dpo") if r["step"] == 1]
@@ -76,14 +81,14 @@ def test_stored_logps_are_reused_and_a_stale_file_is_refused(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match=r"reference_logps_train.safetensors is stale: .*seq_len: stored 128, now 96.*"
                                           r"delete .*reference_logps_train.safetensors to recompute"):
-        run(tmp_path, "precomputed", "--set", "trainer.seq_len=96", steps=2)
+        run(tmp_path, "precomputed", *NEW_RUN_AGAIN, "--set", "trainer.seq_len=96", steps=2)
     with pytest.raises(ConfigError, match=r"stale: .*data: stored .*overlong.*delete"):
-        run(tmp_path, "precomputed", "--set", "data.overlong=skip", steps=2)
+        run(tmp_path, "precomputed", *NEW_RUN_AGAIN, "--set", "data.overlong=skip", steps=2)
     save_file(table, str(path))  # no fingerprint: not ours
     with pytest.raises(ConfigError, match="holds no reference log-prob fingerprint .*delete"):
-        run(tmp_path, "precomputed", steps=2)
+        run(tmp_path, "precomputed", *NEW_RUN_AGAIN, steps=2)
     os.remove(path)  # the fix the message names: recomputed on the next start
-    assert run(tmp_path, "precomputed", steps=2) == "max_steps"
+    assert run(tmp_path, "precomputed", *NEW_RUN_AGAIN, steps=2) == "max_steps"
     assert torch.equal(load_reference_logps(path)["chosen"], table["chosen"])
 
 

@@ -57,6 +57,20 @@ def test_unknown_key_on_the_command_line(tmp_path):
         train_pretrain.main(["--config", "configs/train/pretrain_cpu.yaml", "--set", "trainer.maxsteps=3"])
 
 
+def test_a_missing_config_file_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"--config '.*nope.yaml': no such file .*configs/train/pretrain.yaml"):
+        train_pretrain.main(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_resume_path_is_taken_as_typed(tmp_path):
+    """--resume is a path, not YAML: ' #' would start a comment and ': ' a mapping."""
+    from src.trainer.launch import config_from_args, parse_args
+
+    path = str(tmp_path / "run #2" / "checkpoints: old" / "step_00000005")
+    args = parse_args("pretrain", ["--config", "configs/train/pretrain_cpu.yaml", "--resume", path])
+    assert config_from_args("pretrain", args).checkpoint.resume == path
+
+
 def test_resume_flag_continues_the_run(tmp_path):
     args = ["--config", "configs/train/pretrain_cpu.yaml", "--set", f"output_dir={tmp_path}", "--set",
             "trainer.max_steps=6", "--set", "trainer.seq_len=32", "--set", "trainer.micro_batch_size=2",

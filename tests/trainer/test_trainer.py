@@ -7,12 +7,16 @@ import dataclasses
 import json
 import math
 import os
+import re
+import time
 
 import pytest
 import torch
 
 from src.trainer import CheckpointConfig, Trainer, list_checkpoints
-from src.trainer.checkpoint import CheckpointError
+from src.trainer.checkpoint import CheckpointError, step_dir_name
+from src.trainer.config import LoggingConfig
+from src.utils.config import ConfigError
 from src.utils.distributed import DistInfo
 
 from .helpers import SyntheticLoader, make_config, params, replace, tiny_model, train_losses, with_optimizer
@@ -81,6 +85,26 @@ def test_cuda_graph_mode_accumulates_into_persistent_gradient_buffers(tmp_path):
         assert p.grad is buffers[name] and not p.grad.any(), name
 
 
+def test_resume_with_persistent_gradient_buffers_restores_the_optimizer_state(tmp_path):
+    """The CUDA-graph mode with accumulation gives every parameter a .grad before the checkpoint
+    loads, which made torch's state-dict helpers skip creating the AdamW state: the resume went on
+    with empty moments. The load must restore them exactly and leave the buffers in place, zeroed.
+    (The saving run needs no compile: compiling does not change the parameter names.)"""
+    cfg = make_config(tmp_path / "run", max_steps=4, micro_batch_size=2, grad_accum_steps=2)
+    first = Trainer(cfg, tiny_model(), SyntheticLoader(2), None, CPU)
+    first.fit(until_step=2)
+    resumed = replace(cfg, compile=True, compile_mode="reduce-overhead",
+                      checkpoint=CheckpointConfig(resume="auto", save_final=False, export_hf=False))
+    second = Trainer(resumed, tiny_model(seed=123), SyntheticLoader(2), None, CPU)
+    assert second.persistent_grads and second.step == 2
+    saved = {name: first.optimizer.state[p] for name, p in first.bare.named_parameters()}
+    for name, p in second.bare.named_parameters():
+        state = second.optimizer.state[p]
+        assert set(state) == set(saved[name]) == {"step", "exp_avg", "exp_avg_sq"}, name
+        assert all(torch.equal(state[k], v) for k, v in saved[name].items()), name
+        assert p.grad is not None and not p.grad.any(), name
+
+
 @pytest.mark.parametrize("implementation,state_dtype", [("torch", "float32"), ("triton", "float32"),
                                                         ("triton", "bfloat16")])
 def test_exact_resume_is_bitwise(tmp_path, implementation, state_dtype):
@@ -134,6 +158,40 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tmp_path):
     assert [os.path.basename(p) for p in saved] == ["step_00000005"]
     for p in trainer.bare.parameters():
         assert torch.isfinite(p).all()
+
+
+def test_a_nonfinite_streak_between_two_logs_stops_the_run(tmp_path):
+    """Steps 1-4 non-finite, the rest fine, a log every 10 steps: the streak of 4 (limit 3) ended
+    before the log, which must stop the training all the same."""
+    model = tiny_model()
+    forward = model.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = forward(*args, **kwargs)
+        if calls["n"] <= 4:
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = poisoned
+    cfg = replace(make_config(tmp_path / "nan", max_steps=20, max_nonfinite_steps=3),
+                  logging=LoggingConfig(log_every=10))
+    trainer = Trainer(cfg, model, SyntheticLoader(4), None, CPU)
+    with pytest.raises(FloatingPointError, match="4 steps in a row had a NaN/Inf"):
+        trainer.fit()
+    assert trainer.step == 10 and int(trainer.skipped) == 4
+
+
+def test_a_time_budget_stop_saves_a_checkpoint_even_without_save_final(tmp_path):
+    """trainer.max_time_minutes is a pause, like a signal: checkpoint.save_final (false here) does
+    not apply, or the work since the last checkpoint would be lost."""
+    cfg = make_config(tmp_path / "time", max_steps=1000, max_time_minutes=1e-9)
+    assert not cfg.checkpoint.save_final
+    trainer = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
+    assert trainer.fit() == "max_time"
+    saved = list_checkpoints(str(tmp_path / "time" / "checkpoints"))
+    assert [os.path.basename(p) for p in saved] == [step_dir_name(trainer.step)]
 
 
 @pytest.mark.parametrize("implementation", ["torch", "triton"])
@@ -260,6 +318,61 @@ def test_checkpoints_carry_the_gemm_picks_into_the_resumed_run(tmp_path, capsys)
         assert not cublaslt._saved_algos
 
 
+def test_a_new_run_refuses_a_run_directory_that_holds_checkpoints(tmp_path):
+    """Without a resume, the new run's checkpoints would mix with the old run's (and its rows with
+    theirs in metrics.jsonl); the error names the directory and the two ways out."""
+    cfg = make_config(tmp_path / "run", max_steps=2)
+    Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU).fit(until_step=1)
+    ckpt_dir = str(tmp_path / "run" / "checkpoints")
+    with pytest.raises(ConfigError, match=re.escape(ckpt_dir) + r" already holds checkpoints .*step_00000001.*"
+                                          r"--resume auto.*another run_name or output_dir"):
+        Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
+    assert [os.path.basename(p) for p in list_checkpoints(ckpt_dir)] == ["step_00000001"]
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1]  # the refused start wrote nothing
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
+    """A resume from step 1 of a run that reached step 3: steps 2 and 3 belong to the abandoned line
+    of training. They move to checkpoints/superseded/<a new folder per resume>, kept, and neither
+    rotation nor --resume auto sees them."""
+    def ck(**kw):
+        return CheckpointConfig(every=1, keep_last=3, save_final=False, export_hf=False, **kw)
+
+    cfg = make_config(tmp_path / "run", max_steps=6, checkpoint=ck())
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    names = lambda: [os.path.basename(p) for p in list_checkpoints(str(ckpt_dir))]  # noqa: E731
+    Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU).fit(until_step=3)
+    from_step_1 = replace(cfg, checkpoint=ck(resume=str(ckpt_dir / "step_00000001")))
+    capsys.readouterr()
+    branch = Trainer(from_step_1, tiny_model(), SyntheticLoader(4), None, CPU)
+    out = capsys.readouterr().out
+    assert re.search(r"is older than this run's newest checkpoint: moved step_00000002, step_00000003 to "
+                     + re.escape(str(ckpt_dir / "superseded")), out), out
+    assert names() == ["step_00000001"]
+    [aside] = os.listdir(ckpt_dir / "superseded")
+    assert sorted(os.listdir(ckpt_dir / "superseded" / aside)) == ["step_00000002", "step_00000003"]
+    branch.fit(until_step=2)
+    assert names() == ["step_00000001", "step_00000002"]
+    # once more from step 1: the new step 2 goes to a folder of its own, nothing set aside is replaced
+    Trainer(from_step_1, tiny_model(), SyntheticLoader(4), None, CPU)
+    assert names() == ["step_00000001"] and len(os.listdir(ckpt_dir / "superseded")) == 2
+    assert Trainer(replace(cfg, checkpoint=ck(resume="auto")), tiny_model(), SyntheticLoader(4), None, CPU).step == 1
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
+    """A checkpoint of a later step (here one copied in by hand) outranks the new ones by step;
+    keep_last=1 must still keep the one just written."""
+    cfg = make_config(tmp_path / "run", max_steps=2,
+                      checkpoint=CheckpointConfig(every=1, keep_last=1, save_final=False, export_hf=False))
+    trainer = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
+    later = tmp_path / "run" / "checkpoints" / "step_00000099"
+    later.mkdir(parents=True)
+    (later / "meta.json").write_text("{}")
+    trainer.fit()
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "run" / "checkpoints"))] == ["step_00000002"]
+
+
 def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
     cfg = make_config(tmp_path / "fresh", max_steps=2)
     trainer = Trainer(replace(cfg, checkpoint=CheckpointConfig(resume="auto", export_hf=False)), tiny_model(),
@@ -273,6 +386,43 @@ def test_token_budget_sets_the_schedule_length(tmp_path):
     trainer = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
     assert trainer.total_steps == 4
     assert trainer.fit() == "max_tokens" and trainer.tokens == 4 * 4 * 16
+
+
+def test_token_budget_after_a_resume_with_fewer_tokens_per_step(tmp_path):
+    """A checkpoint of 64-token steps resumed with 32-token steps (a smaller batch, or fewer ranks):
+    the steps left come from the tokens left, so the run ends at max_tokens, not beyond it."""
+    first = Trainer(make_config(tmp_path / "run", max_steps=None, max_tokens=640, micro_batch_size=4), tiny_model(),
+                    SyntheticLoader(4), None, CPU)
+    first.fit(until_step=5)
+    assert first.tokens == 320
+    resumed = make_config(tmp_path / "run", max_steps=None, max_tokens=640, micro_batch_size=2,
+                          checkpoint=CheckpointConfig(resume="auto", save_final=False, export_hf=False))
+    second = Trainer(resumed, tiny_model(), SyntheticLoader(2), None, CPU)
+    assert second.total_steps == 5 + 320 // 32
+    assert second.fit() == "max_tokens" and second.tokens == 640
+
+
+def test_evaluation_and_checkpoint_time_is_left_out_of_tokens_per_s(tmp_path, monkeypatch):
+    """Each evaluation and checkpoint here takes an hour of a clock that only they advance: the
+    logging windows around them must still measure the training steps alone (tokens/s, ETA)."""
+    real_perf_counter, hours = time.perf_counter, {"n": 0}
+    monkeypatch.setattr(time, "perf_counter", lambda: real_perf_counter() + 3600.0 * hours["n"])
+    cfg = make_config(tmp_path / "run", max_steps=6, eval_every=2, eval_batches=1,
+                      checkpoint=CheckpointConfig(every=3, save_final=False, export_hf=False))
+    cfg = replace(cfg, logging=LoggingConfig(log_every=2))
+    trainer = Trainer(cfg, tiny_model(), SyntheticLoader(4), SyntheticLoader(4, seed=1, num_batches=1), CPU)
+    for name in ("evaluate", "save_checkpoint"):
+        def an_hour_long(work=getattr(trainer, name)):
+            hours["n"] += 1
+            return work()
+
+        monkeypatch.setattr(trainer, name, an_hour_long)
+    trainer.fit()
+    assert hours["n"] == 5  # evaluations at steps 2, 4, 6, checkpoints at 3, 6
+    rows = [r for r in trainer.history if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for row in rows:  # 2 steps of 64 tokens in under 10 minutes
+        assert row["tokens_per_s"] > 128 / 600 and row["eta_s"] < 600, row
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])

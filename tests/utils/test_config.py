@@ -5,13 +5,18 @@ from typing import Literal
 
 import pytest
 
-from src.utils.config import ConfigError, apply_overrides, from_dict, load_yaml_config, to_dict
+from src.utils.config import ConfigError, apply_overrides, from_dict, load_yaml_config, read_yaml, to_dict
 
 
 @dataclass
 class Inner:
     mode: Literal["fast", "slow"] = "fast"
     size: int = 1
+
+
+@dataclass
+class Pair:
+    betas: tuple[float, float] = (0.9, 0.95)
 
 
 @dataclass
@@ -67,6 +72,31 @@ def test_yaml_file_errors(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("name: x\nrate: 1.0e-3\n")
     assert load_yaml_config(Outer, good).rate == 1e-3
+
+
+def test_fixed_length_tuple_checks_its_length_and_each_item():
+    assert from_dict(Pair, {"betas": [1, 0.5]}).betas == (1.0, 0.5)
+    with pytest.raises(ConfigError, match=r"key 'betas': expected a list of 2 items \(float, float\), got 1: \[0.9\]"):
+        from_dict(Pair, {"betas": [0.9]})
+    with pytest.raises(ConfigError, match=r"key 'betas\[1\]': expected a number"):
+        from_dict(Pair, {"betas": [0.9, "x"]})
+
+
+def test_a_key_given_twice_is_an_error_naming_it(tmp_path):
+    """PyYAML keeps the last of two equal keys silently; a second block would replace the first."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("name: x\ninner:\n  size: 1\n  mode: slow\n  size: 2\n")
+    named = r"dup.yaml: line 5: key 'size' appears twice in one mapping \(first on line 3\)"
+    with pytest.raises(ConfigError, match=named):
+        load_yaml_config(Outer, dup)
+    dup.write_text("name: x\ninner: {size: 1}\nrate: 0.5\ninner: {mode: slow}\n")
+    with pytest.raises(ConfigError, match=r"line 4: key 'inner' appears twice .*first on line 2"):
+        load_yaml_config(Outer, dup)
+    with pytest.raises(ConfigError, match=r"key 'size' appears twice"):
+        apply_overrides({}, ["inner={size: 1, size: 2}"])
+    merged = tmp_path / "merged.yaml"  # a merge key overrides on purpose: still allowed
+    merged.write_text("base: &base {size: 1, mode: slow}\nname: x\ninner:\n  <<: *base\n  size: 2\n")
+    assert read_yaml(merged)["inner"] == {"size": 2, "mode": "slow"}
 
 
 def test_overrides():
