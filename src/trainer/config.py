@@ -394,33 +394,39 @@ def resolve_model_config(cfg: TrainConfig, where: str):
     return load_model_config(cfg.model_config_path)
 
 
-def tokens_per_step(t: TrainerConfig, world_size: int) -> int:
-    """The tokens of one optimizer step over all ranks, the unit trainer.max_tokens is counted in."""
-    return t.micro_batch_size * t.seq_len * t.grad_accum_steps * world_size
+def tokens_per_step(cfg: TrainConfig, world_size: int) -> int:
+    """The tokens of one optimizer step over all ranks, the unit trainer.max_tokens is counted in: a
+    DPO row is two sequences (chosen and rejected, each padded to seq_len), and the trainer counts
+    both, as the model reads both."""
+    t = cfg.trainer
+    sequences_per_row = 2 if cfg.dpo is not None else 1
+    return t.micro_batch_size * sequences_per_row * t.seq_len * t.grad_accum_steps * world_size
 
 
-def run_length(t: TrainerConfig, world_size: int, step: int = 0, tokens: int = 0) -> int:
+def run_length(cfg: TrainConfig, world_size: int, step: int = 0, tokens: int = 0) -> int:
     """The run's length in optimizer steps: trainer.max_steps, or fewer when trainer.max_tokens comes
     first. A resumed run passes the step and tokens it stands at: the tokens still to train are
     divided by this run's tokens per step, which may differ from the saving run's (other ranks or
     batch), so that the run ends at max_tokens whatever it resumed from."""
+    t = cfg.trainer
     steps = [t.max_steps] if t.max_steps is not None else []
     if t.max_tokens is not None:
-        steps.append(step + math.ceil(max(0, t.max_tokens - tokens) / tokens_per_step(t, world_size)))
+        steps.append(step + math.ceil(max(0, t.max_tokens - tokens) / tokens_per_step(cfg, world_size)))
     return min(steps)
 
 
 def check_warmup(cfg: TrainConfig, world_size: int, where: str) -> None:
     """A cosine or wsd schedule must end its warmup before the run ends."""
     t, warmup = cfg.trainer, cfg.schedule.warmup_steps
-    length = run_length(t, world_size)
+    length = run_length(cfg, world_size)
     if cfg.schedule.type == "constant" or warmup < length:
         return
     if length == t.max_steps:
         raise ConfigError(f"{where}: schedule.warmup_steps ({warmup}) must be below trainer.max_steps ({t.max_steps})")
+    pairs = " x 2 (a DPO pair)" if cfg.dpo is not None else ""
     raise ConfigError(f"{where}: schedule.warmup_steps ({warmup}) must be below the run's length, {length} step(s) "
-                      f"(trainer.max_tokens {t.max_tokens} at {tokens_per_step(t, world_size)} tokens per step: "
-                      f"micro_batch_size x seq_len x grad_accum_steps x {world_size} rank(s)); lower "
+                      f"(trainer.max_tokens {t.max_tokens} at {tokens_per_step(cfg, world_size)} tokens per step: "
+                      f"micro_batch_size{pairs} x seq_len x grad_accum_steps x {world_size} rank(s)); lower "
                       "schedule.warmup_steps or raise trainer.max_tokens")
 
 

@@ -120,7 +120,7 @@ class Trainer:
         self.train_loader = train_loader
         self.val_loader = val_loader
 
-        self.nominal_tokens_per_step = tokens_per_step(t, info.world_size)
+        self.nominal_tokens_per_step = tokens_per_step(cfg, info.world_size)
         self.flops_per_token = self.bare.flops_per_token(t.seq_len)
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_flops)
 
@@ -143,7 +143,7 @@ class Trainer:
         # The run's length once the checkpoint says where the run stands: a max_tokens budget
         # counts the tokens still to train at this run's tokens per step, which may differ from
         # the saving run's.
-        self.total_steps = run_length(t, info.world_size, self.step, self.tokens)
+        self.total_steps = run_length(cfg, info.world_size, self.step, self.tokens)
         self.schedule = LRSchedule(cfg.schedule, cfg.optimizer.lr, self.total_steps)
         saved_total = meta.get("schedule", {}).get("total_steps")
         if saved_total is not None and saved_total != self.total_steps and info.is_rank0:

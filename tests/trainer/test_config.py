@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from src.trainer.config import OptimizerConfig, TrainConfig, check_warmup, load_config
+from src.trainer.config import OptimizerConfig, TrainConfig, check_warmup, load_config, run_length, tokens_per_step
 from src.utils.config import ConfigError
 
 BASE = {
@@ -126,6 +126,18 @@ def test_data_fields_of_another_task_are_refused_when_the_config_loads(tmp_path)
     with pytest.raises(ConfigError, match="data.overlong applies to sft and dpo"):
         load_config(write(tmp_path, BASE), ["data.overlong=skip"], task="pretrain")
     assert load_config(write(tmp_path, BASE), ["data.overlong=skip"], task="dpo").data.overlong == "skip"
+
+
+def test_a_dpo_step_counts_both_sequences_of_each_pair(tmp_path):
+    """The trainer counts the tokens of chosen and rejected (batch_tokens reads every *input_ids):
+    the budget's tokens per step must count both too, or a resumed max_tokens run would end at half
+    its tokens."""
+    budget = ["trainer.max_steps=null", "trainer.max_tokens=2560", "trainer.micro_batch_size=2"]
+    pretrain = load_config(write(tmp_path, BASE), budget, task="pretrain")
+    dpo = load_config(write(tmp_path, BASE), budget, task="dpo")
+    assert tokens_per_step(dpo, 1) == 2 * tokens_per_step(pretrain, 1) == 256
+    assert run_length(dpo, 1) == 10 and run_length(pretrain, 1) == 20
+    assert run_length(dpo, 1, step=4, tokens=4 * 256) == 10  # resumed: the same end
 
 
 def test_missing_data_block(tmp_path):
