@@ -94,6 +94,10 @@ class DPOConfig:
     label_smoothing: float = 0.0  # conservative DPO: assumed probability that a preference label is flipped
     reference: Literal["live", "precomputed"] = "live"
     chunk_size: int = 1024  # tokens per chunk of the pure-PyTorch log-prob path (the fused kernel picks its own)
+    # The policy trains without dropout (TRL's default too): with it, policy and reference differ
+    # from the first step (a GPT-2 checkpoint's 0.1 rates moved step 0's loss off log 2), and the
+    # implicit rewards measure dropout noise as well as the update.
+    disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -378,10 +382,14 @@ class DPOModel(nn.Module):
         return blocks
 
     def train(self, mode: bool = True) -> "DPOModel":
-        """The reference stays in eval mode whatever the trainer asks (no dropout in the reference)."""
+        """The reference stays in eval mode whatever the trainer asks (no dropout in the reference),
+        and so does the policy under `disable_dropout`: in our models the mode switches dropout only
+        (attention-probability, embedding and residual dropout alike), and gradients flow either way."""
         super().train(mode)
         if self.reference is not None:
             self.reference.eval()
+        if self.dpo_config.disable_dropout:
+            self.policy.eval()
         return self
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:

@@ -284,14 +284,17 @@ class CheckpointManager:
 
 
 def load_model_weights(path: str, model: nn.Module, model_config: Any) -> dict[str, Any]:
-    """Only the model weights of one of our checkpoints (for `init_from`): a new run starts from them."""
+    """Only the model weights of one of our checkpoints (for `init_from`): a new run starts from them.
+    A DPO checkpoint holds a policy and its reference (`policy.*`, `reference.*`): the policy's are
+    loaded, the model its meta describes."""
     meta = read_meta(path)
     check_model_matches(meta, model_config, path)
+    prefix = "policy." if (meta.get("config") or {}).get("dpo") is not None else ""
     model_sd = get_model_state_dict(model)
-    state = {"model": model_sd}
+    state = {"model": {prefix + name: tensor for name, tensor in model_sd.items()}}
     with _single_process_ok():
-        dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
+        dcp.load(state, checkpoint_id=path)  # in place, into the model's own tensors
+    set_model_state_dict(model, {name[len(prefix):]: tensor for name, tensor in state["model"].items()})
     return meta
 
 

@@ -383,7 +383,7 @@ def resolve_model_config(cfg: TrainConfig, where: str):
         hf_config = MODEL_FAMILIES[family][0].from_hf_config(hf)
         if cfg.model_config_path is not None:
             own = load_model_config(cfg.model_config_path)
-            if own != hf_config:
+            if not same_model(own, hf_config):
                 raise ConfigError(f"{where}: model_config_path '{cfg.model_config_path}' describes another model than "
                                   f"init_from '{cfg.init_from}'; remove model_config_path (the checkpoint's "
                                   "config.json gives the shape)")
@@ -392,6 +392,18 @@ def resolve_model_config(cfg: TrainConfig, where: str):
         raise ConfigError(f"{where}: set model_config_path (a model YAML such as configs/model/gpt_125m.yaml)"
                           + (" ; init_from names one of our checkpoints, which needs it" if cfg.init_from else ""))
     return load_model_config(cfg.model_config_path)
+
+
+def same_model(a, b) -> bool:
+    """Whether two model configs describe one model: compared as the Hugging Face config.json each
+    exports, where a YAML's shorthands (Qwen2's ffn_multiplier, GPT-2's `dropout` for its three
+    rates) and the export's explicit values (intermediate_size, embd_pdrop, ...) read the same."""
+    if a == b:
+        return True
+    try:
+        return a.to_hf_config() == b.to_hf_config()
+    except ValueError:  # a model Hugging Face's format cannot hold (e.g. Qwen2 without qkv biases)
+        return False
 
 
 def tokens_per_step(cfg: TrainConfig, world_size: int) -> int:

@@ -18,6 +18,7 @@ import torch
 
 from src.dataset.base import Tokenizer, build_dataloader
 from src.dataset.loader import to_tensors
+from src.dataset.sources import DataError
 from src.models import AutoModelForCausalLM, CausalLM
 from src.models.dpo import ReferenceLogpsLoader, load_reference_logps, precompute_reference_logps
 from src.utils.config import ConfigError, to_dict
@@ -40,11 +41,12 @@ def parse_args(task: str, argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_main(task: str, main: Callable[[], str]) -> None:
     """The command line's `main()`: a configuration mistake (a `ConfigError`: an unknown key, an
-    impossible combination, a missing data path) ends the run with one line that names it and
+    impossible combination, a missing data path) or unusable data (a `DataError`: nothing usable in
+    a file, too little for one batch, stale shards) ends the run with one line that names it and
     exit status 2, as argparse does, instead of a traceback. Anything else raises as usual."""
     try:
         main()
-    except ConfigError as error:
+    except (ConfigError, DataError) as error:
         print(f"python -m src.train_{task}: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
@@ -117,14 +119,24 @@ def reference_fingerprint(cfg: TrainConfig, split: str, num_pairs: int) -> dict:
     the values only by rounding."""
     d = cfg.data
     if cfg.init_from is not None:
-        init = cfg.init_from
+        init = {"path": cfg.init_from, "files": _files_identity(cfg.init_from)}
     else:  # the policy starts from a seeded random init (build_model), and so does the reference
-        init = f"random init of {cfg.model_config_path} with trainer.seed={cfg.trainer.seed}"
+        init = {"random init": to_dict(cfg.model_config), "trainer.seed": cfg.trainer.seed}
     data = {"type": d.type, "path": d.path, "subset": d.subset, "split": d.split, "columns": dict(d.columns),
             "max_documents": d.max_documents, "val_fraction": d.val_fraction, "val_documents": d.val_documents,
             "overlong": d.overlong}
     return {"init": init, "data": data, "tokenizer": to_dict(d.tokenizer), "seq_len": cfg.trainer.seq_len,
             "split": split, "num_pairs": num_pairs}
+
+
+def _files_identity(path: str) -> list[list]:
+    """[name, size, mtime_ns] of the files of a checkpoint directory (or of one file): the weights
+    behind a path, without reading them. An SFT run redone into the same directory writes new files,
+    so its new weights no longer match log-probs computed from the old ones. (A copy that does not
+    keep modification times reads as changed too: the stale-file error then asks for a recompute.)"""
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, name) for name in os.listdir(path) if os.path.isfile(os.path.join(path, name)))
+    return [[os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
 
 
 def _fingerprint_diffs(saved: dict, now: dict, ignore: tuple[str, ...] = ()) -> list[str]:

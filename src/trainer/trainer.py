@@ -452,7 +452,9 @@ class Trainer:
         all_reduce_sum(self.info, sums)
         loss_sum, weight = sums.tolist()
         val_loss = loss_sum / weight if weight else float("nan")
-        metrics = {"loss": val_loss, "ppl": math.exp(min(val_loss, 50.0)), "batches": float(n)}
+        metrics = {"loss": val_loss, "batches": float(n)}
+        if self.cfg.dpo is None:  # a perplexity of the LM loss; DPO's loss is no log-likelihood
+            metrics["ppl"] = math.exp(min(val_loss, 50.0))
         self.logger.log_metrics(self.step, metrics, prefix="val")
         self.history.append({"step": self.step, "split": "val", **metrics})
         return val_loss

@@ -277,7 +277,7 @@ def test_reference_is_frozen_copy():
     assert all(not p.requires_grad for p in model.reference.parameters())
     assert all(p.requires_grad for p in model.policy.parameters())
     model.train()
-    assert model.policy.training and not model.reference.training
+    assert not model.reference.training
     before = {k: v.clone() for k, v in model.reference.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
@@ -293,6 +293,21 @@ def test_reference_is_frozen_copy():
     out = fresh(**make_pairs(4, torch.Generator().manual_seed(0)))
     assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert out.metrics["rewards/margins"].item() == 0.0
+
+
+@pytest.mark.parametrize("disable_dropout", [True, False])
+def test_policy_dropout_is_off_unless_asked_for(disable_dropout):
+    """A policy with dropout (GPT-2 checkpoints carry 0.1 rates): by default it trains without, so
+    that at step 0, policy == reference, the loss is exactly log 2 in training mode as well."""
+    policy = tiny_model({**TINY_GPT2, "dropout": 0.3})
+    model = DPOModel(policy, config=DPOConfig(disable_dropout=disable_dropout)).train()
+    assert model.policy.training == (not disable_dropout) and not model.reference.training
+    torch.manual_seed(0)
+    loss = model(**make_pairs(4, torch.Generator().manual_seed(0))).loss.item()
+    if disable_dropout:
+        assert loss == pytest.approx(math.log(2), abs=1e-6)
+    else:
+        assert abs(loss - math.log(2)) > 1e-4  # dropout noise in the policy alone
 
 
 # ----------------------------------------------------------------------------------------------

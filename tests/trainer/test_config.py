@@ -140,6 +140,25 @@ def test_a_dpo_step_counts_both_sequences_of_each_pair(tmp_path):
     assert run_length(dpo, 1, step=4, tokens=4 * 256) == 10  # resumed: the same end
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_a_model_yaml_matches_its_own_hugging_face_export(tmp_path, family):
+    """The YAML's shorthands (ffn_multiplier, one `dropout`) against the export's explicit values
+    (intermediate_size, three rates) are one model, not 'another model'; a real difference is."""
+    import json
+
+    from src.models import load_model_config
+
+    yaml_path = f"configs/model/{family}_tiny.yaml"
+    export = tmp_path / "hf"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps(load_model_config(yaml_path).to_hf_config()))
+    data = {**BASE, "model_config_path": yaml_path, "init_from": str(export)}
+    assert load_config(write(tmp_path, data)).model_config.n_embd == load_model_config(yaml_path).n_embd
+    other = "configs/model/gpt2_tiny.yaml" if family == "qwen2" else "configs/model/qwen2_tiny.yaml"
+    with pytest.raises(ConfigError, match="describes another model"):
+        load_config(write(tmp_path, {**data, "model_config_path": other}))
+
+
 def test_missing_data_block(tmp_path):
     with pytest.raises(ConfigError, match="missing the 'data:' block"):
         load_config(write(tmp_path, {k: v for k, v in BASE.items() if k != "data"}))

@@ -169,3 +169,39 @@ def test_live_reference_with_bf16_weight_copies_trains_like_the_casts(tmp_path, 
         assert metrics(copies, "train", name) == metrics(casts, "train", name), name
     assert metrics(copies, "val", "loss") == metrics(casts, "val", "loss")
     assert len(metrics(copies, "train", "loss")) == 3 and len(metrics(copies, "val", "loss")) == 3
+
+
+def test_a_dpo_checkpoint_as_init_from_starts_from_its_policy(tmp_path):
+    """A DPO checkpoint holds `policy.*` and `reference.*`: as another run's init_from, the policy's
+    weights load (they were a deep crash in torch.distributed.checkpoint before)."""
+    from src.models import AutoModelForCausalLM, load_model_config
+    from src.trainer.checkpoint import list_checkpoints, load_model_weights
+
+    run(tmp_path, "live", "--set", "checkpoint.export_hf=true", "--set", "trainer.eval_every=0", steps=2)
+    run_dir = tmp_path / "dpo"
+    [checkpoint] = list_checkpoints(str(run_dir / "checkpoints"))
+    config = load_model_config("configs/model/qwen2_tiny.yaml")
+    fresh = AutoModelForCausalLM.from_config(config)
+    load_model_weights(checkpoint, fresh, config)
+    exported = AutoModelForCausalLM.from_pretrained(str(run_dir / "hf"))  # the policy, as the run exported it
+    trained, loaded = exported.state_dict(), fresh.state_dict()
+    assert trained.keys() == loaded.keys()
+    for name in trained:
+        assert torch.equal(trained[name], loaded[name]), name
+
+
+def test_stored_logps_are_stale_once_the_init_from_weights_change(tmp_path):
+    """The same init_from path with new weights (an SFT run redone into it) must not reuse the
+    log-probs of the old weights: the fingerprint holds the files' sizes and modification times."""
+    from src.models import AutoModelForCausalLM, load_model_config
+
+    export = tmp_path / "sft_hf"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(load_model_config("configs/model/qwen2_tiny.yaml")).save_pretrained(str(export))
+    start = ("--set", f"init_from={export}", "--set", "model_config_path=null", *NEW_RUN_AGAIN)
+    assert run(tmp_path, "precomputed", *start, steps=2) == "max_steps"
+    torch.manual_seed(1)  # the SFT run again: other weights, the same path
+    AutoModelForCausalLM.from_config(load_model_config("configs/model/qwen2_tiny.yaml")).save_pretrained(str(export))
+    stale = r"reference_logps_train.safetensors is stale: it was computed for another setup \(init: stored .*sft_hf"
+    with pytest.raises(ConfigError, match=stale):
+        run(tmp_path, "precomputed", *start, steps=2)

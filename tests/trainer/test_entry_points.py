@@ -101,3 +101,22 @@ def test_a_config_mistake_on_the_command_line_is_one_line_not_a_traceback(task, 
     assert f"python -m src.train_{task}: error: " in proc.stderr
     assert "schedule.warmup_steps (5) must be below trainer.max_steps (2)" in proc.stderr
     assert not os.listdir(tmp_path)  # nothing was started
+
+
+def test_unusable_data_on_the_command_line_is_one_line_not_a_traceback(tmp_path):
+    """A DataError (here: every row of the file fails, no 'text' field) is the user's input, like a
+    config mistake: one line naming it, exit status 2."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"body": "no text field here"}\n' * 3)
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.train_pretrain", "--config", "configs/train/pretrain_cpu.yaml",
+         "--set", f"output_dir={tmp_path / 'out'}", "--set", f"data.path={rows}", "--set", "trainer.max_steps=50"],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "python -m src.train_pretrain: error: " in proc.stderr and "rows.jsonl" in proc.stderr
