@@ -264,10 +264,13 @@ class CausalLM(nn.Module):
     # -- cache ---------------------------------------------------------------------------------
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache in the dtype the keys and values are computed in: the autocast dtype when autocast
+        is on (fp32 weights, bf16 projections), else the weights'. An fp32 cache under bf16 autocast
+        held twice the memory and handed attention fp32 keys beside bf16 queries."""
         param = self.lm_head.weight
-        return KVCache(
-            self.config.n_layer, batch_size, max_len, self.n_kv_heads, self.head_dim, param.dtype, param.device
-        )
+        device_type = param.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else param.dtype
+        return KVCache(self.config.n_layer, batch_size, max_len, self.n_kv_heads, self.head_dim, dtype, param.device)
 
     # -- generation ----------------------------------------------------------------------------
 

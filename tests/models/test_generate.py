@@ -49,6 +49,23 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_kv_cache_under_autocast_holds_the_autocast_dtype(tmp_path, family):
+    """fp32 weights under bf16 autocast compute bf16 keys and values: the cache holds them as such
+    (half the memory of an fp32 cache), and cached decoding still equals the full forward."""
+    _, ours = _load(tmp_path, family)
+    tokens = torch.randint(0, ours.config.vocab_size, (2, 12))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = ours.new_kv_cache(batch_size=2, max_len=12)
+        assert cache.keys[0].dtype == torch.bfloat16 and cache.values[-1].dtype == torch.bfloat16
+        full = ours(tokens).logits.float()
+        steps = [ours(tokens[:, :8], kv_cache=cache).logits.float()]
+        for t in range(8, 12):
+            steps.append(ours(tokens[:, t : t + 1], kv_cache=cache).logits.float())
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=0.05, rtol=0.05)
+    assert ours.new_kv_cache(batch_size=1, max_len=4).keys[0].dtype == torch.float32  # no autocast: the weights'
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_left_padded_batch_equals_single_prompts(tmp_path, family):
     _, ours = _load(tmp_path, family)
     vocab = ours.config.vocab_size
