@@ -195,3 +195,17 @@ def test_an_empty_split_says_so(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Task", "output": "Answer"}])  # row 0 is validation
     with pytest.raises(DataError, match="train split is empty: all 1 rows fell into the other split.*val_fraction"):
         loader(path, val_fraction=0.5)
+
+
+def test_streaming_max_documents_counts_training_rows_after_the_held_out_ones():
+    """As streaming pretraining reads them: the first val_documents rows are validation, then
+    max_documents training rows (before, SFT and DPO counted the held-out rows in max_documents, so
+    max_documents <= val_documents left no training rows)."""
+    from src.dataset.sft import read_split_rows
+
+    records = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)]
+    cfg = data_cfg(type="streaming", path="local/generator", val_documents=5, max_documents=4)
+    train, _ = read_split_rows(cfg, "train", opener=lambda epoch: iter(records))
+    val, _ = read_split_rows(cfg, "val", opener=lambda epoch: iter(records))
+    assert [r.record["instruction"] for r in val] == [f"q{i}" for i in range(5)]
+    assert [r.record["instruction"] for r in train] == [f"q{i}" for i in range(5, 9)]
