@@ -106,12 +106,17 @@ def build_pairs(rows: Sequence[Row], tokenizer: Tokenizer, seq_len: int, overlon
         raise DataError(f"{what}: no rows")
     pairs = []
     for row in rows:
+        # Truncations are noted per pair, and only for pairs kept: the summary counts rows.
+        fitted = SkipLog(what)
         try:
             chosen, rejected = encode_pair(row.record, tokenizer)
-            pairs.append((shift_and_fit(*chosen, seq_len, overlong, skips),
-                          shift_and_fit(*rejected, seq_len, overlong, skips)))
+            pairs.append((shift_and_fit(*chosen, seq_len, overlong, fitted),
+                          shift_and_fit(*rejected, seq_len, overlong, fitted)))
         except (SkipRow, ChatTemplateError) as e:  # a template refusing one conversation skips that row
             skips.skip(str(e), row.where)
+            continue
+        if fitted.notes:
+            skips.note(f"with a completion truncated to seq_len={seq_len} (data.overlong: truncate)")
     require_some(len(pairs), len(rows), skips, what)
     skips.log_summary(len(rows))
     return pairs

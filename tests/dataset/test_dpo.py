@@ -131,6 +131,18 @@ def test_long_completions_follow_the_policy(tmp_path, caplog):
     assert "longer than seq_len=16" in caplog.text
 
 
+def test_truncations_are_counted_per_kept_pair(tmp_path, caplog):
+    """Both completions too long: one pair truncated, not two (the summary counts rows); a skipped
+    pair (chosen == rejected) counts as skipped only."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "c" * 100, "rejected": "r" * 100},
+                                              {"prompt": "q", "chosen": "c" * 100, "rejected": "c" * 100},
+                                              {"prompt": "q", "chosen": "c", "rejected": "r"}])
+    with caplog.at_level(logging.WARNING):
+        loader(path, seq_len=16)
+    assert "used 2 of 3 rows" in caplog.text
+    assert "1 with a completion truncated to seq_len=16" in caplog.text
+
+
 def test_prompt_source_for_online_rl(tmp_path):
     from src.dataset.dpo import load_prompts
 
