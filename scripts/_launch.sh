@@ -54,6 +54,15 @@ launch() {
   MASTER_PORT=${MASTER_PORT:-29500}
   if [ "$NUM_GPUS" -gt "$gpus" ]; then
     echo "[run_$task] NUM_GPUS=$NUM_GPUS but this machine has $gpus GPU(s)" >&2
+    if [ "$gpus" -eq 0 ]; then
+      # Several CPU processes (gloo) are a test set-up, not a training one: started by hand.
+      echo "[run_$task] several CPU processes (gloo) start with torchrun directly: $python -m torch.distributed.run" \
+        "--standalone --nproc_per_node=N -m src.train_$task --config $config" >&2
+    fi
+    exit 2
+  fi
+  if [ "$NNODES" -gt 1 ] && [ "$NUM_GPUS" -lt 1 ]; then
+    echo "[run_$task] NNODES=$NNODES needs NUM_GPUS >= 1 process per node; this machine has no GPU" >&2
     exit 2
   fi
 

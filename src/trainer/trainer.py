@@ -303,11 +303,16 @@ class Trainer:
             return next(self._data_iter)
 
     def _on_signal(self, signum, frame):
-        if self._signal is not None:  # a second signal: stop now, without a checkpoint
+        # A second Ctrl-C (SIGINT) stops now, without a checkpoint. A repeated SIGTERM does not:
+        # launchers send it more than once (a scheduler signals torchrun and its workers, and torchrun
+        # forwards its own to every worker), and exiting on the second would lose the checkpoint
+        # the first one asked for.
+        if self._signal is not None and signum == signal.SIGINT:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self._signal = signum
+        if self._signal is None:
+            self._signal = signum
 
     def _stop_reason(self, until_step: int | None, started: float) -> str | None:
         t = self.cfg.trainer
@@ -317,8 +322,11 @@ class Trainer:
             return "until_step"
         out_of_time = t.max_time_minutes is not None and time.time() - started >= 60 * t.max_time_minutes
         if any_rank(self.info, out_of_time or self._signal is not None):
-            signalled = any_rank(self.info, self._signal is not None)
-            return "signal" if signalled else "max_time"
+            # The signal of whichever rank got one (the largest number), so that every rank logs it.
+            signum = -min_over_ranks(self.info, -(self._signal or 0))
+            if signum:
+                self._signal = signum
+            return "signal" if signum else "max_time"
         return None
 
     def fit(self, until_step: int | None = None) -> str:

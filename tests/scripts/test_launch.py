@@ -36,7 +36,23 @@ def test_more_gpus_than_the_machine_has_is_refused_before_anything_starts(tmp_pa
     proc = run_script("run_sft.sh", "--set", f"output_dir={tmp_path}", PYTHON=sys.executable, NUM_GPUS=str(have + 1))
     assert proc.returncode == 2
     assert f"NUM_GPUS={have + 1} but this machine has {have} GPU(s)" in proc.stderr
+    if have == 0:  # the way to several CPU processes is named
+        assert "torch.distributed.run --standalone --nproc_per_node=N -m src.train_sft" in proc.stderr
     assert not any(tmp_path.iterdir())  # no run directory: nothing started
+
+
+def test_several_nodes_without_a_gpu_is_refused_by_name(tmp_path):
+    """NUM_GPUS defaults to 0 on a host without GPUs; torchrun given --nproc_per_node=0 failed with
+    a bare AssertionError."""
+    import pytest
+    import torch
+
+    if torch.cuda.device_count():
+        pytest.skip("a host without GPUs")
+    proc = run_script("run_sft.sh", "--set", f"output_dir={tmp_path}", PYTHON=sys.executable, NNODES="2")
+    assert proc.returncode == 2
+    assert "NNODES=2 needs NUM_GPUS >= 1 process per node; this machine has no GPU" in proc.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_failed_install_says_what_to_do_and_is_retried_next_time(tmp_path):

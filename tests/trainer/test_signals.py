@@ -80,3 +80,20 @@ def test_sigkill_mid_save_keeps_the_previous_checkpoint(tmp_path):
     assert trainer.step == 2
     trainer.fit(until_step=4)
     assert sorted(os.listdir(ckpt_dir)) == ["step_00000002", "step_00000004"]  # the leftover is gone
+
+
+def test_a_repeated_sigterm_still_saves_and_a_second_sigint_exits_now(tmp_path, monkeypatch):
+    """Launchers send SIGTERM more than once (a scheduler signals torchrun and its workers, and
+    torchrun forwards its own): the repeat must not turn the checkpointed stop into an exit without
+    one. A second Ctrl-C still exits at once."""
+    kills = []
+    monkeypatch.setattr(os, "kill", lambda pid, signum: kills.append(signum))
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)
+    cfg = make_config(tmp_path / "run", max_steps=10, checkpoint=CheckpointConfig(export_hf=False))
+    trainer = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
+    trainer._on_signal(signal.SIGTERM, None)
+    trainer._on_signal(signal.SIGTERM, None)
+    assert trainer._signal == signal.SIGTERM and kills == []
+    assert trainer._stop_reason(None, time.time()) == "signal"
+    trainer._on_signal(signal.SIGINT, None)
+    assert kills == [signal.SIGINT]
