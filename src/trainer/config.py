@@ -51,7 +51,7 @@ class TrainerConfig:
     # 0.5 keeps half). An alternative to activation_checkpointing, not a complement.
     activation_memory_budget: float = 1.0
     eval_every: int = 0  # optimizer steps between evaluations (0: never)
-    eval_batches: int = 20  # validation batches per evaluation (the val split may be shorter)
+    eval_batches: int = 20  # validation batches per evaluation and rank (the val split may be shorter)
     seed: int = 1337
     # A step whose loss or gradient norm is NaN/Inf is skipped (no update) and counted; this many
     # in a row stops training with a checkpoint.
