@@ -50,6 +50,7 @@ META_NAME = "meta.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
 SUPERSEDED = "superseded"
+TOKEN_IDS = ("bos_token_id", "eos_token_id")
 
 
 class CheckpointError(RuntimeError):
@@ -93,11 +94,12 @@ def read_meta(path: str) -> dict[str, Any]:
 
 
 def check_model_matches(meta: dict[str, Any], model_config: Any, path: str) -> None:
-    """A checkpoint of another model shape is an error naming the fields that differ."""
+    """A checkpoint of another model shape is an error naming the fields that differ. The special
+    token ids are no part of the shape (they follow the tokenizer when a model YAML leaves them out)."""
     saved = meta.get("model_config", {})
     current = json.loads(json.dumps(to_dict(model_config), default=_json_default))  # as meta.json holds it
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
-             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k) and k not in TOKEN_IDS]
     if diffs:
         raise CheckpointError(
             f"checkpoint '{path}' holds another model than this config describes ({'; '.join(diffs)}). "
@@ -269,12 +271,25 @@ class CheckpointManager:
         """
         meta = read_meta(path)
         check_model_matches(meta, model_config, path)
+        # The run's own optimizer settings, to put back after the load: torch's load_state_dict
+        # takes every group setting from the checkpoint. Its implementation flags (fused, foreach)
+        # then belong to whichever AdamW saved it: torch's fused step crashed on the flags of our
+        # Triton AdamW or of torch's foreach one. And a changed betas / eps / weight_decay in the
+        # config would be ignored without a word.
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         with _gradients_set_aside(optimizer):
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optimizer": optim_sd}
             with _single_process_ok():
                 dcp.load(state, checkpoint_id=path)
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        changed = sorted({k for group, own in zip(optimizer.param_groups, settings) for k in ("betas", "eps",
+                          "weight_decay") if k in own and group.get(k) != own[k]})
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own)
+        if changed and self.info.is_rank0:
+            print(f"warning: {path}: optimizer {', '.join(changed)} differ from this run's config; the config's "
+                  "apply from here on", flush=True)
         rank_state = None
         rank_file = os.path.join(path, rank_file_name(self.info.rank))
         if meta.get("world_size") == self.info.world_size and os.path.isfile(rank_file):

@@ -71,6 +71,8 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> CausalLM:
     seed_everything(cfg.trainer.seed)
     if cfg.init_from is not None and is_hf_dir(cfg.init_from):
         return AutoModelForCausalLM.from_pretrained(cfg.init_from, kernels=cfg.kernels, dtype=torch.float32)
+    if cfg.model_config.eos_token_id is None:  # a model YAML without one: the tokenizer it trains with decides
+        cfg.model_config.bos_token_id = cfg.model_config.eos_token_id = tokenizer.eos_id
     model = AutoModelForCausalLM.from_config(cfg.model_config, kernels=cfg.kernels)
     if cfg.init_from is not None:
         load_model_weights(cfg.init_from, model, cfg.model_config)

@@ -36,12 +36,17 @@ _SAVED_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,  # SDPA on the CPU
 }
 
 
 # Our ops that run a matmul, saved like aten's. By name: a kernel module registers its ops when it
 # is imported, which only happens when a config chooses it.
-_SAVED_KERNEL_OPS = {"kernels::swiglu_linear_fwd", "kernels::swiglu_linear_recompute_fwd", "kernels::gelu_mlp_fwd"}
+_SAVED_KERNEL_OPS = {
+    "kernels::swiglu_linear_fwd", "kernels::swiglu_linear_recompute_fwd", "kernels::gelu_mlp_fwd",
+    # flash-attn 2.6+ (`kernels.attention: flash_attn`) registers its kernels as torch.library ops
+    "flash_attn::_flash_attn_forward", "flash_attn::_flash_attn_varlen_forward",
+}
 
 
 def _selective_policy(ctx, op, *args, **kwargs):

@@ -72,7 +72,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, "time": time.time(), **{f"{prefix}/{k}": v for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
+        # NaN and inf are no JSON (json.dumps would write bare NaN / Infinity, which strict parsers
+        # refuse): a window of skipped steps or an infinite gradient norm is written as null.
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        self._jsonl.write(json.dumps(finite, allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=step)

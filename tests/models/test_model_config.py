@@ -208,3 +208,17 @@ def test_learned_positions_beyond_block_size_are_a_clear_error():
         model(input_ids, position_ids=torch.arange(12, 16)[None])  # the last row of the table: fine
         with pytest.raises(ValueError, match=r"17 positions exceeds block_size=16"):
             model(input_ids, position_ids=torch.arange(13, 17)[None])
+
+
+def test_end_token_ids_inside_the_vocabulary():
+    """GPT-2's default <|endoftext|> (50256) is unset for a smaller vocabulary (the trainer then
+    takes its tokenizer's); an explicit id outside the vocabulary is an error."""
+    from src.models import GPT2Config, Qwen2Config
+
+    assert GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=320, block_size=16).eos_token_id is None
+    assert GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=50304, block_size=16).eos_token_id == 50256
+    with pytest.raises(ValueError, match="eos_token_id 400 is outside the vocabulary"):
+        GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=320, block_size=16, eos_token_id=400)
+    with pytest.raises(ValueError, match="bos_token_id 320 is outside the vocabulary"):
+        Qwen2Config(n_layer=1, n_head=2, num_kv_heads=1, n_embd=8, intermediate_size=16, vocab_size=320, block_size=16,
+                    bos_token_id=320)

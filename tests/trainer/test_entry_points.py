@@ -32,6 +32,10 @@ def test_pretrain_loss_falls_on_the_sample_data(tmp_path):
     assert len(val) == 2 and val[1] < val[0]
     assert os.path.isfile(run_dir / "hf" / "config.json")
     assert os.listdir(run_dir / "checkpoints") == ["step_00000200"]
+    # The tiny model's YAML names no end token: the export carries the byte tokenizer's (256), not
+    # GPT-2's 50256, which lies outside its 320-token vocabulary.
+    exported = json.loads((run_dir / "hf" / "config.json").read_text())
+    assert exported["eos_token_id"] == exported["bos_token_id"] == 256 and exported["vocab_size"] == 320
 
 
 @pytest.mark.parametrize("module, config", [(train_sft, "sft"), (train_dpo, "dpo")])

@@ -438,6 +438,40 @@ def test_activation_checkpointing_gives_the_same_gradients(mode, tmp_path):
     assert_same_grads(grads[1], grads[0])
 
 
+def test_selective_checkpointing_recomputes_no_matmul_and_no_attention():
+    """What selective checkpointing keeps: the matmuls' and attention's outputs, so its backward
+    runs the same matmuls as a backward without checkpointing (the gradients' own) and no attention
+    forward (on the CPU SDPA was recomputed: its CPU op was missing from the list)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from src.trainer.parallelize import apply_activation_checkpointing
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if "attention" in name or name in ("aten.mm.default", "aten.addmm.default"):
+                self.seen[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(0, 61, (2, 16))
+    in_backward = {}
+    for mode in ("none", "selective"):
+        model = tiny_model()
+        apply_activation_checkpointing(model, mode)
+        loss = model(input_ids=ids, labels=ids).loss
+        with Ops() as ops:
+            loss.backward()
+        in_backward[mode] = ops.seen
+    assert in_backward["selective"] == in_backward["none"]
+    assert not any("attention" in name and "backward" not in name for name in in_backward["selective"])
+
+
 def test_activation_checkpointing_on_the_first_layers_only(tmp_path):
     """activation_checkpointing_layers=1: the first block is checkpointed, the others are not, and
     the gradients are those without checkpointing; more layers than blocks is an error that says
@@ -584,3 +618,24 @@ def test_whole_model_compile_of_qwen2_with_checkpointing_and_accumulation(tmp_pa
         eager = [r["loss"] for r in runs["eager"] if r["split"] == split]
         compiled = [r["loss"] for r in runs["model"] if r["split"] == split]
         assert len(eager) > 0 and compiled == pytest.approx(eager, rel=1e-5), split
+
+
+@pytest.mark.parametrize("saved_by", [dict(implementation="torch"), dict(implementation="triton")],
+                         ids=["torch-foreach", "triton"])
+def test_resume_into_torch_fused_adamw_keeps_its_own_settings(tmp_path, saved_by, capsys):
+    """torch's load_state_dict takes every group setting from the checkpoint: the implementation
+    flags of the AdamW that saved it (torch's fused step then asserted on found_inf) and the saved
+    betas / eps / weight decay. The run's config keeps its own, with a warning where they differ."""
+    if saved_by["implementation"] == "triton":
+        pytest.importorskip("triton")
+    run_dir = tmp_path / "run"
+    Trainer(with_optimizer(make_config(run_dir, max_steps=4), **saved_by), tiny_model(), SyntheticLoader(4), None,
+            CPU).fit(until_step=2)
+    cfg = with_optimizer(make_config(run_dir, max_steps=4), implementation="torch", fused=True, betas=(0.8, 0.9))
+    cfg = replace(cfg, checkpoint=CheckpointConfig(resume="auto", save_final=False, export_hf=False))
+    resumed = Trainer(cfg, tiny_model(seed=1), SyntheticLoader(4), None, CPU)
+    assert all(g["fused"] and not g["foreach"] and g["betas"] == (0.8, 0.9) for g in resumed.optimizer.param_groups)
+    assert "optimizer betas differ from this run's config" in capsys.readouterr().out
+    assert resumed.optimizer.state  # the moments came back
+    resumed.fit(until_step=3)  # the fused step runs
+    assert resumed.step == 3

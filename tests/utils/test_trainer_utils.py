@@ -63,3 +63,18 @@ def test_rng_state_round_trip():
     a = torch.rand(3)
     set_rng_state(state)
     assert torch.equal(torch.rand(3), a)
+
+
+def test_non_finite_metrics_are_written_as_json_null(tmp_path):
+    """A window of skipped steps has a NaN loss and an infinite gradient norm: metrics.jsonl stays
+    strict JSON (null), which every parser reads."""
+    logger = MetricsLogger(str(tmp_path), is_rank0=True, run_id="abc")
+    logger.log_metrics(3, {"loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3})
+    logger.close()
+    line = (tmp_path / "metrics.jsonl").read_text().strip()
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    row = json.loads(line, parse_constant=refuse)
+    assert row["train/loss"] is None and row["train/grad_norm"] is None and row["train/lr"] == 1e-3

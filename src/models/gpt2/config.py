@@ -8,6 +8,7 @@ from typing import Any, Literal
 from ..modeling_utils import require_positive, require_probability
 
 _DROPOUTS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
+GPT2_END_OF_TEXT = 50256  # <|endoftext|> of GPT-2's tokenizer: its bos and eos
 
 
 @dataclass
@@ -32,8 +33,8 @@ class GPT2Config:
     layer_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     init_std: float = 0.02
-    bos_token_id: int | None = 50256
-    eos_token_id: int | None = 50256
+    bos_token_id: int | None = GPT2_END_OF_TEXT
+    eos_token_id: int | None = GPT2_END_OF_TEXT
     head_dim: int = field(init=False)  # derived
     ffn_dim: int = field(init=False)  # derived
 
@@ -51,6 +52,14 @@ class GPT2Config:
             if getattr(self, name) is None:
                 setattr(self, name, self.dropout or 0.0)
             require_probability(name, getattr(self, name))
+        for name in ("bos_token_id", "eos_token_id"):
+            token = getattr(self, name)
+            if token == GPT2_END_OF_TEXT and self.vocab_size <= token:
+                # The default names GPT-2's tokenizer's <|endoftext|>, which a smaller vocabulary (a
+                # byte-level toy model) lacks: unset, the trainer takes its tokenizer's end token.
+                setattr(self, name, None)
+            elif token is not None and not 0 <= token < self.vocab_size:
+                raise ValueError(f"{name} {token} is outside the vocabulary (vocab_size {self.vocab_size})")
         self.head_dim = self.n_embd // self.n_head
         self.ffn_dim = self.n_inner or 4 * self.n_embd
 

@@ -55,6 +55,10 @@ class Qwen2Config:
                 f"max_window_layers must be >= 0 (the first layer index with a window), got {self.max_window_layers}"
             )
         require_probability("attention_dropout", self.attention_dropout)
+        for name in ("bos_token_id", "eos_token_id"):
+            token = getattr(self, name)
+            if token is not None and not 0 <= token < self.vocab_size:
+                raise ValueError(f"{name} {token} is outside the vocabulary (vocab_size {self.vocab_size})")
         if self.head_dim is None:
             if self.n_embd % self.n_head != 0:
                 raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or set head_dim")
