@@ -343,15 +343,15 @@ class Trainer:
             gc.collect()
             gc.disable()  # collected every gc_every steps in the loop instead
         try:
-            reason = self._loop(until_step)
-        finally:
-            if gc_every:
-                gc.enable()
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-        try:
+            try:
+                reason = self._loop(until_step)
+            finally:
+                if gc_every:
+                    gc.enable()
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
             self._finish(reason)
-        finally:
+        finally:  # also when training raises: metrics.jsonl closed and the wandb run finished
             self.logger.close()
         return reason
 
