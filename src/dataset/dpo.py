@@ -17,7 +17,7 @@ shuffle, epoch or rank. Both sequences of a pair start with the same prompt toke
 
 `DPOBatches.in_order()` is one finite, unshuffled pass over every pair of a split (the last batch
 may be short), split into contiguous per-rank blocks: the pass that precomputes reference
-log-probabilities (`src.trainer.launch.prepare_reference_logps`), matched back by `example_ids`.
+log-probabilities (`src.trainer.launch.with_reference_logps`), matched back by `example_ids`.
 
 Bad rows are counted, logged skips: missing fields, an empty chosen or rejected completion,
 chosen equal to rejected (no preference to learn), an empty prompt (no token before the

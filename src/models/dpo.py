@@ -42,9 +42,12 @@ or backward. Finding the supervised positions (and checking that no row lacks on
 small tensors on the host: a sync per forward, which also lets the trailing padding of loader
 batches (padded to seq_len) be cut before the transformer runs.
 
+The policy trains without dropout unless `disable_dropout: false` (`DPOModel.train()` keeps it in
+eval mode, which in these models switches dropout only), as the reference runs.
+
 The reference model is either live (a frozen deep copy of the policy, run under no_grad in eval mode)
-or precomputed: `precompute_reference_logps` runs it once over the data, the result is stored beside
-the data, and `ReferenceLogpsLoader` adds `ref_chosen_logps` / `ref_rejected_logps` to each batch by
+or precomputed: `precompute_reference_logps` runs it once over the data, the result is stored in the
+run directory (`<run_dir>/reference_logps_<split>.safetensors`), and `ReferenceLogpsLoader` adds `ref_chosen_logps` / `ref_rejected_logps` to each batch by
 its `example_ids`, so the reference model is not kept in memory during training.
 
 Under FSDP2 the reference must be sharded like the policy. The prepare step should (after activation

@@ -15,9 +15,9 @@ finished and meta.json is on disk: a crash mid-save leaves a `.tmp_*` directory 
 read (and is removed by the next save), so the last complete checkpoint stays the newest.
 
 The checkpoints of a run directory are one line of training, ranked by step: a start without
---resume refuses a directory that holds any, and a resume from an older one moves the newer
-ones into `checkpoints/superseded/` (kept, never deleted), out of the way of rotation and of
-`--resume auto`.
+--resume moves an earlier run's checkpoints (and metrics.jsonl) into `checkpoints/superseded/`,
+and a resume from an older checkpoint moves the newer ones there (kept, never deleted), out of the
+way of rotation and of `--resume auto`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from src.utils.config import ConfigError, to_dict
+from src.utils.config import to_dict
 from src.utils.distributed import DistInfo, barrier, broadcast_object
 
 FORMAT_VERSION = 1
@@ -157,27 +157,43 @@ class CheckpointManager:
 
     def set_aside_newer_than(self, step: int) -> tuple[list[str], str | None]:
         """Move this run's checkpoints of later steps than `step` (the one just resumed from) into
-        `superseded/<unique name>/` (rank 0; a collective). They belong to the line of training the
-        resume abandons: left in place they would outrank the new checkpoints in rotation (which
-        would delete the new ones) and in --resume auto. Returns (their names, the folder) on rank 0."""
+        `superseded/<time>_resumed_at_step_N/` (rank 0; a collective). They belong to the line of
+        training the resume abandons: left in place they would outrank the new checkpoints in
+        rotation (which would delete the new ones) and in --resume auto. Returns (their names, the
+        folder) on rank 0."""
+        return self._set_aside(lambda s: s > step, f"resumed_at_{step_dir_name(step)}")
+
+    def set_aside_earlier_run(self, run_dir: str) -> tuple[list[str], str | None]:
+        """A new run (no resume) in a run directory that holds an earlier run's checkpoints: those,
+        and its metrics.jsonl, move into `superseded/<time>_before_a_new_run/` (kept, never deleted),
+        so that the new run's checkpoints are not ranked with them by rotation and --resume auto, nor
+        its rows appended to theirs. Returns (the names moved, the folder) on rank 0."""
+        moved, folder = self._set_aside(lambda s: True, "before_a_new_run")
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        if self.info.is_rank0 and folder is not None and os.path.isfile(metrics):
+            os.rename(metrics, os.path.join(folder, "metrics.jsonl"))
+            moved.append("metrics.jsonl")
+        barrier(self.info)
+        return moved, folder
+
+    def _set_aside(self, which_steps, label: str) -> tuple[list[str], str | None]:
         moved, folder = [], None
         if self.info.is_rank0:
-            newer = [path for path in list_checkpoints(self.ckpt_dir)
-                     if int(os.path.basename(path)[len(PREFIX):]) > step]
-            if newer:
-                folder = self._new_superseded_folder(step)
-                for path in newer:
+            chosen = [path for path in list_checkpoints(self.ckpt_dir)
+                      if which_steps(int(os.path.basename(path)[len(PREFIX):]))]
+            if chosen:
+                folder = self._new_superseded_folder(label)
+                for path in chosen:
                     os.rename(path, os.path.join(folder, os.path.basename(path)))
                     moved.append(os.path.basename(path))
                 _fsync_dir(self.ckpt_dir)
         barrier(self.info)
         return moved, folder
 
-    def _new_superseded_folder(self, step: int) -> str:
-        """`superseded/<time>_resumed_at_step_N[_k]/`: a new folder per resume, so nothing set aside
-        earlier is ever overwritten."""
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}_resumed_at_{step_dir_name(step)}"
-        base = os.path.join(self.ckpt_dir, SUPERSEDED, name)
+    def _new_superseded_folder(self, label: str) -> str:
+        """`superseded/<time>_<label>[_k]/`: a new folder each time, so nothing set aside earlier is
+        ever overwritten."""
+        base = os.path.join(self.ckpt_dir, SUPERSEDED, f"{time.strftime('%Y%m%d-%H%M%S')}_{label}")
         folder, k = base, 1
         while True:
             try:
@@ -240,18 +256,9 @@ class CheckpointManager:
     # -- load ----------------------------------------------------------------------------------
 
     def resolve(self, resume: str | None) -> str | None:
-        """`auto`: the newest complete checkpoint of this run, or None; a path: that checkpoint.
-        None (a new run) in a directory that already holds checkpoints is an error: the new run's
-        checkpoints would mix with the old run's, and rotation or --resume auto could pick either."""
+        """`auto`: the newest complete checkpoint of this run, or None; a path: that checkpoint;
+        None: a new run (see `set_aside_earlier_run`)."""
         if resume is None:
-            existing = broadcast_object(self.info, self.latest())
-            if existing is not None:
-                raise ConfigError(
-                    f"{self.ckpt_dir} already holds checkpoints of an earlier run (the newest: "
-                    f"{os.path.basename(existing)}), and this run starts without checkpoint.resume. Continue that "
-                    "run with --resume auto (checkpoint.resume: auto), or start a new one under another run_name "
-                    "or output_dir"
-                )
             return None
         if resume == "auto":
             path = self.latest()

@@ -174,7 +174,7 @@ class ScheduleConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # optimizer steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
+    every: int = 0  # optimizer steps between checkpoints (0: only at stops: the end, signals, time, until_step)
     keep_last: int = 3
     resume: str | None = None  # auto (the newest in the run's checkpoints/, if any) or a checkpoint path
     save_final: bool = True  # at the end of a completed run (max_steps / max_tokens); other stops always save
@@ -253,7 +253,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    dpo: DPOConfig | None = None  # train_dpo only: beta, loss_type, label_smoothing, reference
+    dpo: DPOConfig | None = None  # train_dpo only: beta, loss_type, label_smoothing, reference, disable_dropout
     # Filled by load_config from model_config_path (or init_from); not a YAML key.
     model_config: Any = field(init=False, default=None)
 
@@ -401,9 +401,13 @@ def same_model(a, b) -> bool:
     if a == b:
         return True
     try:
-        return a.to_hf_config() == b.to_hf_config()
+        hf_a, hf_b = a.to_hf_config(), b.to_hf_config()
     except ValueError:  # a model Hugging Face's format cannot hold (e.g. Qwen2 without qkv biases)
         return False
+    # The end-token ids are no part of the model: a YAML without them takes the tokenizer's, which
+    # its export then names.
+    ignored = ("bos_token_id", "eos_token_id")
+    return {k: v for k, v in hf_a.items() if k not in ignored} == {k: v for k, v in hf_b.items() if k not in ignored}
 
 
 def tokens_per_step(cfg: TrainConfig, world_size: int) -> int:

@@ -189,6 +189,10 @@ class Trainer:
         """Load the checkpoint `resume` names, if any: returns (its meta, its path), or ({}, None)."""
         path = self.ckpt.resolve(resume)
         if path is None:
+            moved, folder = self.ckpt.set_aside_earlier_run(self.cfg.run_dir)
+            if moved:  # rank 0 only
+                print(f"{self.cfg.run_dir} held an earlier run and this one starts without --resume: moved "
+                      f"{', '.join(moved)} to {folder} (kept there; --resume auto would have continued it)", flush=True)
             return {}, None
         meta, rank_state = self.ckpt.load(path, self.model, self.optimizer, self.bare.config)
         refresh_weight_copies(self.weight_copies)  # the loaded weights, not the initial ones

@@ -6,7 +6,8 @@
     logger.close()
 
 Only rank 0 prints and writes; other ranks get a logger whose methods do nothing, so callers
-never branch on the rank. wandb is imported only when enabled; a resumed run passes the same
+never branch on the rank. metrics.jsonl is strict JSON: a NaN or infinite value is written as
+null. wandb is imported only when enabled; a resumed run passes the same
 `run_id`, so wandb continues the same run (resume="allow").
 """
 

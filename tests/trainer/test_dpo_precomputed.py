@@ -20,8 +20,8 @@ BASE = ["--config", "configs/train/dpo.yaml", "--set", "trainer.seq_len=128", "-
         "--set", "logging.log_every=1", "--set", "schedule.warmup_steps=1", "--set", "checkpoint.export_hf=false"]
 
 
-# Starts of a new run in a directory used before: it must hold no checkpoints (a new run refuses
-# a directory that does), so these runs save none.
+# Starts of a new run in a directory used before, which save no checkpoint: a new run that finds
+# one sets it and metrics.jsonl aside, and these tests read the rows of every start together.
 NEW_RUN_AGAIN = ("--set", "checkpoint.save_final=false")
 
 

@@ -318,18 +318,26 @@ def test_checkpoints_carry_the_gemm_picks_into_the_resumed_run(tmp_path, capsys)
         assert not cublaslt._saved_algos
 
 
-def test_a_new_run_refuses_a_run_directory_that_holds_checkpoints(tmp_path):
-    """Without a resume, the new run's checkpoints would mix with the old run's (and its rows with
-    theirs in metrics.jsonl); the error names the directory and the two ways out."""
-    cfg = make_config(tmp_path / "run", max_steps=2)
-    Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU).fit(until_step=1)
-    ckpt_dir = str(tmp_path / "run" / "checkpoints")
-    with pytest.raises(ConfigError, match=re.escape(ckpt_dir) + r" already holds checkpoints .*step_00000001.*"
-                                          r"--resume auto.*another run_name or output_dir"):
-        Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
-    assert [os.path.basename(p) for p in list_checkpoints(ckpt_dir)] == ["step_00000001"]
+def test_a_new_run_sets_an_earlier_runs_checkpoints_and_metrics_aside(tmp_path, capsys):
+    """Without a resume, the new run's checkpoints would be ranked with the earlier run's (rotation
+    deleting the new ones, --resume auto picking the old) and its rows appended to theirs: the
+    earlier run's checkpoints and metrics.jsonl move to checkpoints/superseded/, kept, and the new
+    run starts clean."""
+    cfg = make_config(tmp_path / "run", max_steps=4, checkpoint=CheckpointConfig(every=1, keep_last=1,
+                                                                               export_hf=False))
+    Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU).fit(until_step=3)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    capsys.readouterr()
+    again = Trainer(cfg, tiny_model(), SyntheticLoader(4), None, CPU)
+    assert again.step == 0
+    [aside] = os.listdir(ckpt_dir / "superseded")
+    assert aside.endswith("_before_a_new_run")
+    assert sorted(os.listdir(ckpt_dir / "superseded" / aside)) == ["metrics.jsonl", "step_00000003"]
+    assert "moved step_00000003, metrics.jsonl to" in capsys.readouterr().out
+    again.fit(until_step=1)
+    assert [os.path.basename(p) for p in list_checkpoints(str(ckpt_dir))] == ["step_00000001"]
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["step"] for r in rows] == [1]  # the refused start wrote nothing
+    assert [json.loads(r)["step"] for r in rows] == [1]  # the new run's rows only
 
 
 def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
