@@ -283,7 +283,9 @@ class CheckpointManager:
         # then belong to whichever AdamW saved it: torch's fused step crashed on the flags of our
         # Triton AdamW or of torch's foreach one. And a changed betas / eps / weight_decay in the
         # config would be ignored without a word.
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        # (The learning rate is the checkpoint's: the schedule sets it before every step anyway.)
+        settings = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+                    for group in optimizer.param_groups]
         with _gradients_set_aside(optimizer):
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optimizer": optim_sd}
