@@ -40,6 +40,9 @@ def restore_gemm_picks(state: dict) -> int:
     if not isinstance(state, dict) or state.get("format") != GEMM_PICKS_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"GEMM picks of format {found!r}, expected {GEMM_PICKS_FORMAT} (from gemm_picks_state())")
+    # Both halves checked before either is taken: a state refused here leaves no half restored.
+    tuned_mm.check_picks(state.get("tuned_mm", {}))
+    cublaslt.check_picks(state.get("cublaslt", {}))
     return tuned_mm.restore_picks(state.get("tuned_mm", {})) + cublaslt.restore_picks(state.get("cublaslt", {}))
 
 

@@ -121,9 +121,18 @@ def _library() -> ctypes.CDLL:
     return _lib
 
 
+_STATUS_NAMES = {1: "NOT_INITIALIZED", 3: "ALLOC_FAILED", 7: "INVALID_VALUE", 8: "ARCH_MISMATCH",
+                 11: "MAPPING_ERROR", 13: "EXECUTION_FAILED", 14: "INTERNAL_ERROR", 15: "NOT_SUPPORTED"}
+_UNSUPPORTED_STATUSES = (8, 15)  # the library or this GPU cannot run it: the callers use torch's matmul
+
+
 def _check(status: int, what: str) -> None:
-    if status != 0:
-        raise RuntimeError(f"cuBLASLt: {what} failed with cublasStatus_t {status}")
+    if status == 0:
+        return
+    message = f"cuBLASLt: {what} failed with cublasStatus_t {status} ({_STATUS_NAMES.get(status, 'unknown')})"
+    if status in _UNSUPPORTED_STATUSES:
+        raise CublasLtUnsupported(message)
+    raise RuntimeError(message)
 
 
 def _set(setter, obj, attr: int, value) -> None:
@@ -149,7 +158,9 @@ def _operand(t: torch.Tensor) -> tuple[int, int, int, int]:
         return _OP_N, C, R, t.stride(0)
     if t.stride(0) == 1 and t.stride(1) >= max(R, 1):
         return _OP_T, R, C, t.stride(1)
-    raise ValueError(
+    # Unsupported, not an error: the callers then run torch's matmul (an expanded stride-0 gradient
+    # reaching `linear: tuned` from a .sum() is one such operand).
+    raise CublasLtUnsupported(
         f"cuBLASLt: operand of shape {tuple(t.shape)} and strides {t.stride()} is neither row- nor column-major"
     )
 
@@ -182,21 +193,27 @@ def key_str(key: tuple) -> str:
 
 def picks_state() -> dict[str, list[int]]:
     """{key_str: [index of the chosen candidate in the heuristic's list, the list's length]} of every
-    plan made in this process."""
-    return {key_str(key): list(chosen) for key, chosen in _chosen.items()}
+    plan made in this process, and the restored picks of keys not planned yet (a shape seen only at
+    evaluation keeps its pick through a resume that saves before it comes up)."""
+    return {**_saved_algos, **{key_str(key): list(chosen) for key, chosen in _chosen.items()}}
 
 
 def restore_picks(state: dict[str, list[int]]) -> int:
     """Take `picks_state()` of an earlier process: a key planned from now on takes the saved
     candidate, untimed, where the heuristic offers as many as it did then (else it times them again,
     with a warning). Returns how many picks were given."""
+    check_picks(state)
+    _saved_algos.update(state)
+    return len(state)
+
+
+def check_picks(state: dict[str, list[int]]) -> None:
+    """A ValueError unless `state` has the form `picks_state()` returns (nothing is restored)."""
     def valid(v):
         return isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) for i in v) and 0 <= v[0] < v[1]
 
     if not isinstance(state, dict) or not all(isinstance(k, str) and valid(v) for k, v in state.items()):
         raise ValueError("cuBLASLt picks: expected {key: [candidate index, candidate count]}, as picks_state() returns")
-    _saved_algos.update(state)
-    return len(state)
 
 
 def _launch(plan, a, b, out, bias, aux, accumulate=False) -> None:
@@ -312,16 +329,20 @@ def _plan(
         state = ctypes.c_int.from_buffer(heuristic, 72).value
         if state == 0:
             candidates.append((desc, layout_b, layout_a, layout_d, heuristic, workspace_bytes))
-    if not candidates:
-        name = _NAMES.get(epilogue, epilogue)
-        raise CublasLtUnsupported(f"cuBLASLt's heuristic for epilogue {name} returned no usable algorithm")
+    if not candidates:  # remembered like an empty heuristic: not asked again on every call
+        _plans[key] = f"cuBLASLt's heuristic for epilogue {_NAMES.get(epilogue, epilogue)} returned no usable algorithm"
+        raise CublasLtUnsupported(_plans[key])
     saved = _saved_algos.get(key_str(key)) if _saved_algos else None
     if saved is not None and saved[1] != len(candidates):
         warnings.warn(f"cuBLASLt's heuristic offers {len(candidates)} algorithms for {key_str(key)}, {saved[1]} when "
                       "the checkpoint picked one (another library version?): timing them again; results may differ "
                       "in the last bits")
         saved = None
-    timed = saved is None and len(candidates) > 1 and not torch.cuda.is_current_stream_capturing()
+    if saved is None and len(candidates) > 1 and torch.cuda.is_current_stream_capturing():
+        # Nothing can be timed during a capture: the heuristic's first choice, not remembered (as
+        # tuned_mm does), so that the key is timed, and saved, when it is next seen outside one.
+        return candidates[0]
+    timed = saved is None and len(candidates) > 1
     if timed and accumulate and not scratch_out:
         tensors = (a, b, out.clone(), bias, aux)  # timing adds into it many times
     index = saved[0] if saved is not None else _fastest(candidates, tensors, accumulate)
@@ -369,7 +390,9 @@ def gemm(
     if bias is not None and (bias.shape != (bias_len,) or not bias.is_contiguous()):
         raise ValueError(f"cuBLASLt: bias must be a contiguous ({bias_len},) vector, got {tuple(bias.shape)}")
     with _lock:
-        chosen = _plan(a, b, out, epilogue, bias, aux, alignment(a, b, out, aux), accumulate, scratch_out)
+        # The bias's address counts too: a plan chosen for an aligned bias may load it in 16-byte
+        # vectors, which a bias view at an odd offset would fault on.
+        chosen = _plan(a, b, out, epilogue, bias, aux, alignment(a, b, out, aux, bias), accumulate, scratch_out)
         _launch(chosen, a, b, out, bias, aux, accumulate)
     return out
 

@@ -188,17 +188,23 @@ def plan_into(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor, accumulat
 
 
 def picks_state() -> dict[str, str]:
-    """{cublaslt.key_str(key): "torch" | "cublaslt"} of every key timed (or restored) in this process."""
-    return {cublaslt.key_str(key): pick for key, pick in _picks.items()}
+    """{cublaslt.key_str(key): "torch" | "cublaslt"} of every key timed (or restored) in this process,
+    and the restored picks of keys not seen yet (kept through the next checkpoint)."""
+    return {**_saved, **{cublaslt.key_str(key): pick for key, pick in _picks.items()}}
 
 
 def restore_picks(state: dict[str, str]) -> int:
     """Take `picks_state()` of an earlier process: a key first seen from now on runs the saved pick,
     untimed. Returns how many picks were given."""
-    if not isinstance(state, dict) or not all(isinstance(k, str) and v in _PICKS for k, v in state.items()):
-        raise ValueError(f"tuned_mm picks: expected {{key: one of {_PICKS}}}, as picks_state() returns")
+    check_picks(state)
     _saved.update(state)
     return len(state)
+
+
+def check_picks(state: dict[str, str]) -> None:
+    """A ValueError unless `state` has the form `picks_state()` returns (nothing is restored)."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and v in _PICKS for k, v in state.items()):
+        raise ValueError(f"tuned_mm picks: expected {{key: one of {_PICKS}}}, as picks_state() returns")
 
 
 # -- registration ---------------------------------------------------------------------------------

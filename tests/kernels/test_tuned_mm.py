@@ -261,6 +261,31 @@ def test_picks_of_another_form_are_refused_by_name(fresh_picks):
     assert not tuned_mm._saved and not cublaslt._saved_algos
 
 
+def test_a_refused_state_restores_neither_half(fresh_picks):
+    """A valid tuned_mm half beside an invalid cuBLASLt half: the error, and nothing restored (the
+    trainer then says the picks are unusable and times again; half of them in effect would be a
+    third state, neither the saved run's kernels nor freshly timed ones)."""
+    with pytest.raises(ValueError, match="cuBLASLt picks"):
+        kernels.restore_gemm_picks({"format": 1, "tuned_mm": {"k": "cublaslt"}, "cublaslt": {"k": [9, 8]}})
+    assert not tuned_mm._saved and not cublaslt._saved_algos
+
+
+def test_restored_picks_not_used_yet_are_saved_again(fresh_picks):
+    """A key restored but not seen before the next checkpoint (a shape of evaluation only) keeps its
+    pick in that checkpoint, instead of being timed again after the resume after it."""
+    state = {"format": 1, "tuned_mm": {"eval-key": "cublaslt"}, "cublaslt": {"eval-key": [2, 8]}}
+    kernels.restore_gemm_picks(state)
+    assert kernels.gemm_picks_state() == state
+
+
+def test_an_operand_cublaslt_cannot_take_falls_back_to_torch():
+    """An expanded gradient (stride 0, from a .sum()) is no row- or column-major matrix: cuBLASLt
+    reports it unsupported, which makes the tuned GEMM pick torch's matmul, not a crash."""
+    expanded = torch.ones(1, 1).expand(6, 8)
+    with pytest.raises(cublaslt.CublasLtUnsupported, match="neither row- nor column-major"):
+        cublaslt._operand(expanded)
+
+
 @pytest.mark.gpu
 def test_restored_picks_run_the_same_kernels_untimed_gpu(fresh_picks, monkeypatch):
     """Picks timed in one 'process', saved, and restored into empty tables: every GEMM (each layout,
