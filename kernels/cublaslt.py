@@ -258,7 +258,8 @@ def time_ms(fn, runs: int = 5) -> float:
 def _fastest(candidates: list[tuple], tensors: tuple, accumulate: bool = False) -> int:
     """The index of the candidate algorithm that runs fastest on these tensors (`time_ms`, the best
     of three rounds), once per plan: the heuristic's first choice is not always the fastest with an
-    epilogue. During a CUDA graph capture nothing can be timed; the first choice is taken."""
+    epilogue. (During a CUDA graph capture nothing can be timed: `_plan` then takes the first
+    choice without remembering it.)"""
     if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
         return 0
     best, best_ms = 0, float("inf")
