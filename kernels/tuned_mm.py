@@ -120,7 +120,8 @@ def _tuned_mm_launch(
             try:
                 return _cublaslt_mm(a, b, out_dtype, bias)
             except cublaslt.CublasLtUnsupported:  # a restored pick this library cannot run
-                _picks[_key(a, b, out_dtype, bias)] = "torch"
+                with _lock:
+                    _picks[_key(a, b, out_dtype, bias)] = "torch"
     return _torch_mm(a, b, out_dtype, bias)
 
 
@@ -174,7 +175,8 @@ def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
             try:
                 return cublaslt.gemm(a, b, out, accumulate=accumulate)
             except cublaslt.CublasLtUnsupported:  # a restored pick this library cannot run
-                _picks[key] = "torch"
+                with _lock:
+                    _picks[key] = "torch"
     return _torch_into(a, b, out, accumulate)
 
 
@@ -190,7 +192,8 @@ def plan_into(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor, accumulat
 def picks_state() -> dict[str, str]:
     """{cublaslt.key_str(key): "torch" | "cublaslt"} of every key timed (or restored) in this process,
     and the restored picks of keys not seen yet (kept through the next checkpoint)."""
-    return {**_saved, **{cublaslt.key_str(key): pick for key, pick in _picks.items()}}
+    with _lock:  # a consistent view while another thread may be timing a key
+        return {**_saved, **{cublaslt.key_str(key): pick for key, pick in _picks.items()}}
 
 
 def restore_picks(state: dict[str, str]) -> int:
