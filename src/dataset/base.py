@@ -14,6 +14,7 @@ Three source types: `local` (jsonl / json / parquet: a file, a directory or a gl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -153,6 +154,15 @@ class DataConfig:
             return self.source
         return SourceConfig(self.type, self.path, self.provider, self.subset, self.split, dict(self.columns),
                             self.max_documents)
+
+    def source_with_held_out(self) -> SourceConfig:
+        """`source_config()` for a reader that splits the rows itself (the prepare step, SFT / DPO):
+        streaming pretraining skips the first val_documents rows and then reads max_documents, so
+        max_documents counts training rows; these readers read the held-out rows on top."""
+        source = self.source_config()
+        if self.val_documents and source.max_documents is not None:
+            source = dataclasses.replace(source, max_documents=source.max_documents + self.val_documents)
+        return source
 
 
 def build_dataloader(

@@ -15,7 +15,6 @@ Prepare step (parallel tokenizer processes; the output is byte-identical for any
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import multiprocessing
 import os
@@ -314,11 +313,7 @@ def prepare(cfg: DataConfig, out_dir: str, *, workers: int | None = None, overwr
     back in input order, so the output does not depend on the worker count. Files are written to
     `out_dir.tmp` and renamed into place at the end: a crash never leaves a half-written dataset.
     """
-    source = cfg.source_config()
-    if cfg.val_documents and source.max_documents is not None:
-        # Training on this streaming config holds out the first val_documents rows and then reads
-        # max_documents rows after them; read as many here so the train shards hold those rows.
-        source = dataclasses.replace(source, max_documents=source.max_documents + cfg.val_documents)
+    source = cfg.source_with_held_out()  # the train shards hold the rows training would read
     workers = workers or cfg.num_workers
     tokenizer = build_tokenizer(cfg.tokenizer)
     dtype = tokenizer.token_dtype

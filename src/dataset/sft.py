@@ -20,8 +20,6 @@ Truncation policy (`data.overlong`): an example longer than seq_len + 1 tokens i
 
 from __future__ import annotations
 
-import dataclasses
-
 import logging
 from itertools import islice
 from typing import Any, Sequence
@@ -62,12 +60,7 @@ def read_split_rows(cfg: DataConfig, split: str, opener: StreamOpener | None = N
     rows are the validation split, the rest the training split (read fully into memory: SFT and
     preference sets are small next to pretraining corpora).
     """
-    source = cfg.source_config()
-    if cfg.type == "streaming" and cfg.val_documents and source.max_documents is not None:
-        # As in streaming pretraining: max_documents counts the training rows after the first
-        # val_documents (held out), so both splits keep their sizes whichever the other has.
-        source = dataclasses.replace(source, max_documents=source.max_documents + cfg.val_documents)
-    rows = iter_rows(source, opener=opener)
+    rows = iter_rows(cfg.source_with_held_out(), opener=opener)
     if cfg.type == "streaming":
         if split == "val" and cfg.val_documents == 0:
             raise DataError("the val split of type: streaming needs data.val_documents > 0")

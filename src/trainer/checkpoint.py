@@ -45,12 +45,13 @@ from torch.distributed.checkpoint.state_dict import (
 from src.utils.config import to_dict
 from src.utils.distributed import DistInfo, barrier, broadcast_object
 
+from .config import TOKEN_IDS
+
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
 SUPERSEDED = "superseded"
-TOKEN_IDS = ("bos_token_id", "eos_token_id")
 
 
 class CheckpointError(RuntimeError):

@@ -394,6 +394,11 @@ def resolve_model_config(cfg: TrainConfig, where: str):
     return load_model_config(cfg.model_config_path)
 
 
+# The end-token ids are no part of a model's shape: a model YAML without them takes the training
+# tokenizer's, which its export and checkpoints then name (`same_model`, checkpoint.check_model_matches).
+TOKEN_IDS = ("bos_token_id", "eos_token_id")
+
+
 def same_model(a, b) -> bool:
     """Whether two model configs describe one model: compared as the Hugging Face config.json each
     exports, where a YAML's shorthands (Qwen2's ffn_multiplier, GPT-2's `dropout` for its three
@@ -401,13 +406,11 @@ def same_model(a, b) -> bool:
     if a == b:
         return True
     try:
-        hf_a, hf_b = a.to_hf_config(), b.to_hf_config()
+        exported = [a.to_hf_config(), b.to_hf_config()]
     except ValueError:  # a model Hugging Face's format cannot hold (e.g. Qwen2 without qkv biases)
         return False
-    # The end-token ids are no part of the model: a YAML without them takes the tokenizer's, which
-    # its export then names.
-    ignored = ("bos_token_id", "eos_token_id")
-    return {k: v for k, v in hf_a.items() if k not in ignored} == {k: v for k, v in hf_b.items() if k not in ignored}
+    shape_a, shape_b = ({k: v for k, v in hf.items() if k not in TOKEN_IDS} for hf in exported)
+    return shape_a == shape_b
 
 
 def tokens_per_step(cfg: TrainConfig, world_size: int) -> int:
