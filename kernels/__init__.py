@@ -30,7 +30,12 @@ def gemm_picks_state() -> dict:
     """The GEMM kernels this process chose by timing (`tuned_mm`'s picks and cuBLASLt's algorithms,
     by shape key), for a checkpoint: restored with `restore_gemm_picks`, a resumed run computes with
     the same kernels, so in the same summation order, as the run it continues."""
-    return {"format": GEMM_PICKS_FORMAT, "tuned_mm": tuned_mm.picks_state(), "cublaslt": cublaslt.picks_state()}
+    return {
+        "format": GEMM_PICKS_FORMAT,
+        "tuned_mm": tuned_mm.picks_state(),
+        "cublaslt": cublaslt.picks_state(),
+        "cublaslt_version": cublaslt.picks_version(),
+    }
 
 
 def restore_gemm_picks(state: dict) -> int:
@@ -43,7 +48,10 @@ def restore_gemm_picks(state: dict) -> int:
     # Both halves checked before either is taken: a state refused here leaves no half restored.
     tuned_mm.check_picks(state.get("tuned_mm", {}))
     cublaslt.check_picks(state.get("cublaslt", {}))
-    return tuned_mm.restore_picks(state.get("tuned_mm", {})) + cublaslt.restore_picks(state.get("cublaslt", {}))
+    version = state.get("cublaslt_version")  # absent in checkpoints written before it was recorded
+    if version is not None and not isinstance(version, int):
+        raise ValueError(f"GEMM picks: cublaslt_version must be an int or null, got {version!r}")
+    return tuned_mm.restore_picks(state.get("tuned_mm", {})) + cublaslt.restore_picks(state.get("cublaslt", {}), version)
 
 
 def num_sms(device: torch.device) -> int:

@@ -81,6 +81,7 @@ _handles: dict[int, ctypes.c_void_p] = {}
 _plans: dict[tuple, tuple | str] = {}  # a str: why cuBLASLt has no kernel for that key
 _chosen: dict[tuple, list[int]] = {}  # key -> [the plan's index among the heuristic's candidates, how many]
 _saved_algos: dict[str, list[int]] = {}  # key_str -> [index, count] from a checkpoint (`restore_picks`)
+_saved_version: int | None = None  # the library version those were timed with, where the checkpoint said
 
 
 def _find_library() -> str:
@@ -117,6 +118,7 @@ def _library() -> ctypes.CDLL:
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, i32
+        lib.cublasLtGetVersion.argtypes, lib.cublasLtGetVersion.restype = [], ctypes.c_size_t
         _lib = lib
     return _lib
 
@@ -198,12 +200,37 @@ def picks_state() -> dict[str, list[int]]:
     return {**_saved_algos, **{key_str(key): list(chosen) for key, chosen in _chosen.items()}}
 
 
-def restore_picks(state: dict[str, list[int]]) -> int:
-    """Take `picks_state()` of an earlier process: a key planned from now on takes the saved
-    candidate, untimed, where the heuristic offers as many as it did then (else it times them again,
-    with a warning). Returns how many picks were given."""
+def library_version() -> int | None:
+    """`cublasLtGetVersion()` of the library PyTorch loaded (e.g. 130100), None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return int(_library().cublasLtGetVersion())
+
+
+def picks_version() -> int | None:
+    """The library version that `picks_state()`'s candidate indices refer to: this process's where
+    it has CUDA, else the one its restored picks came with."""
+    return library_version() if torch.cuda.is_available() else _saved_version
+
+
+def restore_picks(state: dict[str, list[int]], version: int | None = None) -> int:
+    """Take `picks_state()` of an earlier process, timed with library `version` (`picks_version()`;
+    None: not recorded): a key planned from now on takes the saved candidate, untimed, where the
+    heuristic offers as many as it did then (else it times them again, with a warning). Picks of
+    another library version are not taken (warned): the heuristic of another version may list other
+    kernels in the same places. Returns how many picks were given."""
+    global _saved_version
     check_picks(state)
+    if version is not None and not isinstance(version, int):
+        raise ValueError(f"cuBLASLt picks: the library version must be an int or None, got {version!r}")
+    current = library_version()
+    if state and version is not None and current is not None and version != current:
+        warnings.warn(f"cuBLASLt picks of {len(state)} GEMM shapes were timed with cuBLASLt {version}, this process "
+                      f"runs {current}: their candidate indices may name other kernels there, so the shapes are "
+                      "timed again (results may differ from the saved run's in the last bits)")
+        return 0
     _saved_algos.update(state)
+    _saved_version = version if version is not None else _saved_version
     return len(state)
 
 
@@ -390,6 +417,14 @@ def gemm(
     bias_len = out.shape[0] if epilogue == EPILOGUE_BGRAD_OF_A else out.shape[1]
     if bias is not None and (bias.shape != (bias_len,) or not bias.is_contiguous()):
         raise ValueError(f"cuBLASLt: bias must be a contiguous ({bias_len},) vector, got {tuple(bias.shape)}")
+    devices = {t.device for t in (a, b, out, bias, aux) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"cuBLASLt: operands on several devices: {sorted(map(str, devices))}")
+    if out.device.index != torch.cuda.current_device():
+        # cuBLASLt runs on the current device's context: tensors of another GPU (cuda:1 while
+        # cuda:0 is current) are computed there, as PyTorch's own matmul does.
+        with torch.cuda.device(out.device):
+            return gemm(a, b, out, epilogue, bias, aux, accumulate, scratch_out)
     with _lock:
         # The bias's address counts too: a plan chosen for an aligned bias may load it in 16-byte
         # vectors, which a bias view at an odd offset would fault on.

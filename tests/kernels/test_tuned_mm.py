@@ -178,6 +178,28 @@ def test_cublaslt_accumulate_adds_the_product_once_gpu(out_dtype):
         torch.testing.assert_close(out.float(), expected, rtol=1.6e-2, atol=0.25 if out_dtype == torch.bfloat16 else 1e-2)
 
 
+@pytest.mark.gpu
+def test_the_library_version_is_read_on_a_gpu():
+    version = cublaslt.library_version()
+    assert isinstance(version, int) and version >= 110000, version  # e.g. 130100 for cuBLAS 13.1
+    assert kernels.gemm_picks_state()["cublaslt_version"] == version
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_gemm_of_another_gpu_runs_on_that_gpu_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: computed on cuda:1 (cuBLASLt runs on the current
+    device's context, so the call switches to the tensors' device, as torch's matmul does)."""
+    a = torch.randn(256, 128, device="cuda:1", dtype=torch.bfloat16)
+    b = torch.randn(128, 192, device="cuda:1", dtype=torch.bfloat16)
+    out = torch.empty(256, 192, device="cuda:1", dtype=torch.bfloat16)
+    with torch.cuda.device(0):
+        cublaslt.gemm(a, b, out)
+    torch.testing.assert_close(out.float(), a.float() @ b.float(), rtol=1.6e-2, atol=0.1)
+    with pytest.raises(ValueError, match="operands on several devices"):
+        cublaslt.gemm(a.to("cuda:0"), b, out)
+
+
 def _captured(fn):
     """(graph, fn's output) with fn captured in a CUDA graph on a side stream."""
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
@@ -227,12 +249,15 @@ def fresh_picks():
     """Empty pick tables, as in a new process; the module's tables are put back afterwards."""
     tables = (tuned_mm._picks, tuned_mm._saved, cublaslt._plans, cublaslt._chosen, cublaslt._saved_algos)
     saved = [dict(table) for table in tables]
+    saved_version = cublaslt._saved_version
     for table in tables:
         table.clear()
+    cublaslt._saved_version = None
     yield
     for table, before in zip(tables, saved):
         table.clear()
         table.update(before)
+    cublaslt._saved_version = saved_version
 
 
 def test_a_restored_pick_is_taken_for_its_key_untimed(fresh_picks, monkeypatch):
@@ -246,7 +271,38 @@ def test_a_restored_pick_is_taken_for_its_key_untimed(fresh_picks, monkeypatch):
     monkeypatch.setattr(cublaslt, "time_ms", lambda fn: pytest.fail("a restored key was timed"))
     never = lambda: pytest.fail("a restored key ran a candidate")  # noqa: E731
     assert tuned_mm._pick(key, never, never) == "cublaslt"
-    assert kernels.gemm_picks_state() == {"format": 1, "tuned_mm": {name: "cublaslt"}, "cublaslt": {}}
+    expected_version = cublaslt.library_version()  # None on the CPU
+    assert kernels.gemm_picks_state() == {
+        "format": 1, "tuned_mm": {name: "cublaslt"}, "cublaslt": {}, "cublaslt_version": expected_version
+    }  # fmt: skip
+
+
+def test_cublaslt_picks_of_another_library_version_are_timed_again(fresh_picks, monkeypatch):
+    """Candidate indices name kernels in one library version's heuristic list: picks saved with
+    another version are not taken (a warning says so), while the tuned_mm half still is."""
+    monkeypatch.setattr(cublaslt, "library_version", lambda: 130200)
+    state = {"format": 1, "tuned_mm": {"k": "cublaslt"}, "cublaslt": {"k": [2, 8]}, "cublaslt_version": 130100}
+    with pytest.warns(UserWarning, match="timed with cuBLASLt 130100, this process runs 130200"):
+        assert kernels.restore_gemm_picks(state) == 1
+    assert tuned_mm._saved == {"k": "cublaslt"} and not cublaslt._saved_algos
+
+
+def test_cublaslt_picks_of_the_same_or_an_unrecorded_version_are_taken(fresh_picks, monkeypatch):
+    monkeypatch.setattr(cublaslt, "library_version", lambda: 130100)
+    assert kernels.restore_gemm_picks({"format": 1, "cublaslt": {"k": [2, 8]}, "cublaslt_version": 130100}) == 1
+    assert cublaslt._saved_algos == {"k": [2, 8]} and cublaslt._saved_version == 130100
+    # Checkpoints written before the version was recorded: taken as before (the count still guards).
+    assert kernels.restore_gemm_picks({"format": 1, "cublaslt": {"j": [0, 4]}}) == 1
+    assert cublaslt._saved_algos == {"k": [2, 8], "j": [0, 4]}
+    # Without CUDA, the picks are saved again under the version they came with.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert kernels.gemm_picks_state()["cublaslt_version"] == 130100
+
+
+def test_a_library_version_of_another_type_is_refused(fresh_picks):
+    with pytest.raises(ValueError, match="cublaslt_version must be an int or null, got '13.1'"):
+        kernels.restore_gemm_picks({"format": 1, "tuned_mm": {"k": "torch"}, "cublaslt": {}, "cublaslt_version": "13.1"})
+    assert not tuned_mm._saved and not cublaslt._saved_algos
 
 
 def test_picks_of_another_form_are_refused_by_name(fresh_picks):
@@ -273,7 +329,8 @@ def test_a_refused_state_restores_neither_half(fresh_picks):
 def test_restored_picks_not_used_yet_are_saved_again(fresh_picks):
     """A key restored but not seen before the next checkpoint (a shape of evaluation only) keeps its
     pick in that checkpoint, instead of being timed again after the resume after it."""
-    state = {"format": 1, "tuned_mm": {"eval-key": "cublaslt"}, "cublaslt": {"eval-key": [2, 8]}}
+    state = {"format": 1, "tuned_mm": {"eval-key": "cublaslt"}, "cublaslt": {"eval-key": [2, 8]},
+             "cublaslt_version": cublaslt.library_version()}  # fmt: skip
     kernels.restore_gemm_picks(state)
     assert kernels.gemm_picks_state() == state
 
