@@ -228,11 +228,12 @@ def graph_ms(fn: Callable, leaves: list[torch.Tensor], budget_ms: float = 150.0)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     home = torch.cuda.current_stream()
+    pool = torch.cuda.graph_pool_handle()  # named, so that a failed capture's pool can be given back
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             call()
     except Exception:
-        _recover_from_failed_capture(home)
+        _recover_from_failed_capture(home, pool)
         raise
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     graph.replay()
@@ -258,17 +259,32 @@ def graph_ms(fn: Callable, leaves: list[torch.Tensor], budget_ms: float = 150.0)
     return times[len(times) // 2]
 
 
-def _recover_from_failed_capture(home: torch.cuda.Stream) -> None:
+def _recover_from_failed_capture(home: torch.cuda.Stream, pool) -> None:
     """Undo what a capture that failed inside the captured call leaves behind. When the call does
     what a graph cannot hold (a host sync such as Liger-Kernel's `.item()`), `capture_end` raises
     before the graph context restores the stream and before the CUDA generator leaves capture mode:
     every later kernel would be queued on the dead capture stream, and every later `torch.randn`
     on the device would raise "Offset increment outside graph capture". So: back to the stream of
-    before, and the generator on a copy of its state (same seed and offset, not capturing)."""
+    before, and the generator on a copy of its state (same seed and offset, not capturing).
+
+    It also raises before telling the caching allocator that the capture is over, and the graph
+    object then never releases its memory pool. With a capture still on its books the allocator
+    defers the reuse of every block freed after use on a second stream, for good, so the rows after
+    a failed capture kept their memory: on an 80 GB H100 the rows after Liger-Kernel's ran out of
+    it and were timed by their launches instead. So the capture is ended and its pool released
+    here, unless `capture_end` got that far itself (the call raised, the capture did not fail)."""
     torch.cuda.set_stream(home)
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
     generator.graphsafe_set_state(generator.clone_state())
+    device = torch.cuda.current_device()
+    try:
+        torch._C._cuda_endAllocateToPool(device, pool)
+    except RuntimeError:  # "not currently recording to mempool_id": the graph releases its pool itself
+        pass
+    else:
+        torch._C._cuda_releasePool(device, pool)
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
 
 
 def measure(case: Case, name: str, fn: Callable, reference: Callable, dtype: torch.dtype) -> dict:
@@ -276,6 +292,8 @@ def measure(case: Case, name: str, fn: Callable, reference: Callable, dtype: tor
 
     args, upstream = case.make(dtype)
     row = {"op": case.op, "shape": case.shape, "provider": name, "dtype": str(dtype).replace("torch.", "")}
+    # Free device memory before the row: a provider that kept memory shows in the rows after it.
+    row["device_free_gib"] = torch.cuda.mem_get_info()[0] / GiB
     try:
         row["error"] = check(fn, reference, args, upstream)
     except Exception as exc:  # a peer that cannot run this shape is reported, not fatal
