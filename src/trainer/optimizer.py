@@ -275,12 +275,14 @@ class LRSchedule:
             span = max(1, self.total_steps - cfg.warmup_steps)
             progress = min(1.0, (step - cfg.warmup_steps) / span)
             return cfg.min_lr + 0.5 * (lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
-        # wsd: stable until the decay starts, then linear to min_lr at total_steps
+        # wsd: stable until the decay starts, then linear down to min_lr, reached on the last step
+        # (steps 0 .. total_steps - 1). Counting the first decay step as a step down means a decay
+        # of one step, a decay_fraction that rounds to one, still ends the run at min_lr.
         decay_steps = max(1, round(cfg.decay_fraction * self.total_steps))
         decay_start = max(cfg.warmup_steps, self.total_steps - decay_steps)
         if step < decay_start:
             return lr
-        progress = min(1.0, (step - decay_start) / max(1, self.total_steps - decay_start))
+        progress = min(1.0, (step + 1 - decay_start) / max(1, self.total_steps - decay_start))
         return lr + (cfg.min_lr - lr) * progress
 
     def state_dict(self) -> dict:

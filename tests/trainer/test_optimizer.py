@@ -78,8 +78,14 @@ def test_wsd_schedule():
     values = lrs(ScheduleConfig(type="wsd", warmup_steps=10, min_lr=0.0, decay_fraction=0.2))
     assert values[5] == pytest.approx(0.6)
     assert all(v == 1.0 for v in values[10:80])  # stable
-    assert values[90] == pytest.approx(0.5)  # linear decay over the last 20 steps
-    assert values[-1] == pytest.approx(0.05)
+    assert values[80] == pytest.approx(0.95) and values[90] == pytest.approx(0.45)  # linear over the last 20 steps
+    assert values[-1] == 0.0  # min_lr on the last step
+
+
+def test_wsd_decay_of_one_step_still_reaches_min_lr():
+    """A decay_fraction that rounds to one step (0.01 of 100) decays on that step, instead of never."""
+    values = lrs(ScheduleConfig(type="wsd", warmup_steps=10, min_lr=0.1, decay_fraction=0.01))
+    assert all(v == 1.0 for v in values[10:99]) and values[-1] == pytest.approx(0.1)
 
 
 def test_constant_schedule_and_no_warmup():
