@@ -377,6 +377,28 @@ def build_tokenizer(spec: TokenizerConfig | dict) -> Tokenizer:
     return TiktokenTokenizer(encoding)
 
 
+def _warn_if_chatml_is_plain_text(tokenizer: Tokenizer) -> None:
+    """Once per tokenizer: say so when ChatML's markers are not tokens of this vocabulary (GPT-2's,
+    for one). The conversations then carry them as ordinary text, several tokens each, which trains
+    and renders correctly but is not what a ChatML model's vocabulary means by them, and generation
+    that stops on the end-of-text id does not stop at `<|im_end|>`."""
+    template = tokenizer.chat_template
+    if not isinstance(template, ChatMLTemplate) or getattr(tokenizer, "_chatml_checked", False):
+        return
+    tokenizer._chatml_checked = True
+    encoded = {marker: tokenizer.encode(marker, allow_special=True) for marker in (template.start, template.end)}
+    # One id that decodes back to the marker; an unknown-word id ([UNK]) is one id too, but loses it.
+    if any(len(ids) != 1 or tokenizer.decode(ids) != marker for marker, ids in encoded.items()):
+        pieces = {marker: f"{len(ids)} token(s), decoded {tokenizer.decode(ids)!r}" for marker, ids in encoded.items()}
+        logger.warning(
+            "the ChatML markers are not tokens of tokenizer %s (%s): conversations carry them as plain text. "
+            "For single-token markers use a tokenizer that has them (Qwen2's, or data.tokenizer.type: byte), or "
+            "that tokenizer's own template (data.tokenizer.chat_template: auto with a Hugging Face tokenizer that "
+            "has one)",
+            tokenizer.name, "; ".join(f"{m}: {n}" for m, n in pieces.items()),
+        )
+
+
 def tokenize_chat(
     tokenizer: Tokenizer,
     messages: Sequence[Message],
@@ -390,6 +412,7 @@ def tokenize_chat(
     """
     ids: list[int] = []
     trainable: list[bool] = []
+    _warn_if_chatml_is_plain_text(tokenizer)
     for seg in tokenizer.chat_template.segments(messages, trainable_from, add_generation_prompt):
         piece = tokenizer.encode(seg.text, allow_special=seg.special)
         ids.extend(piece)

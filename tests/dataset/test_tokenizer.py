@@ -177,3 +177,19 @@ def test_hf_chat_template_refusing_a_conversation_is_a_chat_template_error(tmp_p
     with pytest.raises(ChatTemplateError, match="chat template of .* failed: TemplateError: System role not "
                                                 "supported.*chat_template: chatml"):
         tokenize_chat(tok, [{"role": "system", "content": "gamma"}] + ok)
+
+
+def test_chatml_markers_that_are_not_tokens_are_warned_about_once(tmp_path, caplog):
+    """ChatML's markers as plain text (a vocabulary without them) are logged once per tokenizer;
+    a tokenizer that has them as tokens (the built-in byte one) logs nothing."""
+    messages = [{"role": "user", "content": "alpha"}, {"role": "assistant", "content": "beta"}]
+    with caplog.at_level("WARNING", logger="src.dataset.tokenizer"):
+        tokenize_chat(ByteTokenizer(), messages)
+    assert "ChatML markers" not in caplog.text
+    path = word_level_tokenizer_json(tmp_path / "t.json", 100)
+    tok = HFTokenizer(TokenizerConfig(type="huggingface", path=path, chat_template="chatml"))
+    with caplog.at_level("WARNING", logger="src.dataset.tokenizer"):
+        tokenize_chat(tok, messages)
+        tokenize_chat(tok, messages)
+    assert caplog.text.count("the ChatML markers are not tokens of tokenizer") == 1
+    assert "decoded '[UNK]'" in caplog.text  # a word-level vocabulary turns them into its unknown word
