@@ -71,6 +71,11 @@ launch() {
     # One process: the GPU if there is one, else the CPU (trainer.device: auto).
     exec "$python" -m "src.train_$task" --config "$config" "$@"
   fi
+  # On SIGTERM (a scheduler's stop) torchrun forwards it to the ranks, which save a checkpoint
+  # before they exit, and kills them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds: 30 by default,
+  # short for a large model's save. 600 here, the grace a scheduler usually gives (torchrun's
+  # --shutdown-timeout reads the variable in torch 2.13; a torchrun without it keeps its fixed 30 s).
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
   exec "$python" -m torch.distributed.run \
     --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NUM_GPUS" \
     --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \

@@ -67,3 +67,21 @@ def test_a_failed_install_says_what_to_do_and_is_retried_next_time(tmp_path):
     again = run_script("run_dpo.sh", "--set", f"output_dir={tmp_path}", VENV=str(venv), PIP_NO_INDEX="1",
                        PIP_FIND_LINKS=str(tmp_path / "no_wheels"))
     assert again.returncode == 1 and "installing requirements.txt" in again.stdout
+
+
+def test_several_gpus_start_torchrun_with_a_long_shutdown_grace(tmp_path):
+    """The torchrun line, through a stand-in interpreter that reports two GPUs and prints what it
+    is started with: the ranks get 600 s after a SIGTERM to save (torchrun's own default is 30 s),
+    unless TORCH_ELASTIC_SHUTDOWN_TIMEOUT is set already."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "$1" = "-c" ]; then echo 2; exit 0; fi\n'
+        'echo "grace=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT args=$*"\n'
+    )
+    fake.chmod(0o755)
+    proc = run_script("run_pretrain.sh", PYTHON=str(fake), NUM_GPUS="2")
+    assert proc.returncode == 0, proc.stderr
+    assert "grace=600 args=-m torch.distributed.run --nnodes=1 --node_rank=0 --nproc_per_node=2" in proc.stdout
+    proc = run_script("run_pretrain.sh", PYTHON=str(fake), NUM_GPUS="2", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="1200")
+    assert "grace=1200 " in proc.stdout
