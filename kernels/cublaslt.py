@@ -201,10 +201,14 @@ def picks_state() -> dict[str, list[int]]:
 
 
 def library_version() -> int | None:
-    """`cublasLtGetVersion()` of the library PyTorch loaded (e.g. 130100), None without CUDA."""
-    if not torch.cuda.is_available():
+    """`cublasLtGetVersion()` of the library PyTorch loaded (e.g. 130100); None without CUDA or
+    without that library (a ROCm build), where no cuBLASLt pick is ever made."""
+    if not torch.cuda.is_available() or torch.version.hip is not None:
         return None
-    return int(_library().cublasLtGetVersion())
+    try:
+        return int(_library().cublasLtGetVersion())
+    except (CublasLtUnsupported, OSError, AttributeError):
+        return None
 
 
 def picks_version() -> int | None:

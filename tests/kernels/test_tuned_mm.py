@@ -299,6 +299,17 @@ def test_cublaslt_picks_of_the_same_or_an_unrecorded_version_are_taken(fresh_pic
     assert kernels.gemm_picks_state()["cublaslt_version"] == 130100
 
 
+def test_a_gpu_build_without_cublaslt_saves_its_picks_without_a_version(fresh_picks, monkeypatch):
+    """A checkpoint on a GPU whose PyTorch has no libcublasLt (ROCm) still saves its picks."""
+    def missing():
+        raise cublaslt.CublasLtUnsupported("cuBLASLt: libcublasLt is not loaded by PyTorch and not on the library path")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cublaslt, "_library", missing)
+    assert cublaslt.library_version() is None
+    assert kernels.gemm_picks_state()["cublaslt_version"] is None
+
+
 def test_a_library_version_of_another_type_is_refused(fresh_picks):
     with pytest.raises(ValueError, match="cublaslt_version must be an int or null, got '13.1'"):
         kernels.restore_gemm_picks({"format": 1, "tuned_mm": {"k": "torch"}, "cublaslt": {}, "cublaslt_version": "13.1"})
