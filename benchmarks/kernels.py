@@ -277,12 +277,14 @@ def _recover_from_failed_capture(home: torch.cuda.Stream, pool) -> None:
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
     generator.graphsafe_set_state(generator.clone_state())
     device = torch.cuda.current_device()
-    try:
-        torch._C._cuda_endAllocateToPool(device, pool)
-    except RuntimeError:  # "not currently recording to mempool_id": the graph releases its pool itself
-        pass
-    else:
-        torch._C._cuda_releasePool(device, pool)
+    end_capture = getattr(torch._C, "_cuda_endAllocateToPool", None)  # (private: absent, nothing to undo)
+    if end_capture is not None:
+        try:
+            end_capture(device, pool)
+        except RuntimeError:  # "not currently recording to mempool_id": the graph releases its pool itself
+            pass
+        else:
+            torch._C._cuda_releasePool(device, pool)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
 
