@@ -28,8 +28,9 @@ dtype, epilogue and alignment; the first call of each times the heuristic's cand
 the fastest (as PyTorch's TunableOp does for plain GEMMs). The candidates differ in summation
 order, so a restarted process could keep another one and round differently: `picks_state` gives
 the candidate chosen for each key (its place in the heuristic's list, which is the same for the same
-problem, library and GPU), a checkpoint stores them, and `restore_picks` makes a resumed process take
-the same ones without timing (the Trainer does both). A call sets the pointers and launches
+problem, library and GPU), a checkpoint stores them with the library's version (`picks_version`),
+and `restore_picks` makes a resumed process take the same ones without timing where that version
+is its own (the Trainer does both). A call sets the pointers and launches
 on PyTorch's current stream with a workspace from PyTorch's allocator, so it can be captured in a
 CUDA graph. Every status is checked; a configuration the library has no kernel for raises
 `CublasLtUnsupported`, which callers catch to fall back to the unfused PyTorch path.
