@@ -12,7 +12,12 @@ saves or precomputes for backward. Every provider is timed the same way.
 
     python benchmarks/kernels.py                       # every op, bf16, writes benchmarks/results/
     python benchmarks/kernels.py --ops rmsnorm swiglu --no-compile
+    python benchmarks/kernels.py --ops fused_linear_cross_entropy --clocks   # + SM clock and power
     python benchmarks/kernels.py --help
+
+`--clocks` also runs each graph-timed forward+backward back to back for a second while
+`nvidia-smi` reads the SM clock and power draw (`gpu_clocks.py`): a GEMM-bound op can hold the GPU
+at its power cap, below its top clock, which profiles of separately launched kernels do not show.
 
 Writes benchmarks/results/kernels_<device>.json and a PNG beside it; prints a table last.
 """
@@ -36,6 +41,7 @@ import torch
 # that `kernels` names the repository's kernel package and not this file.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_clocks import ClockSampler, limits  # noqa: E402
 from src.models.components.dispatch import get_kernel  # noqa: E402
 from src.models.components.embeddings.rotary import RotaryEmbedding  # noqa: E402
 
@@ -204,7 +210,9 @@ def check(fn: Callable, reference: Callable, args: list, upstream: list) -> str:
     return ""
 
 
-def graph_ms(fn: Callable, leaves: list[torch.Tensor], budget_ms: float = 150.0) -> float:
+def graph_ms(
+    fn: Callable, leaves: list[torch.Tensor], budget_ms: float = 150.0, clock_seconds: float = 0.0
+) -> tuple[float, dict | None]:
     """Median GPU time of one call of `fn`, captured in a CUDA graph and replayed.
 
     Eager launching costs every provider tens to hundreds of microseconds of Python per call
@@ -213,7 +221,11 @@ def graph_ms(fn: Callable, leaves: list[torch.Tensor], budget_ms: float = 150.0)
     forward + backward with the gradients reset first, so that they are written, not accumulated)
     is captured once and replayed; before each replay a 256 MB buffer is zeroed, as
     `triton.testing.do_bench` does, so no input is served from L2, and CUDA events bracket each
-    replay alone."""
+    replay alone.
+
+    Returns (the median ms, the clock reading): with `clock_seconds`, the graph then replays back to
+    back, with the same flushes, for that long while `ClockSampler` reads the SM clock and power
+    (None without nvidia-smi or without a sample)."""
 
     def call():
         for leaf in leaves:
@@ -253,10 +265,21 @@ def graph_ms(fn: Callable, leaves: list[torch.Tensor], budget_ms: float = 150.0)
         end.record()
     torch.cuda.synchronize()
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    median = times[len(times) // 2]
+    reading = None
+    if clock_seconds > 0:
+        sampler = ClockSampler(torch.cuda.current_device())
+        if sampler.start():
+            begin = datetime.datetime.now()
+            for _ in range(max(1, int(clock_seconds * 1e3 / max(median, 1e-3)))):
+                flush.zero_()
+                graph.replay()
+            torch.cuda.synchronize()
+            reading = sampler.stop(begin, datetime.datetime.now())
     del graph
     for leaf in leaves:
         leaf.grad = None
-    return times[len(times) // 2]
+    return median, reading
 
 
 def _recover_from_failed_capture(home: torch.cuda.Stream, pool) -> None:
@@ -289,7 +312,7 @@ def _recover_from_failed_capture(home: torch.cuda.Stream, pool) -> None:
     torch.cuda.empty_cache()
 
 
-def measure(case: Case, name: str, fn: Callable, reference: Callable, dtype: torch.dtype) -> dict:
+def measure(case: Case, name: str, fn: Callable, reference: Callable, dtype: torch.dtype, clock_seconds: float = 0.0) -> dict:
     import triton.testing
 
     args, upstream = case.make(dtype)
@@ -308,9 +331,11 @@ def measure(case: Case, name: str, fn: Callable, reference: Callable, dtype: tor
         lambda: run_once(fn, args, upstream, True), grad_to_none=leaves, return_mode="median"
     )
     try:
-        ms_fwd = graph_ms(lambda: run_once(fn, args, upstream, False), leaves)
-        ms_all = graph_ms(lambda: run_once(fn, args, upstream, True), leaves)
+        ms_fwd, _ = graph_ms(lambda: run_once(fn, args, upstream, False), leaves)
+        ms_all, reading = graph_ms(lambda: run_once(fn, args, upstream, True), leaves, clock_seconds=clock_seconds)
         row["timing"] = "cuda_graph"
+        if reading is not None:  # the clock and power that the fwd+bwd replays ran at
+            row.update(fwd_bwd_sm_mhz=reading["sm_mhz"], fwd_bwd_power_w=reading["power_w"])
     except Exception as exc:  # a provider that cannot be captured is timed with its launches
         torch.cuda.synchronize()
         row["timing"] = f"host (graph capture failed: {type(exc).__name__}: {exc})"[:200]
@@ -398,6 +423,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (saves compile time)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/kernels_<device>.json)")
+    parser.add_argument("--clocks", action="store_true",
+                        help="also read the SM clock and power draw (nvidia-smi) over a second of each graph-timed "
+                             "fwd+bwd run back to back")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("benchmarks/kernels.py needs a CUDA GPU; the CPU interpreter is for tests only")
@@ -413,8 +441,9 @@ def main(argv: list[str] | None = None) -> None:
             continue
         found = providers(case.op, use_compile=not args.no_compile)
         for name, fn in found.items():
-            row = measure(case, name, fn, found["torch"], dtype)
-            print(f"  {case.op} {case.shape} {name}: " + (row["error"] or f"{row['fwd_bwd_ms']:.3f} ms"), flush=True)
+            row = measure(case, name, fn, found["torch"], dtype, clock_seconds=1.0 if args.clocks else 0.0)
+            clock = f" at {row['fwd_bwd_sm_mhz']:.0f} MHz, {row['fwd_bwd_power_w']:.0f} W" if "fwd_bwd_sm_mhz" in row else ""
+            print(f"  {case.op} {case.shape} {name}: " + (row["error"] or f"{row['fwd_bwd_ms']:.3f} ms{clock}"), flush=True)
             rows.append(row)
     try:
         from importlib.metadata import version
@@ -431,6 +460,8 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": args.dtype,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if args.clocks:
+        meta["gpu_limits"] = limits(torch.cuda.current_device())  # max SM clock and power limit
     slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
     out = args.out or RESULTS_DIR / f"kernels_{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,8 @@ def test_a_failed_capture_leaves_the_device_usable_gpu():
     assert torch.cuda.current_stream() == home
     assert not torch.cuda.is_current_stream_capturing()
     torch.randn(1024, device="cuda")  # the generator left capture mode
-    assert kernels_script.graph_ms(lambda: (x * 3).sum().backward(), [x]) > 0
+    ms, reading = kernels_script.graph_ms(lambda: (x * 3).sum().backward(), [x])
+    assert ms > 0 and reading is None  # no clock reading unless asked for
 
 
 @pytest.mark.gpu
@@ -52,3 +53,15 @@ def test_a_failed_capture_gives_its_memory_back_gpu():
         del y
         torch.cuda.synchronize()  # its use on the current stream is over: the block is free again
     assert torch.cuda.memory_reserved() - before < 600 * 2**20
+
+
+@pytest.mark.gpu
+def test_graph_ms_reads_the_clock_of_its_replays_gpu():
+    import shutil
+
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("nvidia-smi not on the PATH")
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ms, reading = kernels_script.graph_ms(lambda: (a @ a).sum().backward(), [a], clock_seconds=1.0)
+    assert ms > 0 and reading is not None, "no nvidia-smi sample within the second of replays"
+    assert 100 < reading["sm_mhz"] < 5000 and reading["power_w"] > 0 and reading["samples"] >= 1
