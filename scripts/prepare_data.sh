@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tokenize the data source of a train config into memory-mapped token shards.
 #
-#   bash scripts/prepare_data.sh configs/train/pretrain.yaml
+#   bash scripts/prepare_data.sh configs/train/pretrain_openwebtext_shards.yaml   # data.type shards: writes data.path
+#   bash scripts/prepare_data.sh configs/train/pretrain.yaml --out data/shards_sample  # a local source: --out
 #   bash scripts/prepare_data.sh CONFIG --workers 8                 # more tokenizer processes
 #   bash scripts/prepare_data.sh CONFIG --overwrite data.val_fraction=0.001
 #   bash scripts/prepare_data.sh CONFIG --out /path/to/shards      # when data.type is local / streaming

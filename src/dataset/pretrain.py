@@ -401,6 +401,17 @@ def load_data_block(config_path: str, overrides: Sequence[str] = ()) -> DataConf
 
 
 def main(argv: Sequence[str] | None = None):
+    """The prepare command. A mistake in the command or the data (an unknown config key, a missing
+    file, an existing output without --overwrite, no usable rows) ends it with one line naming it
+    and exit status 2, as the training commands do, instead of a traceback."""
+    try:
+        _prepare_command(argv)
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as error:
+        print(f"python -m src.dataset.pretrain: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _prepare_command(argv: Sequence[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="python -m src.dataset.pretrain", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="tokenize the data block's source into memory-mapped shards")

@@ -132,3 +132,39 @@ def test_cli_reads_the_data_block(tmp_path, corpus, capsys):
     meta = read_meta(str(out))
     assert meta["source"]["val_fraction"] == 0.25 and meta["splits"]["val"]["documents"] > 0
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_cli_mistakes_are_one_line_errors(tmp_path, corpus, capsys):
+    """The prepare command's usual mistakes end with one `error:` line and exit status 2, not a
+    traceback: an existing output, a missing config, a key typo, a missing data file."""
+    _, src = corpus
+    out = tmp_path / "cli_shards"
+    config = tmp_path / "train.yaml"
+    config.write_text(f"data:\n  type: shards\n  path: {out}\n  source: {{type: local, path: {src}}}\n")
+    main(["prepare", "--config", str(config), "--no-progress"])
+    capsys.readouterr()
+    cases = [
+        (["--config", str(config)], "exists; pass --overwrite"),
+        (["--config", str(tmp_path / "nope.yaml")], "config file not found"),
+        (["--config", str(config), "--overwrite", "data.val_fractio=0.1"], "Did you mean 'val_fraction'"),
+        (["--config", str(config), "--overwrite", f"data.source.path={tmp_path / 'nope.jsonl'}"], "does not exist"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["prepare", "--no-progress", *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("python -m src.dataset.pretrain: error: ") and message in err, err
+        assert "Traceback" not in err
+
+
+def test_the_prepare_module_runs_without_a_second_import_warning(tmp_path):
+    """`python -m src.dataset.pretrain` is not imported by its package first (runpy would warn)."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "src.dataset.pretrain", "--help"], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "prepare" in proc.stdout
+    assert "RuntimeWarning" not in proc.stderr, proc.stderr
