@@ -57,7 +57,8 @@ launch() {
     if [ "$gpus" -eq 0 ]; then
       # Several CPU processes (gloo) are a test set-up, not a training one: started by hand.
       echo "[run_$task] several CPU processes (gloo) start with torchrun directly: $python -m torch.distributed.run" \
-        "--standalone --nproc_per_node=N -m src.train_$task --config $config" >&2
+        "--standalone --nproc_per_node=N -m src.train_$task --config $config --set parallel.strategy=ddp" \
+        "--set trainer.micro_batch_size=2   (the bundled samples' validation splits fill 2 rows per rank at N=2)" >&2
     fi
     exit 2
   fi

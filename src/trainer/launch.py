@@ -25,7 +25,9 @@ from src.utils.config import ConfigError, to_dict
 from src.utils.distributed import DistInfo, broadcast_object
 from src.utils.misc import seed_everything
 
-from .checkpoint import load_model_weights
+from src.models.components.dispatch import check_kernels
+
+from .checkpoint import CheckpointError, load_model_weights
 from .config import TrainConfig, is_hf_dir, load_config
 
 
@@ -41,12 +43,14 @@ def parse_args(task: str, argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_main(task: str, main: Callable[[], str]) -> None:
     """The command line's `main()`: a configuration mistake (a `ConfigError`: an unknown key, an
-    impossible combination, a missing data path) or unusable data (a `DataError`: nothing usable in
-    a file, too little for one batch, stale shards) ends the run with one line that names it and
-    exit status 2, as argparse does, instead of a traceback. Anything else raises as usual."""
+    impossible combination, a missing data path, a kernel or device this machine lacks), unusable
+    data (a `DataError`: nothing usable in a file, too little for one batch, stale shards) or an
+    unusable checkpoint (a `CheckpointError`: a missing --resume path, another model's checkpoint)
+    ends the run with one line that names it and exit status 2, as argparse does, instead of a
+    traceback. Anything else raises as usual."""
     try:
         main()
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, CheckpointError) as error:
         print(f"python -m src.train_{task}: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
@@ -56,7 +60,9 @@ def config_from_args(task: str, args: argparse.Namespace) -> TrainConfig:
         raise ConfigError(f"--config '{args.config}': no such file (relative paths start at {os.getcwd()}); "
                           f"give a train YAML such as configs/train/{task}.yaml")
     # --resume is a path (or auto), passed as typed: as a --set value it would be read as YAML
-    return load_config(args.config, args.overrides, task=task, resume=args.resume)
+    cfg = load_config(args.config, args.overrides, task=task, resume=args.resume)
+    check_kernels(cfg.kernels)  # a kernel this machine cannot run: refused before anything is built
+    return cfg
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> CausalLM:

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from src.models.components import attach_weight_copies
 from src.models.modeling_utils import CausalLM
+from src.utils.config import ConfigError
 from src.utils.distributed import DistInfo, build_device_mesh, ensure_process_group
 
 from .config import TrainConfig
@@ -254,7 +255,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo, bf16: bool
     """
     strategy = cfg.parallel.strategy
     if info.world_size > 1 and strategy == "none":
-        raise ValueError(
+        raise ConfigError(
             f"{info.world_size} processes were started but parallel.strategy is none; "
             "set parallel.strategy=ddp or fsdp2 (or start a single process)"
         )

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from src.utils.config import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -58,7 +60,7 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA GPU is visible; set trainer.device=auto or cpu")
+        raise ConfigError("trainer.device=cuda but no CUDA GPU is visible; set trainer.device=auto or cpu")
     if local_rank >= torch.cuda.device_count():
         raise RuntimeError(
             f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "

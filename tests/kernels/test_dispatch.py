@@ -5,11 +5,12 @@ choice that cannot run fails with a message naming the fix."""
 import pytest
 import torch
 
-from src.models.components.dispatch import _REGISTRY, get_kernel
+from src.models.components.dispatch import _REGISTRY, KernelConfig, check_kernels, get_kernel
 from src.models.components.embeddings.rotary import RotaryEmbedding, apply_rotary_ref
 from src.models.components.loss import cross_entropy_ref, fused_linear_cross_entropy_ref
 from src.models.components.mlp import swiglu_ref
 from src.models.components.norms import rms_norm_ref
+from src.utils.config import ConfigError
 
 from .helpers import DEVICE, assert_close, leaf, needs_triton
 
@@ -32,8 +33,40 @@ def test_unknown_op_and_choice():
 def test_triton_without_gpu_or_interpreter_names_the_fix(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="kernels.rmsnorm=torch"):
+    with pytest.raises(ConfigError, match="kernels.rmsnorm=torch"):
         get_kernel("rmsnorm", "triton")
+
+
+def test_check_kernels_refuses_what_this_machine_cannot_run_before_anything_is_built(monkeypatch):
+    """`check_kernels` (called when a run's config is loaded): each chosen implementation is
+    resolved, and an explicit flash_attn needs flash-attn installed; torch everywhere passes."""
+    from src.models.components.attention import flash
+
+    check_kernels(KernelConfig.reference())
+    monkeypatch.setattr(flash, "fa2_installed", lambda: False)
+    monkeypatch.setattr(flash, "fa3_installed", lambda: False)
+    with pytest.raises(ConfigError, match="kernels.attention: 'flash_attn' needs flash-attn.*set kernels.attention to auto"):
+        check_kernels(KernelConfig(attention="flash_attn"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="kernels.swiglu: 'fused_linear'.*set kernels.swiglu=torch"):
+        check_kernels(KernelConfig(swiglu="fused_linear"))
+    check_kernels(KernelConfig(gelu="cublaslt", linear="tuned"))  # no Triton: they fall back to torch's GEMMs
+
+
+def test_check_kernels_names_a_missing_liger(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_liger(name, *args, **kwargs):
+        if name.startswith("liger_kernel"):
+            raise ImportError(f"No module named '{name}'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", without_liger)
+    with pytest.raises(ConfigError, match="kernels.rmsnorm: 'liger' cannot be imported.*pip install liger-kernel"):
+        check_kernels(KernelConfig(rmsnorm="liger"))
 
 
 def test_errors_name_the_config_key_and_value_that_chose_the_op(monkeypatch):
@@ -43,15 +76,15 @@ def test_errors_name_the_config_key_and_value_that_chose_the_op(monkeypatch):
     from src.models.components.loss import LMLoss
     from src.models.components.mlp import SwiGLU
     from src.trainer.config import TrainConfig
-    from src.utils.config import ConfigError, from_dict
+    from src.utils.config import from_dict
 
     with pytest.raises(ValueError, match=r"kernels.cross_entropy: 'bogus'.*'fused_linear'"):
         LMLoss("bogus")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="kernels.cross_entropy: 'fused_linear'.*set kernels.cross_entropy=torch"):
+    with pytest.raises(ConfigError, match="kernels.cross_entropy: 'fused_linear'.*set kernels.cross_entropy=torch"):
         LMLoss("fused_linear")
-    with pytest.raises(RuntimeError, match="kernels.swiglu: 'fused_linear_recompute'.*set kernels.swiglu=torch"):
+    with pytest.raises(ConfigError, match="kernels.swiglu: 'fused_linear_recompute'.*set kernels.swiglu=torch"):
         SwiGLU(16, 32, impl="fused_linear_recompute")
     # the fix the message gives is a key the config accepts
     from_dict(TrainConfig, {"model_config_path": "m.yaml", "kernels": {"cross_entropy": "torch", "swiglu": "torch"}})

@@ -38,6 +38,7 @@ def test_more_gpus_than_the_machine_has_is_refused_before_anything_starts(tmp_pa
     assert f"NUM_GPUS={have + 1} but this machine has {have} GPU(s)" in proc.stderr
     if have == 0:  # the way to several CPU processes is named
         assert "torch.distributed.run --standalone --nproc_per_node=N -m src.train_sft" in proc.stderr
+        assert "--set parallel.strategy=ddp --set trainer.micro_batch_size=2" in proc.stderr
     assert not any(tmp_path.iterdir())  # no run directory: nothing started
 
 

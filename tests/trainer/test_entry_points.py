@@ -124,3 +124,40 @@ def test_unusable_data_on_the_command_line_is_one_line_not_a_traceback(tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "python -m src.train_pretrain: error: " in proc.stderr and "rows.jsonl" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--resume", "{tmp}/no_such_checkpoint"], "does not exist; give a step_* directory or --resume auto"),
+        (["--set", "kernels.attention=flash_attn"], "kernels.attention: 'flash_attn' needs flash-attn"),
+        (["--set", "trainer.device=cuda"], "trainer.device=cuda but no CUDA GPU is visible"),
+    ],
+    ids=["missing resume path", "flash-attn not installed", "cuda without a GPU"],
+)
+def test_checkpoint_kernel_and_device_mistakes_are_one_line(args, message, tmp_path):
+    """Beside config and data mistakes: an unusable --resume path (a CheckpointError), a kernel this
+    machine cannot run (refused when the config loads, not in the first forward) and a device it
+    lacks end with one `error:` line and exit status 2."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from src.models.components.attention.flash import fa2_installed, fa3_installed
+
+    if "flash_attn" in args[-1] and (fa2_installed() or fa3_installed()):
+        pytest.skip("flash-attn is installed here")
+    if "device=cuda" in args[-1] and torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.train_pretrain", "--config", "configs/train/pretrain_cpu.yaml",
+         "--set", f"output_dir={tmp_path / 'out'}", "--set", "trainer.max_steps=2", "--set", "schedule.warmup_steps=0",
+         *args],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "python -m src.train_pretrain: error: " in proc.stderr and message in proc.stderr, proc.stderr[-1500:]

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from src.utils.config import ConfigError
 from src.utils.distributed import init_distributed, resolve_device
 from src.utils.logger import MetricsLogger, progress_line
 from src.utils.misc import format_count, format_duration, peak_flops, rng_state, set_rng_state
@@ -16,7 +17,7 @@ def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
         assert resolve_device("auto") == torch.device("cpu")
-        with pytest.raises(RuntimeError, match="no CUDA GPU is visible; set trainer.device=auto or cpu"):
+        with pytest.raises(ConfigError, match="no CUDA GPU is visible; set trainer.device=auto or cpu"):
             resolve_device("cuda")
 
 

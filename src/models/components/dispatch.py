@@ -43,6 +43,8 @@ from typing import Callable, Literal
 
 import torch
 
+from src.utils.config import ConfigError
+
 # op -> choice -> "module:function". `torch` entries are the references in components/.
 _REGISTRY: dict[str, dict[str, str]] = {
     "rmsnorm": {
@@ -191,9 +193,9 @@ def get_kernel(op: str, choice: str, setting: str | None = None) -> Callable:
     setting = setting or choice
     if choice not in choices:
         valid = sorted(set(choices) | set(_OTHER_VALUES.get(key, [])))
-        raise ValueError(f"kernels.{key}: '{setting}' is not available for this op; choose one of {valid}")
+        raise ConfigError(f"kernels.{key}: '{setting}' is not available for this op; choose one of {valid}")
     if choice == "triton" and not triton_available():
-        raise RuntimeError(
+        raise ConfigError(
             f"kernels.{key}: '{setting}' runs Triton kernels, which need a CUDA GPU (or TRITON_INTERPRET=1 for the "
             f"slow CPU interpreter); set kernels.{key}=torch to run on this machine"
         )
@@ -202,8 +204,41 @@ def get_kernel(op: str, choice: str, setting: str | None = None) -> Callable:
         module = importlib.import_module(module_name)
     except ImportError as e:
         fix = "pip install liger-kernel" if choice == "liger" else f"set kernels.{key}=torch"
-        raise RuntimeError(f"kernels.{key}: '{setting}' cannot be imported ({e}); {fix}") from e
+        raise ConfigError(f"kernels.{key}: '{setting}' cannot be imported ({e}); {fix}") from e
     fn = getattr(module, attr)
     if choice == "liger":
         fn = _LIGER_ADAPTERS[op](fn)
     return fn
+
+
+# The registry ops (and their choice) that each `kernels:` value runs, where they are not the key's
+# own op with the value as its choice.
+_OPS_OF_VALUE = {
+    ("swiglu", "triton"): [("swiglu", "triton"), ("swiglu_packed", "triton")],
+    ("swiglu", "fused_linear"): [("swiglu_linear", "triton")],
+    ("swiglu", "fused_linear_recompute"): [("swiglu_linear_recompute", "triton")],
+    ("gelu", "cublaslt"): [("gelu_mlp", "cublaslt")],
+    ("cross_entropy", "fused_linear"): [("fused_linear_cross_entropy", "triton")],
+}
+
+
+def check_kernels(cfg: KernelConfig) -> None:
+    """Before anything is built: every implementation the `kernels:` block chooses can run on this
+    machine (a `ConfigError` naming the key and the fix, instead of an error in the first forward).
+    Attention is checked for what does not depend on the call: an explicit `flash_attn` needs
+    flash-attn installed."""
+    for field in dataclasses.fields(cfg):
+        key, value = field.name, getattr(cfg, field.name)
+        if key in ("attention", "loss_chunk_tokens") or value == "torch":
+            continue
+        for op, choice in _OPS_OF_VALUE.get((key, value), [(key, value)]):
+            get_kernel(op, choice, setting=value)
+    if cfg.attention == "flash_attn":
+        from .attention.flash import fa2_installed, fa3_installed
+
+        if not (fa2_installed() or fa3_installed()):
+            raise ConfigError(
+                "kernels.attention: 'flash_attn' needs flash-attn, and neither flash_attn (FlashAttention-2) nor "
+                "flash_attn_interface (FlashAttention-3) is installed; pip install flash-attn, or set "
+                "kernels.attention to auto (or sdpa)"
+            )

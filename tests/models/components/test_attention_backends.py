@@ -24,6 +24,7 @@ from src.models.components.attention.backends import (
 )
 from src.models.components.attention.documents import PackedDocuments
 from src.models.components.attention.flex import flex_attention_forward
+from src.utils.config import ConfigError
 
 B, T, D = 2, 37, 16  # odd length: masks straddle FlexAttention's 128-token blocks and SDPA tiles
 GPU_D = 64  # FlexAttention's GPU kernels need head_dim >= 32
@@ -229,13 +230,13 @@ def test_unknown_backend_is_an_error():
 
 def test_explicit_backend_that_cannot_serve_the_call_says_why(monkeypatch):
     q, k, v = make_qkv(4, 2, requires_grad=True)
-    with pytest.raises(RuntimeError, match="'flex' cannot run this call: FlexAttention has no backward on CPU"):
+    with pytest.raises(ConfigError, match="'flex' cannot run this call: FlexAttention has no backward on CPU"):
         attend(q, k, v, backend="flex")
-    with pytest.raises(RuntimeError, match="no attention dropout"), torch.no_grad():
+    with pytest.raises(ConfigError, match="no attention dropout"), torch.no_grad():
         attend(q, k, v, backend="flex", dropout_p=0.1)
     monkeypatch.setattr(backends, "fa2_installed", lambda: False)
     monkeypatch.setattr(backends, "fa3_installed", lambda: False)
-    with pytest.raises(RuntimeError, match="'flash_attn' cannot run this call: neither flash_attn"):
+    with pytest.raises(ConfigError, match="'flash_attn' cannot run this call: neither flash_attn"):
         attend(q, k, v, backend="flash_attn")
 
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from src.utils.config import ConfigError
+
 from .documents import PackedDocuments
 from .flash import fa2_installed, fa3_installed, flash_attention, flash_version
 from .flex import flex_attention_forward
@@ -198,7 +200,7 @@ def resolve_backend(requested: str, request: AttentionRequest) -> str:
         return chosen
     reason = _UNSUPPORTED[requested](request)
     if reason is not None:
-        raise RuntimeError(
+        raise ConfigError(
             f"attention backend '{requested}' cannot run this call: {reason}; "
             "set kernels.attention to auto (or sdpa / eager, which serve every call)"
         )
