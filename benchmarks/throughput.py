@@ -10,7 +10,7 @@ optimized rows also carry the residual stream in bf16, `trainer.residual_dtype`)
 unit is `Trainer.train_step` (forward and backward of each of `--grad-accum` micro-batches,
 clip, optimizer step) on random tokens of one fixed batch shape. Warm-up steps (compilation
 included) are excluded; compile time is reported separately. MFU = tokens/s x FLOPs per token /
-peak FLOP/s (DESIGN.md), FLOPs per token = 6N + 12 L H Q T from `model.flops_per_token`.
+peak FLOP/s, FLOPs per token = 6N + 12 L H Q T from `model.flops_per_token`.
 
     python benchmarks/throughput.py --model configs/model/gpt_125m.yaml --batch 16 --seq-len 1024
     python benchmarks/throughput.py --model configs/model/qwen2_0.5b.yaml --batch 4 --seq-len 2048 --peers

@@ -202,7 +202,9 @@ class CausalLM(nn.Module):
         return total
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6N + 12 L H Q T (DESIGN.md, 'Measuring')."""
+        """Training FLOPs per token: 6N + 12 L H Q T, N the parameters without position tables
+        (the PaLM / nanoGPT estimate: 6N for the matmuls' forward and backward, 12 L H Q T for
+        attention's scores and weighted sums)."""
         cfg = self.config
         return 6 * self.num_parameters() + 12 * cfg.n_layer * cfg.n_head * self.head_dim * seq_len
 
