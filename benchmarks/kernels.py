@@ -31,6 +31,7 @@ import math
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -271,10 +272,13 @@ def graph_ms(
         sampler = ClockSampler(torch.cuda.current_device())
         if sampler.start():
             begin = datetime.datetime.now()
-            for _ in range(max(1, int(clock_seconds * 1e3 / max(median, 1e-3)))):
-                flush.zero_()
-                graph.replay()
-            torch.cuda.synchronize()
+            deadline = time.monotonic() + clock_seconds
+            per_sync = max(1, int(50.0 / max(median, 1e-3)))  # about 50 ms of replays between host checks
+            while time.monotonic() < deadline:
+                for _ in range(per_sync):
+                    flush.zero_()
+                    graph.replay()
+                torch.cuda.synchronize()
             reading = sampler.stop(begin, datetime.datetime.now())
     del graph
     for leaf in leaves:
