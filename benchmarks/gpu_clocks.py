@@ -32,7 +32,8 @@ TIMESTAMP_FORMAT = "%Y/%m/%d %H:%M:%S.%f"  # nvidia-smi's, e.g. 2026/12/07 23:41
 def device_id(device_index: int) -> str:
     """nvidia-smi's name for a CUDA device: its UUID (CUDA's indices follow CUDA_VISIBLE_DEVICES,
     nvidia-smi's do not)."""
-    return f"GPU-{torch.cuda.get_device_properties(device_index).uuid}"
+    uuid = str(torch.cuda.get_device_properties(device_index).uuid)
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
 
 
 def parse(text: str, begin: datetime.datetime, end: datetime.datetime) -> dict | None:
