@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .components import KVCache, compute_weight
+from .components import IGNORE_INDEX, KVCache, compute_weight
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -114,8 +114,18 @@ def save_hf_checkpoint(
     """Write config.json and safetensors (sharded with an index when larger than max_shard_bytes)."""
     from safetensors.torch import save_file
 
+    import glob
+
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
+    # Weight files of an earlier save in this directory go first: a loader (ours, and transformers')
+    # prefers model.safetensors over a sharded index, so an old single file beside new shards would
+    # be what loads. Only the names this function writes are removed; other files stay.
+    stale = [SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, TORCH_WEIGHTS_NAME]
+    stale += [os.path.basename(f) for f in glob.glob(os.path.join(path, "model-*-of-*.safetensors"))]
+    for name in stale:
+        if os.path.isfile(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
     state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
@@ -226,6 +236,7 @@ class CausalLM(nn.Module):
         attention_mask (B, T_past + T): 1 for real tokens, 0 for padding (generation).
         document_ids (B, T): packed documents (runs of equal ids); no token attends across them.
         """
+        self._check_inputs(input_ids, labels, position_ids, attention_mask, kv_cache, document_ids)
         hidden = self.hidden_states(
             input_ids,
             position_ids=position_ids,
@@ -234,6 +245,43 @@ class CausalLM(nn.Module):
             document_ids=document_ids,
         )
         return self.lm_output(hidden, labels, return_logits)
+
+    def _check_inputs(self, input_ids, labels, position_ids, attention_mask, kv_cache, document_ids) -> None:
+        """Shapes and dtypes against input_ids (B, T), so that a wrong argument is named here rather
+        than failing deep in attention, or passing with a silently wrong loss (labels of another
+        shape with as many elements). Token ids and labels are range-checked where that costs no
+        device sync: on the CPU, outside a compiled graph (on a GPU an id past the vocabulary stops
+        the embedding with a device-side assert)."""
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids of shape (batch, seq_len), got "
+                             f"{input_ids.dtype} of shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        expected = {"labels": (B, T), "position_ids": (B, T), "document_ids": (B, T), "attention_mask": (B, past + T)}
+        given = {"labels": labels, "position_ids": position_ids, "document_ids": document_ids,
+                 "attention_mask": attention_mask}  # fmt: skip
+        for name, tensor in given.items():
+            if tensor is None:
+                continue
+            shape = expected[name]
+            # position ids may be shared by the batch: (1, T)
+            ok = tuple(tensor.shape) == shape or (name == "position_ids" and tuple(tensor.shape) == (1, T))
+            if not ok:
+                cache = f" (the cache holds {past} tokens)" if name == "attention_mask" and past else ""
+                raise ValueError(f"{name} must have shape {shape} for input_ids of shape {(B, T)}{cache}, got "
+                                 f"{tuple(tensor.shape)}" + (" (labels align with input_ids: see shift_labels)"
+                                                              if name == "labels" else ""))
+        if input_ids.device.type != "cpu" or torch.compiler.is_compiling() or input_ids.numel() == 0:
+            return
+        vocab = self.config.vocab_size
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"input_ids must be in [0, vocab_size={vocab}), got ids from {low} to {high}")
+        if labels is not None:
+            kept = labels[labels != IGNORE_INDEX]
+            if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab):
+                raise ValueError(f"labels must be in [0, vocab_size={vocab}) or {IGNORE_INDEX} (ignored), "
+                                 f"got labels from {int(kept.min())} to {int(kept.max())}")
 
     def hidden_states(
         self,
@@ -299,14 +347,36 @@ class CausalLM(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("generate needs a prompt of at least one token per row (input_ids has seq_len 0)")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if do_sample and temperature <= 0:
             raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
+        if top_p is not None and not 0.0 < top_p <= 1.0:  # (NaN fails too)
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}; use None for no nucleus filtering")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}; 0 or None filter nothing")
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            if not bool(attention_mask[:, -1].all()):
+                # Right padding would predict the next token from a pad position and write the
+                # continuation after the pads: different tokens, silently.
+                raise ValueError("generate takes left-padded prompts: attention_mask has padding (0) in the last "
+                                 "position; pad on the left (tokenizer.padding_side = 'left')")
         B, T = input_ids.shape
         max_len = T + max_new_tokens
         limit = getattr(self.config, "block_size", max_len)
         if self.uses_learned_positions and max_len > limit:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size={limit}")
-        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        if eos_token_id is None:
+            eos_ids = []
+        elif isinstance(eos_token_id, (list, tuple)) or (torch.is_tensor(eos_token_id) and eos_token_id.dim() > 0):
+            eos_ids = [int(i) for i in eos_token_id]
+        else:  # an int, a numpy integer or a 0-d tensor
+            eos_ids = [int(eos_token_id)]
         if eos_ids and pad_token_id is None:
             pad_token_id = eos_ids[0]
         eos = torch.tensor(eos_ids, device=input_ids.device)
