@@ -66,7 +66,9 @@ def _cross_entropy_fwd_kernel(
         if HAS_SMOOTHING:
             x_sum += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
     lse = m + tl.log(s)
-    target = tl.load(row_ptr + label).to(tl.float32)
+    # A label outside [0, V) (and not ignore_index) is not read past the row: the row's loss
+    # is NaN instead, which the trainer's non-finite check reports (the CPU path raises on it).
+    target = tl.load(row_ptr + label, mask=(label >= 0) & (label < V), other=float("nan")).to(tl.float32)
     loss = lse - (1.0 - label_smoothing) * target + z_loss * lse * lse
     if HAS_SMOOTHING:
         loss -= label_smoothing * x_sum / V
@@ -159,7 +161,9 @@ def _cross_entropy_fwd_bwd_kernel(
                 if HAS_SMOOTHING:
                     x_sum += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
             lse = m + tl.log(s)
-            target = tl.load(row_ptr + label).to(tl.float32)
+            # A label outside [0, V) (and not ignore_index) is not read past the row: the row's loss
+            # is NaN instead, which the trainer's non-finite check reports (the CPU path raises on it).
+            target = tl.load(row_ptr + label, mask=(label >= 0) & (label < V), other=float("nan")).to(tl.float32)
             loss = lse - (1.0 - label_smoothing) * target + z_loss * lse * lse
             if HAS_SMOOTHING:
                 loss -= label_smoothing * x_sum / V

@@ -115,7 +115,11 @@ def _loss_and_numerators_kernel(
             if WRITE_HS:
                 _store_scaled_row(hidden_row, hs_row, 0.0, H, BLOCK_H)
         else:
-            target = tl.load(row_ptr + label).to(tl.float32)
+            # A label outside [0, V) (and not ignore_index) is neither read nor written past the row:
+            # its target is NaN, so the row's loss and gradients are NaN, which the trainer's
+            # non-finite check reports (the CPU path raises on it).
+            in_vocab = (label >= 0) & (label < V)
+            target = tl.load(row_ptr + label, mask=in_vocab, other=float("nan")).to(tl.float32)
             shift = target
             z = tl.zeros((), dtype=tl.float32)
             x_sum = tl.zeros((), dtype=tl.float32)
@@ -157,7 +161,7 @@ def _loss_and_numerators_kernel(
             # 1e-30 instead keeps it finite and changes the other entries by 1e-30 * p.
             scale = tl.where(tl.abs(scale) < 1e-30, 1e-30, scale)
             tl.debug_barrier()  # the block stores above, by any thread, land before the label's entry
-            tl.store(row_ptr + label, (tl.exp(target - shift) - (1.0 - label_smoothing) / scale).to(dtype))
+            tl.store(row_ptr + label, (tl.exp(target - shift) - (1.0 - label_smoothing) / scale).to(dtype), mask=in_vocab)
             tl.store(LOSS_ptr + row, loss)
             tl.store(SCALE_ptr + row, scale)
             if WRITE_HS:

@@ -113,3 +113,29 @@ def test_swiglu_linear_backward_of_no_rows():
     swiglu_linear_ref(gate_up.detach().clone().requires_grad_(), ref_weight).sum().backward()
     assert y.shape == (0, 32) and gate_up.grad.shape == gate_up.shape
     assert_close(weight.grad, ref_weight.grad, dtype, "dweight")
+
+
+@pytest.mark.parametrize("bad", [77, 500, -5], ids=["V", "far past V", "negative"])
+def test_a_label_outside_the_vocabulary_gives_nan_not_a_plausible_loss(bad):
+    """Each loss kernel read the label's logit at row + label unmasked: a label past the vocabulary
+    read (and the fused loss wrote) another row's entries and gave a plausible, wrong loss. Now
+    that row's loss is NaN, which the trainer's non-finite check reports; the other rows and the
+    memory around are untouched."""
+    vocab, hidden = 77, 24
+    logits = torch.randn(6, vocab, device=DEVICE)
+    labels = torch.randint(0, vocab, (6,), device=DEVICE)
+    labels[2] = bad
+    assert torch.isnan(cross_entropy(logits.clone(), labels))
+    h = torch.randn(6, hidden, device=DEVICE)
+    weight = torch.randn(vocab, hidden, device=DEVICE) * hidden**-0.5
+    h_leaf, w_leaf = leaf(h.clone()), leaf(weight.clone())
+    loss = fused_linear_cross_entropy(h_leaf, w_leaf, labels)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.isnan(h_leaf.grad[2]).all()  # the bad row's gradient
+    logprobs = token_logprobs(h.clone(), weight.clone(), labels, ignore_index=-100)
+    assert torch.isnan(logprobs[2]) and torch.isfinite(logprobs[[0, 1, 3, 4, 5]]).all()
+    good = labels.clone()
+    good[2] = -100  # ignored: the rows around give the reference's values
+    assert_close(token_logprobs(h, weight, good, ignore_index=-100), token_logprobs_ref(h, weight, good), torch.float32,
+                 "logprobs")
