@@ -75,8 +75,15 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint directory not found: '{path}'")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"'{path}' has no {CONFIG_NAME}; a Hugging Face checkpoint directory needs one")
-    with open(config_file, encoding="utf-8") as f:
-        return json.load(f)
+    return _read_json(config_file)
+
+
+def _read_json(file: str) -> Any:
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"'{file}' is not valid JSON ({e}); the checkpoint's file is damaged or was cut short") from e
 
 
 def load_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -89,8 +96,9 @@ def load_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if os.path.isfile(single):
         return load_file(single)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"'{index}' has no 'weight_map' object naming each tensor's shard")
         state_dict = {}
         for shard in sorted(set(weight_map.values())):
             shard_file = os.path.join(path, shard)
@@ -430,7 +438,7 @@ class CausalLM(nn.Module):
                 f"'{path}' holds a '{model_type}' checkpoint, but {cls.__name__} loads '{cls.hf_model_type}'; "
                 "use AutoModelForCausalLM.from_pretrained to pick the family from the checkpoint"
             )
-        config = cls.config_class.from_hf_config(hf_config)
+        config = cls.config_class.from_hf_config(hf_config, source=os.path.join(os.fspath(path), CONFIG_NAME))
         model = cls(config, kernels=kernels)
         state_dict = cls.from_hf_state_dict(load_hf_state_dict(path), config)
         model.load_state_dict_strict(state_dict, source=os.fspath(path))

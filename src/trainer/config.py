@@ -380,7 +380,7 @@ def resolve_model_config(cfg: TrainConfig, where: str):
         if family not in MODEL_FAMILIES:
             raise ConfigError(f"{where}: init_from '{cfg.init_from}' holds a '{family}' model; "
                               f"supported: {sorted(MODEL_FAMILIES)}")
-        hf_config = MODEL_FAMILIES[family][0].from_hf_config(hf)
+        hf_config = MODEL_FAMILIES[family][0].from_hf_config(hf, source=os.path.join(cfg.init_from, "config.json"))
         if cfg.model_config_path is not None:
             own = load_model_config(cfg.model_config_path)
             if not same_model(own, hf_config):

@@ -90,3 +90,18 @@ def test_a_sharded_save_over_a_single_file_save_loads_the_new_weights(tmp_path):
     first.save_pretrained(tmp_path)  # and back: no shards of the sharded save left
     assert not list(tmp_path.glob("model-*-of-*.safetensors")) and not (tmp_path / "model.safetensors.index.json").exists()
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path).eval()(ids).logits, first(ids).logits)
+
+
+def test_a_damaged_config_or_index_names_the_file(tmp_path):
+    model = tiny("gpt2")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}\n}')  # extra data: a damaged file
+    with pytest.raises(ValueError, match=r"config.json' is not valid JSON"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, max_shard_bytes=20_000)
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}')
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json' is not valid JSON"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2, "n_head": 2, "vocab_size": 320}')
+    with pytest.raises(ValueError, match=r"n_embd.*config.json"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

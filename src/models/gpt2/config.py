@@ -9,6 +9,12 @@ from ..modeling_utils import require_positive, require_probability
 
 _DROPOUTS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
 GPT2_END_OF_TEXT = 50256  # <|endoftext|> of GPT-2's tokenizer: its bos and eos
+GPT2_N_POSITIONS = 1024  # transformers' GPT2Config default for a config.json without n_positions
+# config.json keys that set the model's size. transformers' GPT2Config has defaults for these too, but
+# they describe one model (GPT-2 small: 768 wide, 12 layers, 12 heads, 50257 tokens); a file that omits
+# one most likely describes another, and the default would surface only later as every weight's shape
+# mismatching. So these are required; the other keys default as in transformers.
+_REQUIRED_HF_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size")
 
 
 @dataclass
@@ -64,7 +70,15 @@ class GPT2Config:
         self.ffn_dim = self.n_inner or 4 * self.n_embd
 
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any]) -> "GPT2Config":
+    def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> "GPT2Config":
+        """The config of a Hugging Face config.json (as a dict); `source` names the file in errors.
+        Keys it lacks take transformers' GPT2Config defaults, but for the sizes in _REQUIRED_HF_KEYS."""
+        missing = [key for key in _REQUIRED_HF_KEYS if hf.get(key) is None]
+        if missing:
+            raise ValueError(
+                f"GPT-2 {source} lacks {', '.join(missing)} (or sets null): they set the model's size and have "
+                "no default that fits every checkpoint; add them to config.json with the sizes of the checkpoint's weights"
+            )
         unsupported = {
             "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False,
@@ -82,15 +96,16 @@ class GPT2Config:
             n_head=hf["n_head"],
             n_embd=hf["n_embd"],
             vocab_size=hf["vocab_size"],
-            block_size=hf["n_positions"],
+            block_size=hf.get("n_positions", GPT2_N_POSITIONS),
             n_inner=hf.get("n_inner"),
             activation=hf.get("activation_function", "gelu_new"),
             **dropouts,
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             tie_word_embeddings=hf.get("tie_word_embeddings", True),
             init_std=hf.get("initializer_range", 0.02),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
+            # transformers' default; __post_init__ unsets it for a vocabulary without that token.
+            bos_token_id=hf.get("bos_token_id", GPT2_END_OF_TEXT),
+            eos_token_id=hf.get("eos_token_id", GPT2_END_OF_TEXT),
         )
 
     def to_hf_config(self) -> dict[str, Any]:

@@ -12,20 +12,21 @@ import torch
 
 from .config import GPT2Config
 
-# (ours, theirs) with {i} for the layer index; `transpose` marks Conv1D weights.
+# (ours, theirs, Conv1D shape) with {i} for the layer index. The shape, (in, out) from the config,
+# marks the Conv1D weights, which are transposed; None marks the tensors copied as they are.
 _LAYER_NAMES = [
-    ("layers.{i}.ln_1.weight", "transformer.h.{i}.ln_1.weight", False),
-    ("layers.{i}.ln_1.bias", "transformer.h.{i}.ln_1.bias", False),
-    ("layers.{i}.attn.qkv.weight", "transformer.h.{i}.attn.c_attn.weight", True),
-    ("layers.{i}.attn.qkv.bias", "transformer.h.{i}.attn.c_attn.bias", False),
-    ("layers.{i}.attn.proj.weight", "transformer.h.{i}.attn.c_proj.weight", True),
-    ("layers.{i}.attn.proj.bias", "transformer.h.{i}.attn.c_proj.bias", False),
-    ("layers.{i}.ln_2.weight", "transformer.h.{i}.ln_2.weight", False),
-    ("layers.{i}.ln_2.bias", "transformer.h.{i}.ln_2.bias", False),
-    ("layers.{i}.mlp.fc.weight", "transformer.h.{i}.mlp.c_fc.weight", True),
-    ("layers.{i}.mlp.fc.bias", "transformer.h.{i}.mlp.c_fc.bias", False),
-    ("layers.{i}.mlp.proj.weight", "transformer.h.{i}.mlp.c_proj.weight", True),
-    ("layers.{i}.mlp.proj.bias", "transformer.h.{i}.mlp.c_proj.bias", False),
+    ("layers.{i}.ln_1.weight", "transformer.h.{i}.ln_1.weight", None),
+    ("layers.{i}.ln_1.bias", "transformer.h.{i}.ln_1.bias", None),
+    ("layers.{i}.attn.qkv.weight", "transformer.h.{i}.attn.c_attn.weight", lambda c: (c.n_embd, 3 * c.n_embd)),
+    ("layers.{i}.attn.qkv.bias", "transformer.h.{i}.attn.c_attn.bias", None),
+    ("layers.{i}.attn.proj.weight", "transformer.h.{i}.attn.c_proj.weight", lambda c: (c.n_embd, c.n_embd)),
+    ("layers.{i}.attn.proj.bias", "transformer.h.{i}.attn.c_proj.bias", None),
+    ("layers.{i}.ln_2.weight", "transformer.h.{i}.ln_2.weight", None),
+    ("layers.{i}.ln_2.bias", "transformer.h.{i}.ln_2.bias", None),
+    ("layers.{i}.mlp.fc.weight", "transformer.h.{i}.mlp.c_fc.weight", lambda c: (c.n_embd, c.ffn_dim)),
+    ("layers.{i}.mlp.fc.bias", "transformer.h.{i}.mlp.c_fc.bias", None),
+    ("layers.{i}.mlp.proj.weight", "transformer.h.{i}.mlp.c_proj.weight", lambda c: (c.ffn_dim, c.n_embd)),
+    ("layers.{i}.mlp.proj.bias", "transformer.h.{i}.mlp.c_proj.bias", None),
 ]
 _GLOBAL_NAMES = [
     ("wte.weight", "transformer.wte.weight"),
@@ -40,11 +41,12 @@ _IGNORED = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 
 
 def _pairs(config: GPT2Config):
+    """(ours, theirs, the Conv1D (in, out) shape or None) for every tensor but the head."""
     for ours, theirs in _GLOBAL_NAMES:
-        yield ours, theirs, False
+        yield ours, theirs, None
     for i in range(config.n_layer):
-        for ours, theirs, transpose in _LAYER_NAMES:
-            yield ours.format(i=i), theirs.format(i=i), transpose
+        for ours, theirs, conv1d_shape in _LAYER_NAMES:
+            yield ours.format(i=i), theirs.format(i=i), conv1d_shape(config) if conv1d_shape else None
 
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], config: GPT2Config) -> dict[str, torch.Tensor]:
@@ -53,14 +55,35 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: GPT2Config) -> dict[
         hf = {f"transformer.{k}" if not k.startswith("lm_head.") else k: v for k, v in hf.items()}
     hf = {k: v for k, v in hf.items() if not _IGNORED.match(k)}
     ours, used = {}, set()
-    for our_name, hf_name, transpose in _pairs(config):
+    for our_name, hf_name, conv1d_shape in _pairs(config):
         if hf_name not in hf:
             raise ValueError(f"GPT-2 checkpoint lacks '{hf_name}' (n_layer={config.n_layer} in its config)")
         tensor = hf[hf_name]
-        ours[our_name] = tensor.t().contiguous() if transpose else tensor
+        if conv1d_shape is not None and tuple(tensor.shape) != conv1d_shape:
+            # Checked here, in the file's layout: after the transpose the model's own check would name
+            # our tensor and a shape the file does not hold (an nn.Linear-layout export reads as correct).
+            raise ValueError(
+                f"GPT-2 checkpoint does not match the model config (config.json): wrong shape {hf_name}: "
+                f"checkpoint {tuple(tensor.shape)} vs model {conv1d_shape} (Conv1D layout (in, out), loaded transposed "
+                f"into our {our_name}; from n_embd={config.n_embd}, "
+                f"MLP width n_inner={config.ffn_dim}); correct config.json, or export the weights as transformers' Conv1D "
+                "(in, out) rather than nn.Linear (out, in)"
+            )
+        ours[our_name] = tensor.t().contiguous() if conv1d_shape is not None else tensor
         used.add(hf_name)
     if config.tie_word_embeddings:
-        ours["lm_head.weight"] = ours["wte.weight"]  # a stored copy of the tied head is ignored
+        if "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], ours["wte.weight"]):
+            # transformers keeps such a head untied (and only warns); dropping it would silently give
+            # other logits than the checkpoint's.
+            raise ValueError(
+                "GPT-2 checkpoint stores an 'lm_head.weight' that differs from 'transformer.wte.weight', but its "
+                "config.json sets tie_word_embeddings: true (transformers' default for GPT-2 when the key is absent), "
+                "which would replace the stored head with the embedding; set tie_word_embeddings: false in "
+                "config.json to keep the stored head, or remove lm_head.weight from the checkpoint to tie the head "
+                "to the embedding"
+            )
+        # An equal stored copy of the tied head (some exporters write both) is dropped.
+        ours["lm_head.weight"] = ours["wte.weight"]
     elif "lm_head.weight" in hf:
         ours["lm_head.weight"] = hf["lm_head.weight"]
     else:
@@ -78,9 +101,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: GPT2Config) -> dict[
 
 def to_hf_state_dict(ours: dict[str, torch.Tensor], config: GPT2Config) -> dict[str, torch.Tensor]:
     hf = {}
-    for our_name, hf_name, transpose in _pairs(config):
+    for our_name, hf_name, conv1d_shape in _pairs(config):
         tensor = ours[our_name]
-        hf[hf_name] = tensor.t().contiguous() if transpose else tensor
+        hf[hf_name] = tensor.t().contiguous() if conv1d_shape is not None else tensor
     if not config.tie_word_embeddings:
         hf["lm_head.weight"] = ours["lm_head.weight"]
     return hf

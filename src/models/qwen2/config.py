@@ -9,6 +9,16 @@ from ..components.embeddings.rotary import normalize_rope_scaling
 from ..components.mlp import ffn_hidden_dim
 from ..modeling_utils import require_positive, require_probability
 
+# transformers' Qwen2Config defaults, for a config.json that lacks the key.
+HF_MAX_WINDOW_LAYERS = 28
+HF_SLIDING_WINDOW = 4096  # used only with use_sliding_window: true
+# config.json keys that set the model's size. transformers' Qwen2Config has defaults for these too
+# (hidden_size 4096, 32 layers, 32 heads and 32 key/value heads, intermediate_size 22016, 151936 tokens),
+# but they describe one model; a file that omits one most likely describes another, and the default
+# would surface only later as weight shapes mismatching (or as "n_head must be a multiple of
+# num_kv_heads"). So these are required; the other keys default as in transformers.
+_REQUIRED_HF_KEYS = ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size", "intermediate_size")
+
 
 @dataclass
 class Qwen2Config:
@@ -81,13 +91,25 @@ class Qwen2Config:
         self.layer_windows = [window if i >= self.max_window_layers else None for i in range(self.n_layer)]
 
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any]) -> "Qwen2Config":
+    def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> "Qwen2Config":
+        """The config of a Hugging Face config.json (as a dict); `source` names the file in errors.
+        Keys it lacks take transformers' Qwen2Config defaults, but for the sizes in _REQUIRED_HF_KEYS."""
+        missing = [key for key in _REQUIRED_HF_KEYS if hf.get(key) is None]
+        if "num_key_value_heads" not in hf:  # null is fine: transformers reads it as num_attention_heads
+            missing.append("num_key_value_heads")
+        if missing:
+            raise ValueError(
+                f"Qwen2 {source} lacks {', '.join(missing)} (or sets null): they set the model's size and have "
+                "no default that fits every checkpoint; add them to config.json with the sizes of the checkpoint's weights"
+            )
+        max_window_layers = hf.get("max_window_layers", HF_MAX_WINDOW_LAYERS)
+        use_sliding_window = bool(hf.get("use_sliding_window", False))
         rope = hf.get("rope_parameters") or {}  # transformers >= 5
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         base = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        if hf.get("layer_types") and hf.get("use_sliding_window"):
+        if hf.get("layer_types") and use_sliding_window:
             expected = [
-                "sliding_attention" if i >= hf.get("max_window_layers", 0) else "full_attention"
+                "sliding_attention" if i >= max_window_layers else "full_attention"
                 for i in range(hf["num_hidden_layers"])
             ]
             if list(hf["layer_types"]) != expected:
@@ -103,9 +125,10 @@ class Qwen2Config:
             head_dim=hf.get("head_dim"),
             rope_base=float(base),
             rope_scaling=scaling,
-            use_sliding_window=bool(hf.get("use_sliding_window", False)),
-            sliding_window=hf.get("sliding_window"),
-            max_window_layers=hf.get("max_window_layers", 0),
+            use_sliding_window=use_sliding_window,
+            # transformers' default window applies only when the window is on; off, the value is unused.
+            sliding_window=hf.get("sliding_window", HF_SLIDING_WINDOW if use_sliding_window else None),
+            max_window_layers=max_window_layers,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             hidden_act=hf.get("hidden_act", "silu"),

@@ -25,28 +25,58 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: Qwen2Config) -> dict
             raise ValueError(f"Qwen2 checkpoint lacks '{name}' (n_layer={config.n_layer} in its config)")
         return hf.pop(name)
 
+    def take_shaped(name: str, shape: tuple[int, ...], fused_into: str) -> torch.Tensor:
+        # For the tensors fused into qkv / gate_up: torch.cat checks only the summed rows, so k and v
+        # (or gate and up) split at another row than the config's would load silently as a different
+        # attention (MLP), and a wrong in-features size fails inside torch.cat naming no tensor.
+        tensor = take(name)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"Qwen2 checkpoint does not match the model config (config.json): wrong shape {name}: "
+                f"checkpoint {tuple(tensor.shape)} vs model {shape}, a part of our {fused_into} "
+                f"(from hidden_size={config.n_embd}, num_attention_heads={config.n_head}, num_key_value_heads={config.num_kv_heads}, "
+                f"head_dim={config.head_dim}, intermediate_size={config.ffn_dim}); "
+                "correct config.json or the checkpoint so they describe the same model"
+            )
+        return tensor
+
+    q_size = config.n_head * config.head_dim
+    kv_size = config.num_kv_heads * config.head_dim
+    proj_sizes = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
     ours["embed_tokens.weight"] = take("model.embed_tokens.weight")
     ours["norm.weight"] = take("model.norm.weight")
     for i in range(config.n_layer):
         o, h = _layer(i)
-        attn = h + "self_attn."
-        ours[o + "self_attn.qkv.weight"] = torch.cat(
-            [take(attn + "q_proj.weight"), take(attn + "k_proj.weight"), take(attn + "v_proj.weight")], dim=0
-        )
+        attn, qkv, gate_up = h + "self_attn.", o + "self_attn.qkv.", o + "mlp.gate_up.weight"
+        ours[qkv + "weight"] = torch.cat(
+            [take_shaped(f"{attn}{p}.weight", (rows, config.n_embd), qkv + "weight") for p, rows in proj_sizes.items()],
+            dim=0,
+        )  # (q_size + 2 * kv_size, C)
         if config.qkv_bias:
-            ours[o + "self_attn.qkv.bias"] = torch.cat(
-                [take(attn + "q_proj.bias"), take(attn + "k_proj.bias"), take(attn + "v_proj.bias")], dim=0
+            ours[qkv + "bias"] = torch.cat(
+                [take_shaped(f"{attn}{p}.bias", (rows,), qkv + "bias") for p, rows in proj_sizes.items()], dim=0
             )
         ours[o + "self_attn.o_proj.weight"] = take(attn + "o_proj.weight")
-        ours[o + "mlp.gate_up.weight"] = torch.cat(
-            [take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")], dim=0
-        )
+        ours[gate_up] = torch.cat(
+            [take_shaped(f"{h}mlp.{p}.weight", (config.ffn_dim, config.n_embd), gate_up) for p in ("gate_proj", "up_proj")],
+            dim=0,
+        )  # (2 * ffn_dim, C)
         ours[o + "mlp.down.weight"] = take(h + "mlp.down_proj.weight")
         ours[o + "input_layernorm.weight"] = take(h + "input_layernorm.weight")
         ours[o + "post_attention_layernorm.weight"] = take(h + "post_attention_layernorm.weight")
     lm_head = hf.pop("lm_head.weight", None)
     if config.tie_word_embeddings:
-        ours["lm_head.weight"] = ours["embed_tokens.weight"]  # a stored copy of the tied head is ignored
+        if lm_head is not None and not torch.equal(lm_head, ours["embed_tokens.weight"]):
+            # transformers keeps such a head untied (and only warns); dropping it would silently give
+            # other logits than the checkpoint's.
+            raise ValueError(
+                "Qwen2 checkpoint stores an 'lm_head.weight' that differs from 'model.embed_tokens.weight', "
+                "but its config.json sets tie_word_embeddings: true, which would replace the stored head with "
+                "the embedding; set tie_word_embeddings: false in config.json to keep the stored head, or "
+                "remove lm_head.weight from the checkpoint to tie the head to the embedding"
+            )
+        # An equal stored copy of the tied head (some exporters write both) is dropped.
+        ours["lm_head.weight"] = ours["embed_tokens.weight"]
     elif lm_head is not None:
         ours["lm_head.weight"] = lm_head
     else:
