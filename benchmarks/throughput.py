@@ -60,6 +60,7 @@ import torch._inductor.config as inductor_config  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere: the repository root on the path
 
+from benchmarks.gpu_clocks import ClockSampler  # noqa: E402
 from src.models import AutoModelForCausalLM, KernelConfig, load_model_config  # noqa: E402
 from src.trainer.config import DDP_BUCKET_CAP_MB, TrainConfig  # noqa: E402
 from src.trainer.trainer import Trainer  # noqa: E402
@@ -456,27 +457,38 @@ def run_hf(args, variant: Variant, groups: list[list[dict]], steps: int, info) -
 
 
 def time_steps(step_fn, groups: list[list[dict]], steps: int, args, info) -> dict:
-    """Warm-up (compile) steps, then `steps - warmup` timed steps; losses of every step kept."""
+    """Warm-up (compile) steps, then `steps - warmup` timed steps; losses of every step kept.
+    With `--clocks`, nvidia-smi samples the SM clock and power from the warm-up on (it needs a few
+    hundred ms to start), and the samples of the timed steps are kept."""
     cuda = info.device.type == "cuda"
-    losses = []
-    t0 = time.perf_counter()
-    for i in range(args.warmup):
-        losses.append(step_fn(groups[i % len(groups)], i))
-    if cuda:
-        torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - t0
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    timed = steps - args.warmup
-    host_s = []  # each call's own time: below the step time while the host runs ahead of the GPU
-    t0 = time.perf_counter()
-    for i in range(args.warmup, steps):
-        t_call = time.perf_counter()
-        losses.append(step_fn(groups[i % len(groups)], i))
-        host_s.append(time.perf_counter() - t_call)
-    if cuda:
-        torch.cuda.synchronize()
-    step_s = (time.perf_counter() - t0) / timed
+    sampler = ClockSampler(info.device.index or 0) if cuda and getattr(args, "clocks", False) else None
+    if sampler is not None and not sampler.start():
+        sampler = None
+    reading, begin = None, datetime.datetime.now()
+    try:
+        losses = []
+        t0 = time.perf_counter()
+        for i in range(args.warmup):
+            losses.append(step_fn(groups[i % len(groups)], i))
+        if cuda:
+            torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        timed = steps - args.warmup
+        host_s = []  # each call's own time: below the step time while the host runs ahead of the GPU
+        begin = datetime.datetime.now()
+        t0 = time.perf_counter()
+        for i in range(args.warmup, steps):
+            t_call = time.perf_counter()
+            losses.append(step_fn(groups[i % len(groups)], i))
+            host_s.append(time.perf_counter() - t_call)
+        if cuda:
+            torch.cuda.synchronize()
+        step_s = (time.perf_counter() - t0) / timed
+    finally:
+        if sampler is not None:  # also stopped when a step raises: no nvidia-smi left running
+            reading = sampler.stop(begin, datetime.datetime.now())
     tokens_per_step = args.batch * args.seq_len * args.grad_accum * info.world_size
     return {
         "step_ms": 1e3 * step_s,
@@ -488,6 +500,8 @@ def time_steps(step_fn, groups: list[list[dict]], steps: int, args, info) -> dic
         # between replays, so their real footprint is this one.
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan"),
         "losses": [float(l) for l in torch.stack([torch.as_tensor(l, device="cpu") for l in losses]).tolist()],
+        # --clocks: median SM clock (MHz) and power draw (W) over the timed steps
+        **({"sm_mhz": reading["sm_mhz"], "power_w": reading["power_w"]} if reading else {}),
     }
 
 
@@ -752,6 +766,9 @@ def parse_args(argv=None):
     p.add_argument("--profile-ops", action="store_true",
                    help="with --profile: trace the host's ops too and name, for each costly kernel, the ops that "
                         "launched it (informative without CUDA graphs, whose kernels all come from a graph launch)")
+    p.add_argument("--clocks", action="store_true",
+                   help="read the SM clock and power draw (nvidia-smi) during each variant's timed steps: an MFU "
+                        "below the matmuls' rate can be the clock at the power cap")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/throughput_<model>_<device>.json)")
     return p.parse_args(argv)
 
@@ -829,7 +846,9 @@ def main(argv=None) -> None:
         if info.rank == 0:
             print(f"{variant.name}: {result['tokens_per_s']:.0f} tokens/s, step {result['step_ms']:.1f} ms "
                   f"(host {result['host_ms']:.1f} ms per call), "
-                  f"peak {result['peak_gib']:.2f} GiB, compile {result['compile_s']:.1f} s", flush=True)
+                  f"peak {result['peak_gib']:.2f} GiB, compile {result['compile_s']:.1f} s"
+                  + (f", {result['sm_mhz']:.0f} MHz, {result['power_w']:.0f} W" if "sm_mhz" in result else ""),
+                  flush=True)
 
     if info.rank == 0:
         device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"

@@ -349,3 +349,23 @@ def test_steps_must_exceed_the_warmup():
         throughput.main(["--loss-check", "5"])
     with pytest.raises(SystemExit, match="--warmup be >= 0"):
         throughput.main(["--warmup", "-1"])
+
+
+@pytest.mark.gpu
+def test_clocks_read_during_the_timed_steps_gpu():
+    import shutil
+    import types
+
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("nvidia-smi not on the PATH")
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def step(group, i):
+        for _ in range(20):
+            a @ a
+        return torch.zeros((), device="cuda")
+
+    args = types.SimpleNamespace(warmup=20, batch=1, seq_len=1, grad_accum=1, clocks=True)
+    info = types.SimpleNamespace(device=torch.device("cuda", torch.cuda.current_device()), world_size=1)
+    result = throughput.time_steps(step, [[{}]], 120, args, info)
+    assert 100 < result["sm_mhz"] < 5000 and result["power_w"] > 0
