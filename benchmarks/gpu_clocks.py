@@ -22,6 +22,7 @@ import datetime
 import shutil
 import statistics
 import subprocess
+import tempfile
 
 import torch
 
@@ -65,15 +66,20 @@ class ClockSampler:
         self.device_index = device_index
         self.period_ms = period_ms
         self.process: subprocess.Popen | None = None
+        self.output = None
 
     def start(self) -> bool:
         executable = shutil.which("nvidia-smi")
         if executable is None:
             return False
+        # Into a file, not a pipe: nothing reads until stop(), and a pipe's 64 KiB fill in about 30 s
+        # at 50 lines a second, after which nvidia-smi blocks and samples no more (a compiled model's
+        # warm-up alone takes longer).
+        self.output = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [executable, f"--id={device_id(self.device_index)}", f"--query-gpu={QUERY}",
              "--format=csv,noheader,nounits", f"--loop-ms={self.period_ms}"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            stdout=self.output, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         return True
 
@@ -82,12 +88,16 @@ class ClockSampler:
             return None
         self.process.terminate()
         try:
-            text, _ = self.process.communicate(timeout=10)
+            self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            text, _ = self.process.communicate()
+            self.process.wait()
         self.process = None
-        return parse(text or "", begin, end)
+        self.output.seek(0)
+        text = self.output.read()
+        self.output.close()
+        self.output = None
+        return parse(text, begin, end)
 
 
 def limits(device_index: int) -> dict | None:

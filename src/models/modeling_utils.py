@@ -12,6 +12,8 @@ and inherits `forward`, which adds the LM head and the loss.
 from __future__ import annotations
 
 import json
+import numbers
+import operator
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -357,8 +359,13 @@ class CausalLM(nn.Module):
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] == 0:
             raise ValueError("generate needs a prompt of at least one token per row (input_ids has seq_len 0)")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        try:  # an int, a numpy integer or a 0-d integer tensor; not a bool or a float
+            steps = operator.index(max_new_tokens) if not isinstance(max_new_tokens, bool) else -1
+        except TypeError:
+            steps = -1
+        if steps < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        max_new_tokens = steps
         if do_sample and temperature <= 0:
             raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
         if top_p is not None and not 0.0 < top_p <= 1.0:  # (NaN fails too)
@@ -381,10 +388,10 @@ class CausalLM(nn.Module):
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size={limit}")
         if eos_token_id is None:
             eos_ids = []
-        elif isinstance(eos_token_id, (list, tuple)) or (torch.is_tensor(eos_token_id) and eos_token_id.dim() > 0):
+        elif isinstance(eos_token_id, numbers.Integral) or (torch.is_tensor(eos_token_id) and eos_token_id.dim() == 0):
+            eos_ids = [int(eos_token_id)]  # an int, a numpy integer or a 0-d tensor
+        else:  # any collection of ids: a list, tuple, set, array or 1-d tensor
             eos_ids = [int(i) for i in eos_token_id]
-        else:  # an int, a numpy integer or a 0-d tensor
-            eos_ids = [int(eos_token_id)]
         if eos_ids and pad_token_id is None:
             pad_token_id = eos_ids[0]
         eos = torch.tensor(eos_ids, device=input_ids.device)

@@ -61,7 +61,7 @@ def config_from_args(task: str, args: argparse.Namespace) -> TrainConfig:
                           f"give a train YAML such as configs/train/{task}.yaml")
     # --resume is a path (or auto), passed as typed: as a --set value it would be read as YAML
     cfg = load_config(args.config, args.overrides, task=task, resume=args.resume)
-    check_kernels(cfg.kernels)  # a kernel this machine cannot run: refused before anything is built
+    check_kernels(cfg.kernels, cfg.model_config.model_family)  # a kernel this machine cannot run: refused first
     return cfg
 
 

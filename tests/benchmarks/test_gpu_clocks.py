@@ -72,3 +72,28 @@ def test_kernels_script_takes_the_clocks_flag(capsys):
     with pytest.raises(SystemExit):
         kernels_script.main(["--ops", "fused_linear_cross_entropy", "--clocks"])
     assert "needs a CUDA GPU" in capsys.readouterr().err  # parsed: the refusal, not "unrecognized arguments"
+
+
+def test_a_long_run_keeps_sampling_past_a_pipe_buffer(tmp_path, monkeypatch):
+    """nvidia-smi's output went to a pipe nobody read before stop(): after 64 KiB (about 30 s of
+    samples, less than a compiled model's warm-up) it blocked and took no more samples. The
+    stand-in writes 200 KB at once, then samples."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        "trap 'exit 0' TERM\n"
+        'for i in $(seq 5000); do echo "2000/01/01 00:00:00.000, 1980, 100.0"; done\n'
+        'while true; do echo "$(date +\'%Y/%m/%d %H:%M:%S.%3N\'), 1700, 650.0"; sleep 0.02; done\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(gpu_clocks, "device_id", lambda index: "GPU-fake")
+    sampler = gpu_clocks.ClockSampler(0)
+    assert sampler.start()
+    import time
+
+    time.sleep(0.5)
+    begin = datetime.datetime.now()
+    time.sleep(0.3)
+    reading = sampler.stop(begin, datetime.datetime.now())
+    assert reading is not None and reading["sm_mhz"] == 1700.0 and reading["samples"] >= 3

@@ -52,6 +52,11 @@ def test_check_kernels_refuses_what_this_machine_cannot_run_before_anything_is_b
     with pytest.raises(ConfigError, match="kernels.swiglu: 'fused_linear'.*set kernels.swiglu=torch"):
         check_kernels(KernelConfig(swiglu="fused_linear"))
     check_kernels(KernelConfig(gelu="cublaslt", linear="tuned"))  # no Triton: they fall back to torch's GEMMs
+    # Only the ops the model family builds: a GPT-2 has no RoPE, a Qwen2 no LayerNorm.
+    check_kernels(KernelConfig(rope="triton"), "gpt2")
+    check_kernels(KernelConfig(layernorm="triton"), "qwen2")
+    with pytest.raises(ConfigError, match="kernels.rope: 'triton'"):
+        check_kernels(KernelConfig(rope="triton"), "qwen2")
 
 
 def test_check_kernels_names_a_missing_liger(monkeypatch):

@@ -69,9 +69,10 @@ def test_generate_refuses_what_it_cannot_honour(family):
         with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
             model.generate(ids, 2, do_sample=True, top_p=bad)
     assert torch.equal(model.generate(ids, 0), ids)
+    assert model.generate(ids, np.int64(2)).shape == (2, 8) and model.generate(ids, torch.tensor(2)).shape == (2, 8)
     # integer-like EOS ids: numpy and 0-d tensors, as a tokenizer may give them
     eos = int(model.generate(ids, 1)[0, -1])
-    for given in (np.int64(eos), torch.tensor(eos), torch.tensor([eos])):
+    for given in (np.int64(eos), torch.tensor(eos), torch.tensor([eos]), {eos}, (eos,)):
         out = model.generate(ids, 4, eos_token_id=given, pad_token_id=0)
         assert out[0, 6] == eos and bool((out[0, 7:] == 0).all())
 

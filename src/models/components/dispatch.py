@@ -222,14 +222,23 @@ _OPS_OF_VALUE = {
 }
 
 
-def check_kernels(cfg: KernelConfig) -> None:
-    """Before anything is built: every implementation the `kernels:` block chooses can run on this
-    machine (a `ConfigError` naming the key and the fix, instead of an error in the first forward).
-    Attention is checked for what does not depend on the call: an explicit `flash_attn` needs
-    flash-attn installed."""
+# The `kernels:` keys each model family builds (a GPT-2 has no RoPE or RMSNorm, a Qwen2 no
+# LayerNorm or GELU MLP): a choice for an op the model never runs is not checked.
+FAMILY_KERNEL_KEYS = {
+    "gpt2": ("layernorm", "gelu", "cross_entropy", "linear"),
+    "qwen2": ("rmsnorm", "rope", "swiglu", "cross_entropy", "linear"),
+}
+
+
+def check_kernels(cfg: KernelConfig, family: str | None = None) -> None:
+    """Before anything is built: every implementation the `kernels:` block chooses for the ops of
+    `family` (all ops when None) can run on this machine (a `ConfigError` naming the key and the
+    fix, instead of an error in the first forward). Attention is checked for what does not depend
+    on the call: an explicit `flash_attn` needs flash-attn installed."""
+    keys = FAMILY_KERNEL_KEYS.get(family) if family is not None else None
     for field in dataclasses.fields(cfg):
         key, value = field.name, getattr(cfg, field.name)
-        if key in ("attention", "loss_chunk_tokens") or value == "torch":
+        if key in ("attention", "loss_chunk_tokens") or value == "torch" or (keys is not None and key not in keys):
             continue
         for op, choice in _OPS_OF_VALUE.get((key, value), [(key, value)]):
             get_kernel(op, choice, setting=value)
