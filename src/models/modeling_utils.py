@@ -66,6 +66,41 @@ def require_probability(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1) (a dropout probability), got {value}")
 
 
+def require_token_id(name: str, token: int | None, vocab_size: int) -> None:
+    """A special token's id: None (unset) or inside the vocabulary."""
+    if token is not None and not 0 <= token < vocab_size:
+        raise ValueError(f"{name} {token} is outside the vocabulary (vocab_size {vocab_size})")
+
+
+def require_hf_size_keys(
+    family: str, hf: dict[str, Any], keys: tuple[str, ...], source: str, nullable: tuple[str, ...] = ()
+) -> None:
+    """The config.json keys that set a model's size must be present (`nullable` ones may be null).
+    transformers has defaults for them too, but those describe one model; a file that omits one most
+    likely describes another, and the default would surface only later as every weight's shape
+    mismatching."""
+    missing = [key for key in keys if hf.get(key) is None] + [key for key in nullable if key not in hf]
+    if missing:
+        raise ValueError(
+            f"{family} {source} lacks {', '.join(missing)} (or sets null): they set the model's size and have "
+            "no default that fits every checkpoint; add them to config.json with the sizes of the checkpoint's weights"
+        )
+
+
+def tied_head(family: str, stored_head: torch.Tensor | None, embedding: torch.Tensor, embedding_name: str) -> torch.Tensor:
+    """The head of a config with tie_word_embeddings: true, the embedding. A stored copy equal to it
+    (some exporters write both) is dropped; a different one is an error, since dropping it would
+    silently give other logits than the checkpoint's (transformers keeps it untied, and only warns)."""
+    if stored_head is not None and not torch.equal(stored_head, embedding):
+        raise ValueError(
+            f"{family} checkpoint stores an 'lm_head.weight' that differs from '{embedding_name}', but its "
+            "config.json sets tie_word_embeddings: true (transformers' default where the key is absent), which "
+            "would replace the stored head with the embedding; set tie_word_embeddings: false in config.json to "
+            "keep the stored head, or remove lm_head.weight from the checkpoint to tie the head to the embedding"
+        )
+    return embedding
+
+
 # ----------------------------------------------------------------------------------------------
 # Hugging Face checkpoint files
 

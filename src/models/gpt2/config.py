@@ -5,15 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..modeling_utils import require_positive, require_probability
+from ..modeling_utils import require_hf_size_keys, require_positive, require_probability, require_token_id
 
 _DROPOUTS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
 GPT2_END_OF_TEXT = 50256  # <|endoftext|> of GPT-2's tokenizer: its bos and eos
 GPT2_N_POSITIONS = 1024  # transformers' GPT2Config default for a config.json without n_positions
-# config.json keys that set the model's size. transformers' GPT2Config has defaults for these too, but
-# they describe one model (GPT-2 small: 768 wide, 12 layers, 12 heads, 50257 tokens); a file that omits
-# one most likely describes another, and the default would surface only later as every weight's shape
-# mismatching. So these are required; the other keys default as in transformers.
+# config.json keys that set the model's size, required (transformers' defaults describe GPT-2 small);
+# the other keys default as in transformers.
 _REQUIRED_HF_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size")
 
 
@@ -64,8 +62,8 @@ class GPT2Config:
                 # The default names GPT-2's tokenizer's <|endoftext|>, which a smaller vocabulary (a
                 # byte-level toy model) lacks: unset, the trainer takes its tokenizer's end token.
                 setattr(self, name, None)
-            elif token is not None and not 0 <= token < self.vocab_size:
-                raise ValueError(f"{name} {token} is outside the vocabulary (vocab_size {self.vocab_size})")
+            else:
+                require_token_id(name, token, self.vocab_size)
         self.head_dim = self.n_embd // self.n_head
         self.ffn_dim = self.n_inner or 4 * self.n_embd
 
@@ -73,12 +71,7 @@ class GPT2Config:
     def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> "GPT2Config":
         """The config of a Hugging Face config.json (as a dict); `source` names the file in errors.
         Keys it lacks take transformers' GPT2Config defaults, but for the sizes in _REQUIRED_HF_KEYS."""
-        missing = [key for key in _REQUIRED_HF_KEYS if hf.get(key) is None]
-        if missing:
-            raise ValueError(
-                f"GPT-2 {source} lacks {', '.join(missing)} (or sets null): they set the model's size and have "
-                "no default that fits every checkpoint; add them to config.json with the sizes of the checkpoint's weights"
-            )
+        require_hf_size_keys("GPT-2", hf, _REQUIRED_HF_KEYS, source)
         unsupported = {
             "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False,

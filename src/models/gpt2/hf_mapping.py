@@ -10,6 +10,7 @@ import re
 
 import torch
 
+from ..modeling_utils import tied_head
 from .config import GPT2Config
 
 # (ours, theirs, Conv1D shape) with {i} for the layer index. The shape, (in, out) from the config,
@@ -72,18 +73,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: GPT2Config) -> dict[
         ours[our_name] = tensor.t().contiguous() if conv1d_shape is not None else tensor
         used.add(hf_name)
     if config.tie_word_embeddings:
-        if "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], ours["wte.weight"]):
-            # transformers keeps such a head untied (and only warns); dropping it would silently give
-            # other logits than the checkpoint's.
-            raise ValueError(
-                "GPT-2 checkpoint stores an 'lm_head.weight' that differs from 'transformer.wte.weight', but its "
-                "config.json sets tie_word_embeddings: true (transformers' default for GPT-2 when the key is absent), "
-                "which would replace the stored head with the embedding; set tie_word_embeddings: false in "
-                "config.json to keep the stored head, or remove lm_head.weight from the checkpoint to tie the head "
-                "to the embedding"
-            )
-        # An equal stored copy of the tied head (some exporters write both) is dropped.
-        ours["lm_head.weight"] = ours["wte.weight"]
+        ours["lm_head.weight"] = tied_head("GPT-2", hf.get("lm_head.weight"), ours["wte.weight"], "transformer.wte.weight")
     elif "lm_head.weight" in hf:
         ours["lm_head.weight"] = hf["lm_head.weight"]
     else:

@@ -7,16 +7,13 @@ from typing import Any, Literal
 
 from ..components.embeddings.rotary import normalize_rope_scaling
 from ..components.mlp import ffn_hidden_dim
-from ..modeling_utils import require_positive, require_probability
+from ..modeling_utils import require_hf_size_keys, require_positive, require_probability, require_token_id
 
 # transformers' Qwen2Config defaults, for a config.json that lacks the key.
 HF_MAX_WINDOW_LAYERS = 28
 HF_SLIDING_WINDOW = 4096  # used only with use_sliding_window: true
-# config.json keys that set the model's size. transformers' Qwen2Config has defaults for these too
-# (hidden_size 4096, 32 layers, 32 heads and 32 key/value heads, intermediate_size 22016, 151936 tokens),
-# but they describe one model; a file that omits one most likely describes another, and the default
-# would surface only later as weight shapes mismatching (or as "n_head must be a multiple of
-# num_kv_heads"). So these are required; the other keys default as in transformers.
+# config.json keys that set the model's size, required (transformers' defaults describe one 4096-wide
+# model); num_key_value_heads too, though null is allowed. The other keys default as in transformers.
 _REQUIRED_HF_KEYS = ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size", "intermediate_size")
 
 
@@ -66,9 +63,7 @@ class Qwen2Config:
             )
         require_probability("attention_dropout", self.attention_dropout)
         for name in ("bos_token_id", "eos_token_id"):
-            token = getattr(self, name)
-            if token is not None and not 0 <= token < self.vocab_size:
-                raise ValueError(f"{name} {token} is outside the vocabulary (vocab_size {self.vocab_size})")
+            require_token_id(name, getattr(self, name), self.vocab_size)
         if self.head_dim is None:
             if self.n_embd % self.n_head != 0:
                 raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or set head_dim")
@@ -94,14 +89,8 @@ class Qwen2Config:
     def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> "Qwen2Config":
         """The config of a Hugging Face config.json (as a dict); `source` names the file in errors.
         Keys it lacks take transformers' Qwen2Config defaults, but for the sizes in _REQUIRED_HF_KEYS."""
-        missing = [key for key in _REQUIRED_HF_KEYS if hf.get(key) is None]
-        if "num_key_value_heads" not in hf:  # null is fine: transformers reads it as num_attention_heads
-            missing.append("num_key_value_heads")
-        if missing:
-            raise ValueError(
-                f"Qwen2 {source} lacks {', '.join(missing)} (or sets null): they set the model's size and have "
-                "no default that fits every checkpoint; add them to config.json with the sizes of the checkpoint's weights"
-            )
+        # num_key_value_heads may be null: transformers reads it as num_attention_heads
+        require_hf_size_keys("Qwen2", hf, _REQUIRED_HF_KEYS, source, nullable=("num_key_value_heads",))
         max_window_layers = hf.get("max_window_layers", HF_MAX_WINDOW_LAYERS)
         use_sliding_window = bool(hf.get("use_sliding_window", False))
         rope = hf.get("rope_parameters") or {}  # transformers >= 5

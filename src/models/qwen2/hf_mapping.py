@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..modeling_utils import tied_head
 from .config import Qwen2Config
 
 
@@ -66,17 +67,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: Qwen2Config) -> dict
         ours[o + "post_attention_layernorm.weight"] = take(h + "post_attention_layernorm.weight")
     lm_head = hf.pop("lm_head.weight", None)
     if config.tie_word_embeddings:
-        if lm_head is not None and not torch.equal(lm_head, ours["embed_tokens.weight"]):
-            # transformers keeps such a head untied (and only warns); dropping it would silently give
-            # other logits than the checkpoint's.
-            raise ValueError(
-                "Qwen2 checkpoint stores an 'lm_head.weight' that differs from 'model.embed_tokens.weight', "
-                "but its config.json sets tie_word_embeddings: true, which would replace the stored head with "
-                "the embedding; set tie_word_embeddings: false in config.json to keep the stored head, or "
-                "remove lm_head.weight from the checkpoint to tie the head to the embedding"
-            )
-        # An equal stored copy of the tied head (some exporters write both) is dropped.
-        ours["lm_head.weight"] = ours["embed_tokens.weight"]
+        ours["lm_head.weight"] = tied_head("Qwen2", lm_head, ours["embed_tokens.weight"], "model.embed_tokens.weight")
     elif lm_head is not None:
         ours["lm_head.weight"] = lm_head
     else:
