@@ -46,11 +46,9 @@ def restore_gemm_picks(state: dict) -> int:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"GEMM picks of format {found!r}, expected {GEMM_PICKS_FORMAT} (from gemm_picks_state())")
     # Both halves checked before either is taken: a state refused here leaves no half restored.
-    tuned_mm.check_picks(state.get("tuned_mm", {}))
-    cublaslt.check_picks(state.get("cublaslt", {}))
     version = state.get("cublaslt_version")  # absent in checkpoints written before it was recorded
-    if version is not None and not isinstance(version, int):
-        raise ValueError(f"GEMM picks: cublaslt_version must be an int or null, got {version!r}")
+    tuned_mm.check_picks(state.get("tuned_mm", {}))
+    cublaslt.check_picks(state.get("cublaslt", {}), version)
     return tuned_mm.restore_picks(state.get("tuned_mm", {})) + cublaslt.restore_picks(state.get("cublaslt", {}), version)
 
 

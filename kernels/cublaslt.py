@@ -225,11 +225,9 @@ def restore_picks(state: dict[str, list[int]], version: int | None = None) -> in
     another library version are not taken (warned): the heuristic of another version may list other
     kernels in the same places. Returns how many picks were given."""
     global _saved_version
-    check_picks(state)
-    if version is not None and not isinstance(version, int):
-        raise ValueError(f"cuBLASLt picks: the library version must be an int or None, got {version!r}")
-    current = library_version()
-    if state and version is not None and current is not None and version != current:
+    check_picks(state, version)
+    current = library_version() if state and version is not None else None  # (loads the library only to compare)
+    if current is not None and version != current:
         warnings.warn(f"cuBLASLt picks of {len(state)} GEMM shapes were timed with cuBLASLt {version}, this process "
                       f"runs {current}: their candidate indices may name other kernels there, so the shapes are "
                       "timed again (results may differ from the saved run's in the last bits)")
@@ -239,8 +237,11 @@ def restore_picks(state: dict[str, list[int]], version: int | None = None) -> in
     return len(state)
 
 
-def check_picks(state: dict[str, list[int]]) -> None:
-    """A ValueError unless `state` has the form `picks_state()` returns (nothing is restored)."""
+def check_picks(state: dict[str, list[int]], version: int | None = None) -> None:
+    """A ValueError unless `state` has the form `picks_state()` returns and `version` that of
+    `picks_version()` (nothing is restored)."""
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise ValueError(f"GEMM picks: cublaslt_version must be an int or null, got {version!r}")
     def valid(v):
         return isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) for i in v) and 0 <= v[0] < v[1]
 
@@ -422,9 +423,9 @@ def gemm(
     bias_len = out.shape[0] if epilogue == EPILOGUE_BGRAD_OF_A else out.shape[1]
     if bias is not None and (bias.shape != (bias_len,) or not bias.is_contiguous()):
         raise ValueError(f"cuBLASLt: bias must be a contiguous ({bias_len},) vector, got {tuple(bias.shape)}")
-    devices = {t.device for t in (a, b, out, bias, aux) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"cuBLASLt: operands on several devices: {sorted(map(str, devices))}")
+    for t in (a, b, bias, aux):
+        if t is not None and t.device != out.device:
+            raise ValueError(f"cuBLASLt: operands on several devices: {t.device} beside out on {out.device}")
     if out.device.index != torch.cuda.current_device():
         # cuBLASLt runs on the current device's context: tensors of another GPU (cuda:1 while
         # cuda:0 is current) are computed there, as PyTorch's own matmul does.

@@ -11,6 +11,7 @@ and inherits `forward`, which adds the LM head and the loss.
 
 from __future__ import annotations
 
+import glob
 import json
 import numbers
 import operator
@@ -158,8 +159,6 @@ def save_hf_checkpoint(
 ) -> None:
     """Write config.json and safetensors (sharded with an index when larger than max_shard_bytes)."""
     from safetensors.torch import save_file
-
-    import glob
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
